@@ -1,0 +1,550 @@
+/* pyllm: the forward pass of a Llama-family transformer over a memory-mapped f16 file.
+   Data-flow order: file -> f16 vectors -> kernels -> threads -> forward. docs/FORMAT.md. */
+#define _GNU_SOURCE
+#include "pyllm.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- the file: a 128-byte header, then a table of {offset, nbytes} per tensor ---- */
+typedef struct {
+    char magic[8];
+    uint32_t version, header_size, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim,
+        vocab, max_seq_len, flags, sliding_window;
+    float norm_eps;
+    uint32_t reserved;
+    uint64_t n_tensors, table_offset, meta_offset, meta_size, file_size;
+} header_t;
+enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 32, LIMIT = 1 << 20 };
+
+typedef uint16_t f16;
+typedef struct {
+    const f16 *attn_norm, *qkv, *qkv_bias, *wo, *ffn_norm, *gate_up, *down;
+} layer_t;
+
+typedef struct pool pool_t;
+struct pyllm_model {
+    header_t h;
+    int n_ctx, n_threads, q_dim, kv_dim, qkv_dim;
+    void *map;
+    size_t map_size;
+    const f16 *embd, *out_norm, *output;
+    const float *rope_freqs;
+    layer_t *layers;
+    f16 *k_cache, *v_cache;               /* [layer][kv_head][n_ctx][head_dim] */
+    float *x, *xb, *qkv, *att, *hb, *hb2, *rope, *scores; /* activations for a block */
+    pool_t *pool;
+};
+
+/* ---- f16 <-> f32, scalar (any C11 compiler) and vector paths ---- */
+static float h2f(f16 h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0 && m == 0) u = s;
+    else if (e == 0) { float f = (float)m * 0x1p-24f; return s ? -f : f; }
+    else if (e == 31) u = s | 0x7f800000 | (m << 13);
+    else u = s | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static f16 f2h(float f) { /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t s = (u >> 16) & 0x8000;
+    u &= 0x7fffffff;
+    if (u > 0x7f800000) return (f16)(s | 0x7e00);
+    if (u >= 0x477ff000) return (f16)(s | 0x7c00);
+    if (u < 0x38800000) { float a; memcpy(&a, &u, 4); return (f16)(s | (uint32_t)lrintf(a * 0x1p24f)); }
+    return (f16)(s | ((u + 0xfff + ((u >> 13) & 1) - 0x38000000) >> 13));
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SIMD "avx512"
+enum { VL = 16 };
+typedef __m512 vec;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vloadh(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vset1(s) _mm512_set1_ps(s)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vsum(v) _mm512_reduce_add_ps(v)
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define SIMD "avx2"
+enum { VL = 8 };
+typedef __m256 vec;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vloadh(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vset1(s) _mm256_set1_ps(s)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+static inline float vsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#define SIMD "neon"
+enum { VL = 4 };
+typedef float32x4_t vec;
+#define vzero() vdupq_n_f32(0)
+#define vload(p) vld1q_f32(p)
+#define vloadh(p) vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))
+#define vfma(a, b, c) vfmaq_f32(c, a, b)
+#define vset1(s) vdupq_n_f32(s)
+#define vstore(p, v) vst1q_f32(p, v)
+#define vsum(v) vaddvq_f32(v)
+#else
+#define SIMD "scalar"
+enum { VL = 1 };
+typedef float vec;
+#define vzero() 0.0f
+#define vload(p) (*(p))
+#define vloadh(p) h2f(*(p))
+#define vfma(a, b, c) ((a) * (b) + (c))
+#define vset1(s) (s)
+#define vstore(p, v) (*(p) = (v))
+#define vsum(v) (v)
+#endif
+
+/* ---- open: validate every size before trusting an offset, then map ---- */
+static int fail(char *err, int len, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (err && len > 0) vsnprintf(err, (size_t)len, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Walks the tensor table in canonical order (format.py tensor_layout): checks each
+   entry's size and bounds and, given a model, points the weights into the map. */
+static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char *err, int el) {
+    const header_t *h = &m->h;
+    uint64_t d = h->dim, qkv = (uint64_t)m->qkv_dim, end = h->meta_offset + h->meta_size;
+    int idx = 0, per_layer = 6 + !!(h->flags & FLAG_QKV_BIAS);
+    uint64_t want_n = 3 + (uint64_t)h->n_layers * per_layer + !(h->flags & FLAG_TIED);
+    if (h->n_tensors != want_n)
+        return fail(err, el, "tensor table has %llu entries, the header implies %llu",
+                    (unsigned long long)h->n_tensors, (unsigned long long)want_n);
+#define TAKE(dst, type, count) do { \
+        uint64_t off = table[2 * idx], nb = table[2 * idx + 1], want = (uint64_t)(count) * sizeof(type); \
+        if (nb != want || off % 64 || off < end || off > size || nb > size - off) \
+            return fail(err, el, "tensor %d: offset %llu size %llu is outside the file or wrong", \
+                        idx, (unsigned long long)off, (unsigned long long)nb); \
+        end = off + nb; dst = (const type *)((const char *)m->map + off); idx++; } while (0)
+    TAKE(m->embd, f16, h->vocab * d);
+    TAKE(m->rope_freqs, float, h->head_dim / 2);
+    for (uint32_t l = 0; l < h->n_layers; l++) {
+        layer_t *L = &m->layers[l];
+        TAKE(L->attn_norm, f16, d);
+        TAKE(L->qkv, f16, qkv * d);
+        if (h->flags & FLAG_QKV_BIAS) TAKE(L->qkv_bias, f16, qkv);
+        TAKE(L->wo, f16, d * (uint64_t)m->q_dim);
+        TAKE(L->ffn_norm, f16, d);
+        TAKE(L->gate_up, f16, 2 * (uint64_t)h->hidden_dim * d);
+        TAKE(L->down, f16, d * h->hidden_dim);
+    }
+    TAKE(m->out_norm, f16, d);
+    if (h->flags & FLAG_TIED) m->output = m->embd;
+    else TAKE(m->output, f16, h->vocab * d);
+#undef TAKE
+    return 0;
+}
+
+static pool_t *pool_new(pyllm_model *m, int n);
+static void pool_free(pool_t *p);
+
+static void *alloc(size_t n) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, n ? n : 64) ? NULL : p;
+}
+
+pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int el) {
+    pyllm_model *m = calloc(1, sizeof *m);
+    if (!m) { fail(err, el, "out of memory"); return NULL; }
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) { fail(err, el, "%s: %s", path, strerror(errno)); goto bad; }
+    size_t size = (size_t)st.st_size;
+    header_t *h = &m->h;
+    if (size < sizeof *h || pread(fd, h, sizeof *h, 0) != (ssize_t)sizeof *h) {
+        fail(err, el, "%s: too short for a pyllm file", path); goto bad;
+    }
+    if (memcmp(h->magic, "PYLLM\0\0\0", 8)) { fail(err, el, "%s: not a pyllm file (bad magic)", path); goto bad; }
+    if (h->version != 1) { fail(err, el, "%s: format version %u, expected 1", path, h->version); goto bad; }
+    if (h->file_size != size) {
+        fail(err, el, "%s: file is %zu bytes, header says %llu (truncated?)", path, size,
+             (unsigned long long)h->file_size); goto bad;
+    }
+    const uint32_t dims[] = {h->dim, h->n_layers, h->n_heads, h->n_kv_heads, h->head_dim,
+                             h->hidden_dim, h->vocab, h->max_seq_len};
+    for (int i = 0; i < 8; i++)
+        if (dims[i] == 0 || dims[i] >= LIMIT) { fail(err, el, "%s: header field %d out of range", path, i); goto bad; }
+    if (h->header_size != 128 || h->n_heads % h->n_kv_heads || h->head_dim % 2 || !(h->norm_eps > 0) ||
+        h->sliding_window >= LIMIT || h->n_tensors > 16ull * LIMIT || h->table_offset != 128 ||
+        h->meta_offset < 128 + 16 * h->n_tensors || h->meta_offset > size || h->meta_size > size - h->meta_offset) {
+        fail(err, el, "%s: inconsistent header", path); goto bad;
+    }
+    m->q_dim = (int)(h->n_heads * h->head_dim);
+    m->kv_dim = (int)(h->n_kv_heads * h->head_dim);
+    m->qkv_dim = m->q_dim + 2 * m->kv_dim;
+    m->n_ctx = n_ctx <= 0 || n_ctx > (int)h->max_seq_len ? (int)h->max_seq_len : n_ctx;
+    m->map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (m->map == MAP_FAILED) { m->map = NULL; fail(err, el, "%s: mmap: %s", path, strerror(errno)); goto bad; }
+    m->map_size = size;
+    close(fd);
+    fd = -1;
+    m->layers = calloc(h->n_layers, sizeof *m->layers);
+    if (!m->layers || bind_tensors(m, (const uint64_t *)((const char *)m->map + 128), size, err, el)) {
+        if (!m->layers) fail(err, el, "out of memory");
+        goto bad;
+    }
+    if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    m->n_threads = n_threads < 1 ? 1 : n_threads > MAX_THREADS ? MAX_THREADS : n_threads;
+    size_t kv = (size_t)h->n_layers * m->n_ctx * m->kv_dim, d = h->dim, hd = h->hidden_dim;
+    m->k_cache = calloc(kv, sizeof(f16)); /* pages become resident as positions fill */
+    m->v_cache = calloc(kv, sizeof(f16));
+    m->x = alloc(BLOCK * d * 4);
+    m->xb = alloc(BLOCK * d * 4);
+    m->qkv = alloc(BLOCK * (size_t)m->qkv_dim * 4);
+    m->att = alloc(BLOCK * (size_t)m->q_dim * 4);
+    m->hb = alloc(BLOCK * hd * 4);
+    m->hb2 = alloc(BLOCK * hd * 4);
+    m->rope = alloc(BLOCK * (size_t)h->head_dim * 4);
+    m->scores = alloc((size_t)m->n_threads * m->n_ctx * 4);
+    if (!m->k_cache || !m->v_cache || !m->x || !m->xb || !m->qkv || !m->att || !m->hb || !m->hb2 ||
+        !m->rope || !m->scores || !(m->pool = pool_new(m, m->n_threads))) {
+        fail(err, el, "out of memory for a context of %d tokens", m->n_ctx); goto bad;
+    }
+    return m;
+bad:
+    if (fd >= 0) close(fd);
+    pyllm_close(m);
+    return NULL;
+}
+
+void pyllm_close(pyllm_model *m) {
+    if (!m) return;
+    pool_free(m->pool);
+    if (m->map) munmap(m->map, m->map_size);
+    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->x, m->xb, m->qkv, m->att, m->hb, m->hb2, m->rope, m->scores};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    free(m);
+}
+
+int pyllm_n_ctx(const pyllm_model *m) { return m->n_ctx; }
+int pyllm_n_threads(const pyllm_model *m) { return m->n_threads; }
+const char *pyllm_simd(void) { return SIMD; }
+
+/* ---- kernels ---- */
+
+/* y[t][r] (+)= W[r] . x[t] for RB rows and TB tokens: each weight vector is converted
+   once and used TB times. Every (row, token) sums in the same order whatever the tile,
+   so results do not depend on blocking or threads. */
+static inline __attribute__((always_inline)) void tile(const f16 *w, int n, const float *x, float *y,
+                                                       int ldy, const f16 *bias, int add, int RB, int TB) {
+    vec acc[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TB; t++) acc[r][t] = vzero();
+    int i = 0;
+    for (; i + VL <= n; i += VL) {
+        vec xv[4];
+        for (int t = 0; t < TB; t++) xv[t] = vload(x + (size_t)t * n + i);
+        for (int r = 0; r < RB; r++) {
+            vec wv = vloadh(w + (size_t)r * n + i);
+            for (int t = 0; t < TB; t++) acc[r][t] = vfma(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TB; t++) {
+            float s = vsum(acc[r][t]);
+            for (int j = i; j < n; j++) s += h2f(w[(size_t)r * n + j]) * x[(size_t)t * n + j];
+            if (bias) s += h2f(bias[r]);
+            float *o = y + (size_t)t * ldy + r;
+            *o = add ? *o + s : s;
+        }
+}
+
+/* Rows [r0, r1) of y[T][ldy] (+)= x[T][n] W^T. */
+static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, const f16 *bias,
+                        int add, int r0, int r1) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) { /* 2x4 tiles over token quads (prefill), 4x1 for the rest (decode) */
+        const f16 *wr = w + (size_t)r * n, *b = bias ? bias + r : NULL;
+        int t = 0;
+        for (; t + 4 <= T; t += 4)
+            for (int k = 0; k < 4; k += 2)
+                tile(wr + (size_t)k * n, n, x + (size_t)t * n, y + (size_t)t * ldy + r + k, ldy, b ? b + k : NULL, add, 2, 4);
+        for (; t < T; t++) tile(wr, n, x + (size_t)t * n, y + (size_t)t * ldy + r, ldy, b, add, 4, 1);
+    }
+    for (; r < r1; r++)
+        for (int t = 0; t < T; t++)
+            tile(w + (size_t)r * n, n, x + (size_t)t * n, y + (size_t)t * ldy + r, ldy, bias ? bias + r : NULL, add, 1, 1);
+}
+
+static void rmsnorm(float *o, const float *x, const f16 *w, int n, float eps) {
+    float ss = 0;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float s = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) o[i] = x[i] * s * h2f(w[i]);
+}
+
+/* Rotate-half RoPE: pairs (i, i + hd/2) by the angle in cs = [cos..., sin...]. */
+static void rope(float *v, const float *cs, int hd) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half], c = cs[i], s = cs[half + i];
+        v[i] = a * c - b * s;
+        v[i + half] = a * s + b * c;
+    }
+}
+
+static float dot_h(const f16 *k, const float *q, int n) {
+    vec acc = vzero();
+    int i = 0;
+    for (; i + VL <= n; i += VL) acc = vfma(vloadh(k + i), vload(q + i), acc);
+    float s = vsum(acc);
+    for (; i < n; i++) s += h2f(k[i]) * q[i];
+    return s;
+}
+
+static void axpy_h(float *o, float a, const f16 *v, int n) { /* o += a * v */
+    int i = 0;
+    for (; i + VL <= n; i += VL) vstore(o + i, vfma(vset1(a), vloadh(v + i), vload(o + i)));
+    for (; i < n; i++) o[i] += a * h2f(v[i]);
+}
+
+/* One query head of one token attends over positions [start, p] of its KV head. */
+static void attend(pyllm_model *m, int l, int t, int h, int p, float *scores) {
+    int hd = (int)m->h.head_dim, kvh = h / (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
+    size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd;
+    const float *q = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd;
+    float *o = m->att + (size_t)t * m->q_dim + (size_t)h * hd, scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0;
+    int start = sw && p + 1 > sw ? p + 1 - sw : 0;
+    for (int j = start; j <= p; j++) {
+        scores[j] = dot_h(m->k_cache + base + (size_t)j * hd, q, hd) * scale;
+        if (scores[j] > mx) mx = scores[j];
+    }
+    for (int j = start; j <= p; j++) sum += scores[j] = expf(scores[j] - mx);
+    memset(o, 0, hd * sizeof *o);
+    for (int j = start; j <= p; j++) axpy_h(o, scores[j] / sum, m->v_cache + base + (size_t)j * hd, hd);
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* ---- threads: a persistent pool; workers spin briefly, then sleep ---- */
+#if defined(__x86_64__) || defined(__i386__)
+#define relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define relax() __asm__ volatile("yield")
+#else
+#define relax() ((void)0)
+#endif
+typedef struct { int op, layer, T, pos, add, n, n_out, ldy; const f16 *w, *bias; const float *x; float *y; } job_t;
+static void run_job(pyllm_model *m, const job_t *j, int tid, int nth);
+
+typedef struct { pool_t *p; int tid; } worker_arg;
+struct pool {
+    pyllm_model *m;
+    worker_arg args[MAX_THREADS];
+    int n;
+    pthread_t th[MAX_THREADS];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_int gen, done, quit;
+    const job_t *job;
+};
+
+static void *worker(void *arg) {
+    pool_t *p = ((worker_arg *)arg)->p;
+    int tid = ((worker_arg *)arg)->tid, seen = 0;
+    for (;;) {
+        for (int spin = 0; atomic_load_explicit(&p->gen, memory_order_acquire) == seen; spin++) {
+            if (spin < 100000) { relax(); continue; }
+            pthread_mutex_lock(&p->mu);
+            while (atomic_load(&p->gen) == seen) pthread_cond_wait(&p->cv, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        seen = atomic_load(&p->gen);
+        if (atomic_load(&p->quit)) return NULL;
+        run_job(p->m, p->job, tid, p->n);
+        atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+    }
+}
+
+static void pool_run(pool_t *p, const job_t *job) {
+    p->job = job;
+    atomic_store(&p->done, 0);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    run_job(p->m, job, 0, p->n);
+    while (atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1) relax();
+}
+
+static pool_t *pool_new(pyllm_model *m, int n) {
+    pool_t *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->m = m;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    for (p->n = 1; p->n < n; p->n++) {
+        p->args[p->n] = (worker_arg){p, p->n};
+        if (pthread_create(&p->th[p->n], NULL, worker, &p->args[p->n])) break;
+    }
+    return p;
+}
+
+static void pool_free(pool_t *p) {
+    if (!p) return;
+    atomic_store(&p->quit, 1);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    free(p);
+}
+
+/* ---- forward ---- */
+enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND };
+
+static void run_job(pyllm_model *m, const job_t *j, int tid, int nth) {
+    if (j->op == OP_ATTEND) { /* (token, head) pairs dealt round-robin */
+        int nh = (int)m->h.n_heads;
+        for (int i = tid; i < j->T * nh; i += nth)
+            attend(m, j->layer, i / nh, i % nh, j->pos + i / nh, m->scores + (size_t)tid * m->n_ctx);
+        return;
+    }
+    int rows = j->op == OP_GATE_UP ? (int)m->h.hidden_dim : j->n_out;
+    int r0 = (int)((long long)rows * tid / nth) & ~3, r1 = tid == nth - 1 ? rows : (int)((long long)rows * (tid + 1) / nth) & ~3;
+    matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->bias, j->add, r0, r1);
+    if (j->op == OP_GATE_UP) { /* up rows follow the gate rows: hb = silu(gate) * up */
+        size_t hid = (size_t)rows;
+        matmul_rows(j->w + hid * j->n, j->n, j->x, j->T, m->hb2, j->ldy, NULL, 0, r0, r1);
+        for (int t = 0; t < j->T; t++)
+            for (int r = r0; r < r1; r++) j->y[t * hid + r] = silu(j->y[t * hid + r]) * m->hb2[t * hid + r];
+    }
+}
+
+static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const float *x, int n, int T,
+                   float *y, int n_out, int add) {
+    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .w = w, .bias = bias, .x = x, .y = y};
+    pool_run(m->pool, &j);
+}
+
+static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float *logits, int all) {
+    const header_t *h = &m->h;
+    int d = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, hid = (int)h->hidden_dim;
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < d; i++) m->x[(size_t)t * d + i] = h2f(m->embd[(size_t)tok[t] * d + i]);
+        for (int i = 0; i < half; i++) {
+            float a = (float)(pos + t) * m->rope_freqs[i];
+            m->rope[t * hd + i] = cosf(a);
+            m->rope[t * hd + half + i] = sinf(a);
+        }
+    }
+    for (int l = 0; l < (int)h->n_layers; l++) {
+        const layer_t *L = &m->layers[l];
+        for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->attn_norm, d, h->norm_eps);
+        matmul(m, OP_MATMUL, L->qkv, L->qkv_bias, m->xb, d, T, m->qkv, m->qkv_dim, 0);
+        for (int t = 0; t < T; t++) { /* rope q and k; k and v into the cache as f16 */
+            float *q = m->qkv + (size_t)t * m->qkv_dim, *k = q + m->q_dim, *v = k + m->kv_dim;
+            for (int i = 0; i < (int)h->n_heads; i++) rope(q + i * hd, m->rope + t * hd, hd);
+            for (int i = 0; i < (int)h->n_kv_heads; i++) {
+                rope(k + i * hd, m->rope + t * hd, hd);
+                size_t at = (((size_t)l * h->n_kv_heads + i) * m->n_ctx + pos + t) * hd;
+                for (int e = 0; e < hd; e++) {
+                    m->k_cache[at + e] = f2h(k[i * hd + e]);
+                    m->v_cache[at + e] = f2h(v[i * hd + e]);
+                }
+            }
+        }
+        job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos};
+        pool_run(m->pool, &att);
+        matmul(m, OP_MATMUL, L->wo, NULL, m->att, m->q_dim, T, m->x, d, 1);
+        for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->ffn_norm, d, h->norm_eps);
+        matmul(m, OP_GATE_UP, L->gate_up, NULL, m->xb, d, T, m->hb, hid, 0);
+        matmul(m, OP_MATMUL, L->down, NULL, m->hb, hid, T, m->x, d, 1);
+    }
+    if (!logits) return;
+    int first = all ? 0 : T - 1, n = T - first;
+    for (int t = first; t < T; t++) rmsnorm(m->xb + (size_t)(t - first) * d, m->x + (size_t)t * d, m->out_norm, d, h->norm_eps);
+    matmul(m, OP_MATMUL, m->output, NULL, m->xb, d, n, logits, (int)h->vocab, 0);
+}
+
+enum { E_ARG = 1, E_TOKEN, E_CONTEXT };
+const char *pyllm_strerror(int code) {
+    switch (code) {
+    case 0: return "ok";
+    case E_ARG: return "invalid argument";
+    case E_TOKEN: return "token id out of range";
+    case E_CONTEXT: return "context full: positions past the context size";
+    default: return "unknown error";
+    }
+}
+
+int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logits, int all) {
+    if (!m || !tokens || n <= 0 || pos < 0) return E_ARG;
+    if (pos > m->n_ctx - n) return E_CONTEXT;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || (uint32_t)tokens[i] >= m->h.vocab) return E_TOKEN;
+    for (int i = 0; i < n; i += BLOCK) {
+        int T = n - i < BLOCK ? n - i : BLOCK, last = i + T == n;
+        float *out = !logits ? NULL : all ? logits + (size_t)i * m->h.vocab : last ? logits : NULL;
+        forward_block(m, tokens + i, T, pos + i, out, all);
+    }
+    return 0;
+}
+
+/* ---- read bandwidth, for the roofline in `pyllm bench --roofline` ---- */
+typedef struct { const float *p; size_t n; int reps; float sum; } bw_arg;
+static void *bw_worker(void *arg) {
+    bw_arg *a = arg;
+    vec acc[8];
+    for (int k = 0; k < 8; k++) acc[k] = vzero();
+    for (int r = 0; r < a->reps; r++)
+        for (size_t i = 0; i + 8 * VL <= a->n; i += 8 * VL)
+            for (int k = 0; k < 8; k++) acc[k] = vfma(vload(a->p + i + k * VL), vset1(1.0f), acc[k]);
+    for (int k = 0; k < 8; k++) a->sum += vsum(acc[k]);
+    return NULL;
+}
+
+double pyllm_read_bandwidth(long long bytes, int nth, int reps) {
+    if (nth < 1 || nth > MAX_THREADS || bytes < 1 << 20 || reps < 1) return -1;
+    size_t n = (size_t)bytes / 4;
+    float *buf = alloc(n * 4);
+    if (!buf) return -1;
+    for (size_t i = 0; i < n; i++) buf[i] = 1.0f;
+    pthread_t th[MAX_THREADS];
+    bw_arg args[MAX_THREADS];
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < nth; i++) {
+        args[i] = (bw_arg){buf + n / nth * i, n / nth, reps, 0};
+        pthread_create(&th[i], NULL, bw_worker, &args[i]);
+    }
+    for (int i = 0; i < nth; i++) pthread_join(th[i], NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    free(buf);
+    double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return (double)(n / nth * nth) * 4.0 * reps / s;
+}

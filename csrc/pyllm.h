@@ -1,0 +1,21 @@
+/* pyllm: the C API. Declarations only: cffi's cdef reads this file. */
+typedef struct pyllm_model pyllm_model;
+
+/* Map and validate a parameters file. n_threads <= 0: one per core; n_ctx <= 0: the
+   model's context length. NULL on failure, with a one-line message in err. */
+pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int err_len);
+
+/* Run n_tokens tokens at positions pos.. (the KV cache holds positions < pos).
+   logits: vocab floats for the last token, or n_tokens * vocab if all_positions.
+   Returns 0, or an error code for pyllm_strerror. */
+int pyllm_forward(pyllm_model *m, const int *tokens, int n_tokens, int pos, float *logits,
+                  int all_positions);
+
+const char *pyllm_strerror(int code);
+int pyllm_n_ctx(const pyllm_model *m);
+int pyllm_n_threads(const pyllm_model *m);
+const char *pyllm_simd(void);  /* the vector path compiled in: "avx512", "avx2", "neon", "scalar" */
+void pyllm_close(pyllm_model *m);
+
+/* Read bandwidth in bytes/s: n_threads threads each summing its share of `bytes`. */
+double pyllm_read_bandwidth(long long bytes, int n_threads, int reps);

@@ -1,0 +1,219 @@
+"""The pyllm parameters file: layout, writer and reader, in one place.
+
+Layout (little-endian; docs/FORMAT.md is the spec):
+  header (128 bytes)  magic, version, hyper-parameters, where the rest is
+  tensor table        n_tensors x {u64 offset, u64 nbytes}, in canonical order
+  metadata            UTF-8 JSON: config, tokenizer, chat template, provenance,
+                      and the tensor list (name, dtype, shape, offset)
+  tensors             each aligned to ALIGN bytes, f16 (rope_freqs: f32)
+
+The C kernel reads only the header and the table; Python reads the JSON.
+"""
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+MAGIC = b"PYLLM\0\0\0"
+VERSION = 1
+ALIGN = 64
+HEADER_SIZE = 128
+FLAG_TIED_OUTPUT = 1
+FLAG_QKV_BIAS = 2
+
+# magic, version, header_size, dim, n_layers, n_heads, n_kv_heads, head_dim,
+# hidden_dim, vocab_size, max_seq_len, flags, sliding_window, norm_eps, reserved,
+# n_tensors, table_offset, meta_offset, meta_size, file_size
+_HEADER = struct.Struct("<8s12IfIQQQQQ")
+assert _HEADER.size <= HEADER_SIZE
+HEADER_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+               "vocab_size", "max_seq_len", "flags", "sliding_window")
+LIMIT = 1 << 20  # no hyper-parameter of a sane model is this large
+
+
+class FormatError(ValueError):
+    """The file is not a valid pyllm parameters file."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: tuple
+    dtype: str  # "f16" or "f32"
+    load: Callable[[], np.ndarray] = None  # produces the data, called once while writing
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape)) * (2 if self.dtype == "f16" else 4)
+
+
+def tensor_layout(cfg):
+    """Canonical tensor order, names, shapes and dtypes for a config dict.
+
+    Q, K and V are one matrix (rows: n_heads*head_dim of Q, then K, then V), gate and
+    up are one matrix (hidden_dim rows of gate, then up), so each is one matmul.
+    Q/K rows use the Hugging Face (rotate-half) RoPE layout.
+    """
+    d, hd, hid = cfg["dim"], cfg["head_dim"], cfg["hidden_dim"]
+    qkv = (cfg["n_heads"] + 2 * cfg["n_kv_heads"]) * hd
+    out = [("tok_embd", (cfg["vocab_size"], d), "f16"), ("rope_freqs", (hd // 2,), "f32")]
+    for i in range(cfg["n_layers"]):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm", (d,), "f16"), (p + "attn_qkv", (qkv, d), "f16")]
+        if cfg["flags"] & FLAG_QKV_BIAS:
+            out.append((p + "attn_qkv_bias", (qkv,), "f16"))
+        out += [(p + "attn_out", (d, cfg["n_heads"] * hd), "f16"), (p + "ffn_norm", (d,), "f16"),
+                (p + "ffn_gate_up", (2 * hid, d), "f16"), (p + "ffn_down", (d, hid), "f16")]
+    out.append(("output_norm", (d,), "f16"))
+    if not cfg["flags"] & FLAG_TIED_OUTPUT:
+        out.append(("output", (cfg["vocab_size"], d), "f16"))
+    return out
+
+
+def check_config(cfg):
+    for k in HEADER_INTS:
+        v = cfg.get(k)
+        if not isinstance(v, int) or v < 0 or v >= LIMIT:
+            raise FormatError(f"config field {k}={v!r} is out of range")
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
+              "max_seq_len"):
+        if cfg[k] == 0:
+            raise FormatError(f"config field {k} is 0")
+    if cfg["n_heads"] % cfg["n_kv_heads"]:
+        raise FormatError(f"n_heads={cfg['n_heads']} is not a multiple of n_kv_heads={cfg['n_kv_heads']}")
+    if cfg["head_dim"] % 2:
+        raise FormatError(f"head_dim={cfg['head_dim']} is odd")
+    if not (cfg["norm_eps"] > 0):
+        raise FormatError(f"norm_eps={cfg['norm_eps']!r} must be positive")
+
+
+def _align(n):
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def write(path, cfg, meta, tensors, progress=None):
+    """Write a parameters file atomically: into PATH.tmp-PID, then renamed over PATH.
+
+    cfg: the header fields (HEADER_INTS and norm_eps); meta: JSON-able dict;
+    tensors: {name: TensorSpec} holding every name tensor_layout(cfg) lists.
+    On any failure (disk full, Ctrl-C) the temporary file is removed.
+    """
+    check_config(cfg)
+    layout = tensor_layout(cfg)
+    specs = []
+    for name, shape, dtype in layout:
+        if name not in tensors:
+            raise FormatError(f"missing tensor {name}")
+        s = tensors[name]
+        if tuple(s.shape) != tuple(shape) or s.dtype != dtype:
+            raise FormatError(f"tensor {name}: {s.dtype}{tuple(s.shape)}, expected {dtype}{shape}")
+        specs.append(s)
+    table_off = HEADER_SIZE
+    meta_off = table_off + 16 * len(specs)
+    offsets, pos, entries = [], 0, []
+    # metadata size depends on offsets and vice versa: lay tensors out relative to the
+    # metadata end, then fix up with the final metadata size.
+    for s in specs:
+        offsets.append(pos)
+        pos = _align(pos + s.nbytes)
+    meta = dict(meta)
+    data_off = -1
+    while True:  # the metadata lists the offsets, which depend on the metadata's size
+        meta["tensors"] = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+                            "offset": data_off + o} for s, o in zip(specs, offsets)]
+        meta_bytes = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
+        if meta_off + len(meta_bytes) <= data_off:
+            break
+        data_off = _align(meta_off + len(meta_bytes) + 256)
+    entries = meta["tensors"]
+    file_size = data_off + pos
+    header = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, *(cfg[k] for k in HEADER_INTS),
+                          float(cfg["norm_eps"]), 0, len(specs), table_off, meta_off,
+                          len(meta_bytes), file_size)
+    table = b"".join(struct.pack("<QQ", e["offset"], s.nbytes) for e, s in zip(entries, specs))
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.ljust(HEADER_SIZE, b"\0") + table + meta_bytes)
+            for e, s in zip(entries, specs):
+                f.write(b"\0" * (e["offset"] - f.tell()))
+                a = np.ascontiguousarray(s.load(), dtype=np.float16 if s.dtype == "f16" else np.float32)
+                if a.shape != tuple(s.shape):
+                    raise FormatError(f"tensor {s.name}: loader gave shape {a.shape}, expected {s.shape}")
+                if a.dtype.byteorder == ">":
+                    a = a.byteswap().view(a.dtype.newbyteorder("<"))
+                f.write(memoryview(a).cast("B"))
+                if progress:
+                    progress(s)
+            f.write(b"\0" * (file_size - f.tell()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return file_size
+
+
+@dataclass
+class ModelFile:
+    path: str
+    config: dict   # header fields plus meta["config"]
+    meta: dict
+    tensors: dict  # name -> read-only numpy memmap
+
+
+def read(path, map_tensors=True):
+    """Read and validate a parameters file; tensors are memory-mapped, never copied."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+            if len(head) < 8 or head[:8] != MAGIC:
+                raise FormatError(f"{path}: not a pyllm parameters file (bad magic)")
+            if len(head) < HEADER_SIZE:
+                raise FormatError(f"{path}: truncated header")
+            (_, version, hsize, *rest) = _HEADER.unpack_from(head)
+            if version != VERSION:
+                raise FormatError(f"{path}: format version {version}, this pyllm reads version {VERSION}")
+            ints, (eps, _r, n_t, t_off, m_off, m_size, f_size) = rest[:10], rest[10:]
+            cfg = dict(zip(HEADER_INTS, ints), norm_eps=eps)
+            if f_size != size:
+                raise FormatError(f"{path}: file is {size} bytes, header says {f_size} (truncated?)")
+            check_config(cfg)
+            layout = tensor_layout(cfg)
+            if n_t != len(layout) or t_off != HEADER_SIZE or t_off + 16 * n_t > m_off \
+                    or m_off + m_size > size:
+                raise FormatError(f"{path}: tensor table or metadata out of bounds")
+            f.seek(t_off)
+            table = [struct.unpack("<QQ", f.read(16)) for _ in range(n_t)]
+            f.seek(m_off)
+            try:
+                meta = json.loads(f.read(m_size).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise FormatError(f"{path}: corrupt metadata ({e})") from None
+    except OSError as e:
+        raise FormatError(f"{path}: {e.strerror or e}") from None
+    end_meta = m_off + m_size
+    tensors = {}
+    for (name, shape, dtype), (off, nbytes) in zip(layout, table):
+        want = int(np.prod(shape)) * (2 if dtype == "f16" else 4)
+        if nbytes != want or off % ALIGN or off < end_meta or off + nbytes > size:
+            raise FormatError(f"{path}: tensor {name} has a bad offset or size")
+        if map_tensors:
+            tensors[name] = np.memmap(path, dtype="<f2" if dtype == "f16" else "<f4", mode="r",
+                                      offset=off, shape=shape)
+    ends = sorted(table)
+    for (o1, n1), (o2, _) in zip(ends, ends[1:]):
+        if o1 + n1 > o2:
+            raise FormatError(f"{path}: tensors overlap")
+    config = dict(meta.get("config", {}))
+    config.update(cfg)
+    return ModelFile(path, config, meta, tensors)

@@ -1,0 +1,169 @@
+"""The binding: load a parameters file, run the C kernel, generate text. Owns the KV position."""
+import os
+import time
+
+import numpy as np
+
+from . import format
+from ._pyllm import ffi, lib
+from .sample import Sampler
+from .tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_CTX = 4096
+# end-of-turn markers of the common chat families, besides the file's eos/eot ids
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
+               "<|end_of_text|>", "<|eom_id|>")
+
+
+class PyllmError(Exception):
+    """A bad file or bad input, with a one-line message for the user."""
+
+
+def _native_open(path, threads, n_ctx):
+    err = ffi.new("char[]", 512)
+    m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
+    if m == ffi.NULL:
+        raise PyllmError(ffi.string(err).decode(errors="replace"))
+    return ffi.gc(m, lib.pyllm_close)
+
+
+class Model:
+    def __init__(self, path, threads=None, n_ctx=None):
+        try:
+            mf = format.read(path, map_tensors=False)
+        except format.FormatError as e:
+            raise PyllmError(str(e)) from None
+        self.path = path
+        self.config = mf.config
+        self.meta = mf.meta
+        try:
+            self.tokenizer = Tokenizer(mf.meta["tokenizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PyllmError(f"{path}: bad tokenizer metadata ({e})") from None
+        self.chat_template = mf.meta.get("chat_template")
+        max_ctx = self.config["max_seq_len"]
+        if n_ctx is not None and not 0 < n_ctx <= max_ctx:
+            raise PyllmError(f"context size {n_ctx} is outside 1..{max_ctx} (the model's context length)")
+        if threads is not None and not 0 < threads <= 64:
+            raise PyllmError(f"threads={threads} is outside 1..64")
+        self._m = _native_open(path, threads or 0, n_ctx or min(max_ctx, DEFAULT_CTX))
+        self.n_ctx = lib.pyllm_n_ctx(self._m)
+        self.threads = lib.pyllm_n_threads(self._m)
+        self.vocab_size = self.config["vocab_size"]
+        self.tokens = []  # the ids whose keys and values the cache holds, in order
+        self.stop_ids = self._stop_ids()
+        self.stats = {}
+
+    def _stop_ids(self):
+        tok = self.meta["tokenizer"]
+        ids = {tok.get(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id")}
+        index = {t: i for i, t in enumerate(tok["tokens"]) if t in END_OF_TURN}
+        return {i for i in ids | set(index.values()) if isinstance(i, int) and 0 <= i < self.vocab_size}
+
+    def close(self):
+        if self._m is not None:
+            lib.pyllm_close(ffi.gc(self._m, None))
+            self._m = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- the KV cache ---
+    def reset(self):
+        self.tokens = []
+
+    def rewind(self, n):
+        """Forget all but the first n tokens of the cache."""
+        del self.tokens[n:]
+
+    def _forward(self, ids, all_positions):
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise PyllmError("no tokens to evaluate")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise PyllmError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        pos = len(self.tokens)
+        if pos + len(ids) > self.n_ctx:
+            raise PyllmError(f"{pos + len(ids)} tokens do not fit the context of {self.n_ctx}")
+        out = np.empty((len(ids) if all_positions else 1, self.vocab_size), dtype=np.float32)
+        rc = lib.pyllm_forward(self._m, ffi.new("int[]", ids), len(ids), pos,
+                               ffi.cast("float *", ffi.from_buffer(out)), int(all_positions))
+        if rc:
+            raise PyllmError(ffi.string(lib.pyllm_strerror(rc)).decode())
+        self.tokens += ids
+        return out
+
+    def eval(self, ids):
+        """Append ids to the cache; the logits of the last one."""
+        return self._forward(ids, False)[0]
+
+    def logits(self, ids):
+        """Logits at every position of ids, in a fresh context: shape (len(ids), vocab)."""
+        self.reset()
+        return self._forward(ids, True)
+
+    def prefill(self, ids):
+        """Make the cache hold ids, reusing the longest prefix it already holds (at least
+        the last id is evaluated); the logits of the last id."""
+        keep = 0
+        for a, b in zip(self.tokens, ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        self.rewind(keep)
+        return self.eval(ids[keep:])
+
+    # --- text ---
+    def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None):
+        """Yield text pieces as they are produced. Stops at an end-of-turn token, after
+        max_tokens, or when the context is full (self.stats["stop"] says which)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if len(ids) >= self.n_ctx:
+            raise PyllmError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx}")
+        if max_tokens < 0:
+            raise PyllmError(f"max_tokens={max_tokens} is negative")
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+        stops = self.stop_ids if stop_ids is None else set(stop_ids)
+        return self._generate(ids, max_tokens, sampler, stops)
+
+    def _generate(self, ids, max_tokens, sampler, stops):
+        t0 = time.perf_counter()
+        kept = len(self.tokens)
+        logits = self.prefill(ids)
+        t1 = time.perf_counter()
+        self.stats = {"prompt_tokens": len(ids), "prefill_tokens": len(self.tokens) - min(kept, len(ids)),
+                      "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0, "stop": "length"}
+        dec = StreamDecoder(self.tokenizer)
+        history = list(ids)
+        try:
+            for n in range(max_tokens):
+                tok = sampler(logits, history)
+                if tok in stops:
+                    self.stats["stop"] = "eos"
+                    break
+                history.append(tok)
+                self.stats["gen_tokens"] = n + 1
+                piece = dec.push(tok)
+                if piece:
+                    yield piece
+                if len(self.tokens) >= self.n_ctx:
+                    self.stats["stop"] = "context"
+                    break
+                logits = self.eval([tok])
+            tail = dec.flush()
+            if tail:
+                yield tail
+        finally:
+            self.stats["decode_s"] = time.perf_counter() - t1
+            self.stats["last_token"] = history[-1]
+
+
+def load(path, threads=None, n_ctx=None):
+    """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...)."""
+    return Model(path, threads=threads, n_ctx=n_ctx)
