@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -347,7 +348,9 @@ static void attend(pyllm_model *m, int l, int t, int h, int p, float *scores) {
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
 
-/* ---- threads: a persistent pool; workers spin briefly, then sleep ---- */
+/* ---- threads: a persistent pool. Work is dealt in chunks from a shared counter, so a
+   thread the OS preempts delays only its chunk; waiting threads spin briefly, then yield
+   (or sleep, between calls), so a busy laptop does not stall on a spinning barrier. ---- */
 #if defined(__x86_64__) || defined(__i386__)
 #define relax() __builtin_ia32_pause()
 #elif defined(__aarch64__)
@@ -355,8 +358,14 @@ static float silu(float x) { return x / (1.0f + expf(-x)); }
 #else
 #define relax() ((void)0)
 #endif
-typedef struct { int op, layer, T, pos, add, n, n_out, ldy; const f16 *w, *bias; const float *x; float *y; } job_t;
-static void run_job(pyllm_model *m, const job_t *j, int tid, int nth);
+typedef struct {
+    int op, layer, T, pos, add, n, n_out, ldy, chunk, n_chunks;
+    const f16 *w, *bias;
+    const float *x;
+    float *y;
+    atomic_int next;
+} job_t;
+static void run_job(pyllm_model *m, job_t *j, int tid);
 
 typedef struct { pool_t *p; int tid; } worker_arg;
 struct pool {
@@ -367,7 +376,7 @@ struct pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     atomic_int gen, done, quit;
-    const job_t *job;
+    job_t *job;
 };
 
 static void *worker(void *arg) {
@@ -375,27 +384,29 @@ static void *worker(void *arg) {
     int tid = ((worker_arg *)arg)->tid, seen = 0;
     for (;;) {
         for (int spin = 0; atomic_load_explicit(&p->gen, memory_order_acquire) == seen; spin++) {
-            if (spin < 100000) { relax(); continue; }
+            if (spin < 2000) { relax(); continue; }
+            if (spin < 4000) { sched_yield(); continue; }
             pthread_mutex_lock(&p->mu);
             while (atomic_load(&p->gen) == seen) pthread_cond_wait(&p->cv, &p->mu);
             pthread_mutex_unlock(&p->mu);
         }
         seen = atomic_load(&p->gen);
         if (atomic_load(&p->quit)) return NULL;
-        run_job(p->m, p->job, tid, p->n);
+        run_job(p->m, p->job, tid);
         atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
     }
 }
 
-static void pool_run(pool_t *p, const job_t *job) {
+static void pool_run(pool_t *p, job_t *job) {
     p->job = job;
     atomic_store(&p->done, 0);
     pthread_mutex_lock(&p->mu);
     atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
-    run_job(p->m, job, 0, p->n);
-    while (atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1) relax();
+    run_job(p->m, job, 0);
+    for (int spin = 0; atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1; spin++)
+        if (spin < 2000) relax(); else sched_yield();
 }
 
 static pool_t *pool_new(pyllm_model *m, int n) {
@@ -427,27 +438,30 @@ static void pool_free(pool_t *p) {
 /* ---- forward ---- */
 enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND };
 
-static void run_job(pyllm_model *m, const job_t *j, int tid, int nth) {
-    if (j->op == OP_ATTEND) { /* (token, head) pairs dealt round-robin */
-        int nh = (int)m->h.n_heads;
-        for (int i = tid; i < j->T * nh; i += nth)
-            attend(m, j->layer, i / nh, i % nh, j->pos + i / nh, m->scores + (size_t)tid * m->n_ctx);
-        return;
-    }
-    int rows = j->op == OP_GATE_UP ? (int)m->h.hidden_dim : j->n_out;
-    int r0 = (int)((long long)rows * tid / nth) & ~3, r1 = tid == nth - 1 ? rows : (int)((long long)rows * (tid + 1) / nth) & ~3;
-    matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->bias, j->add, r0, r1);
-    if (j->op == OP_GATE_UP) { /* up rows follow the gate rows: hb = silu(gate) * up */
-        size_t hid = (size_t)rows;
-        matmul_rows(j->w + hid * j->n, j->n, j->x, j->T, m->hb2, j->ldy, NULL, 0, r0, r1);
-        for (int t = 0; t < j->T; t++)
-            for (int r = r0; r < r1; r++) j->y[t * hid + r] = silu(j->y[t * hid + r]) * m->hb2[t * hid + r];
+static void run_job(pyllm_model *m, job_t *j, int tid) {
+    for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n_chunks;) {
+        if (j->op == OP_ATTEND) { /* a chunk is one (token, head) pair */
+            int nh = (int)m->h.n_heads;
+            attend(m, j->layer, c / nh, c % nh, j->pos + c / nh, m->scores + (size_t)tid * m->n_ctx);
+            continue;
+        }
+        int r0 = c * j->chunk, r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
+        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->bias, j->add, r0, r1);
+        if (j->op == OP_GATE_UP) { /* up rows follow the gate rows: hb = silu(gate) * up */
+            size_t hid = (size_t)j->n_out;
+            matmul_rows(j->w + hid * j->n, j->n, j->x, j->T, m->hb2, j->ldy, NULL, 0, r0, r1);
+            for (int t = 0; t < j->T; t++)
+                for (int r = r0; r < r1; r++) j->y[t * hid + r] = silu(j->y[t * hid + r]) * m->hb2[t * hid + r];
+        }
     }
 }
 
 static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const float *x, int n, int T,
                    float *y, int n_out, int add) {
-    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .w = w, .bias = bias, .x = x, .y = y};
+    int chunk = (n_out / (m->n_threads * 16) + 3) & ~3; /* ~16 chunks a thread, whole 4-row tiles */
+    if (chunk < 16) chunk = 16;
+    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .chunk = chunk,
+               .n_chunks = (n_out + chunk - 1) / chunk, .w = w, .bias = bias, .x = x, .y = y};
     pool_run(m->pool, &j);
 }
 
@@ -478,7 +492,7 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
                 }
             }
         }
-        job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos};
+        job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n_chunks = T * (int)h->n_heads};
         pool_run(m->pool, &att);
         matmul(m, OP_MATMUL, L->wo, NULL, m->att, m->q_dim, T, m->x, d, 1);
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->ffn_norm, d, h->norm_eps);
