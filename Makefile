@@ -8,7 +8,7 @@ MODEL  := weights/smollm2-135m-instruct.f16.bin
 THREADS ?=
 PROMPT ?= The capital of France is
 
-.PHONY: install dev weights run chat test test-scalar fixtures bench compare clean
+.PHONY: install dev weights run chat test test-scalar test-asan fixtures bench compare clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h
@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 # tests: the references (Hugging Face tokenizers and transformers on a local CPU torch)
 $(VENV)/.dev: $(VENV)/.installed
-	$(PIP) install pytest pexpect tokenizers
+	$(PIP) install pytest pexpect tokenizers hypothesis
 	$(PIP) install torch==2.13.0
 	$(PIP) install transformers
 	touch $@
@@ -45,14 +45,24 @@ chat: weights
 
 test: dev weights
 	$(PY) -m pytest -q tests
-	$(MAKE) test-scalar
+	$(MAKE) test-scalar test-asan
 
 # the plain C path must always build and agree with the reference
 test-scalar: dev
 	rm -rf build/scalar && mkdir -p build/scalar && cp -r pyllm csrc build/scalar/ && rm -f build/scalar/pyllm/_pyllm*.so
 	cd build/scalar && PYLLM_ARCH=none ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)
-	PYTHONPATH=build/scalar $(PY) -c "import pyllm; from pyllm._pyllm import ffi, lib; s = ffi.string(lib.pyllm_simd()).decode(); assert s == 'scalar', (s, pyllm.__file__); print('scalar kernel:', pyllm.__file__)"
-	PYTHONPATH=build/scalar $(PY) -m pytest -q tests/test_kernel.py
+	cd build/scalar && ../../$(PY) -c "from pyllm._pyllm import ffi, lib; assert ffi.string(lib.pyllm_simd()) == b'scalar'"
+	cd build/scalar && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py
+
+# the kernel under AddressSanitizer and UBSan: kernel tests, bad files and the loader fuzzer
+ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g
+ASAN_ENV := LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0
+test-asan: dev
+	rm -rf build/asan && mkdir -p build/asan && cp -r pyllm csrc build/asan/ && rm -f build/asan/pyllm/_pyllm*.so
+	cd build/asan && PYLLM_CFLAGS="$(ASAN_FLAGS)" ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)
+	cd build/asan && $(ASAN_ENV) ../../$(PY) -c "import pyllm._pyllm as p; assert 'build/asan' in p.__file__, p.__file__"
+	cd build/asan && $(ASAN_ENV) PYLLM_FUZZ_EXAMPLES=1000 ../../$(PY) -m pytest -q -p no:cacheprovider \
+	  ../../tests/test_kernel.py ../../tests/test_fuzz.py
 
 fixtures: dev weights
 	$(PY) tests/make_fixtures.py $(MODEL)

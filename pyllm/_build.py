@@ -15,6 +15,7 @@ def compile_args():
     # portable x86 wheel, or PYLLM_ARCH=none for the plain scalar path.
     arch = os.environ.get("PYLLM_ARCH", "native")
     args = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno"]
+    args += os.environ.get("PYLLM_CFLAGS", "").split()  # e.g. sanitizers for make test-asan
     if arch == "none":
         return args
     if platform.machine().lower() in ("arm64", "aarch64") and platform.system() == "Darwin":
@@ -32,6 +33,7 @@ ffibuilder.set_source(
     include_dirs=[CSRC],
     extra_compile_args=compile_args(),
     libraries=["m", "pthread"],
+    extra_link_args=os.environ.get("PYLLM_CFLAGS", "").split(),
 )
 
 if __name__ == "__main__":
