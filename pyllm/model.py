@@ -61,9 +61,9 @@ class Model:
         return {i for i in ids | set(index.values()) if isinstance(i, int) and 0 <= i < self.vocab_size}
 
     def close(self):
-        if self._m is not None:
-            lib.pyllm_close(ffi.gc(self._m, None))
-            self._m = None
+        m, self._m = self._m, None
+        if m is not None:
+            ffi.release(m)  # runs pyllm_close now rather than at garbage collection
 
     def __enter__(self):
         return self
