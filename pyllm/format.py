@@ -203,13 +203,13 @@ def read(path, map_tensors=True):
         raise FormatError(f"{path}: {e.strerror or e}") from None
     end_meta = m_off + m_size
     tensors = {}
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if map_tensors else None  # one map, views into it
     for (name, shape, dtype), (off, nbytes) in zip(layout, table):
         want = int(np.prod(shape)) * (2 if dtype == "f16" else 4)
         if nbytes != want or off % ALIGN or off < end_meta or off + nbytes > size:
             raise FormatError(f"{path}: tensor {name} has a bad offset or size")
         if map_tensors:
-            tensors[name] = np.memmap(path, dtype="<f2" if dtype == "f16" else "<f4", mode="r",
-                                      offset=off, shape=shape)
+            tensors[name] = raw[off:off + nbytes].view("<f2" if dtype == "f16" else "<f4").reshape(shape)
     ends = sorted(table)
     for (o1, n1), (o2, _) in zip(ends, ends[1:]):
         if o1 + n1 > o2:

@@ -1,5 +1,6 @@
 """The binding: load a parameters file, run the C kernel, generate text. Owns the KV position."""
 import os
+import sys
 import time
 
 import numpy as np
@@ -30,9 +31,12 @@ def _native_open(path, threads, n_ctx):
 class Model:
     def __init__(self, path, threads=None, n_ctx=None):
         try:
-            mf = format.read(path, map_tensors=False)
+            mf = format.read(path)
         except format.FormatError as e:
             raise PyllmError(str(e)) from None
+        for name, t in mf.tensors.items():  # a few KB: worth a look before trusting them
+            if name.endswith("norm") and not np.isfinite(t).all():
+                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
         self.path = path
         self.config = mf.config
         self.meta = mf.meta
