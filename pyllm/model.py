@@ -20,7 +20,7 @@ class PyllmError(Exception):
     """A bad file or bad input, with a one-line message for the user."""
 
 
-def _native_open(path, threads, n_ctx):
+def _native_open(path, threads=1, n_ctx=0):
     err = ffi.new("char[]", 512)
     m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
     if m == ffi.NULL:

@@ -1,0 +1,193 @@
+"""The C kernel against tests/reference.py on tiny random models, and its handling of bad input.
+
+Tolerances: the kernel keeps K (after RoPE) and V in an f16 cache and the reference rounds
+them the same way, but the two compute the pre-rounding f32 values in different orders, so
+now and then an element rounds to the neighbouring f16 value. Each such flip moves logits
+by up to ~1e-3, hence max |diff| < 5e-3 plus a mean that only a faithful kernel meets
+(an f32 cache instead of f16 is ~1e-2 max, ~1e-3 mean away from the reference).
+"""
+import struct
+
+import numpy as np
+import pytest
+
+import pyllm
+from pyllm import format
+from reference import reference_logits
+from tiny import VARIANTS, make_tiny_model
+
+MAX_TOL, MEAN_TOL = 5e-3, 3e-4
+N_TOKENS = 70  # more than the kernel's 32-token block: several blocks per forward pass
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for i, (name, overrides) in enumerate(VARIANTS.items()):
+        paths[name] = str(d / f"{name}.bin")
+        make_tiny_model(paths[name], seed=100 + i, **overrides)
+    return paths
+
+
+def random_ids(path, n=N_TOKENS, seed=0):
+    vocab = format.read(path, map_tensors=False).config["vocab_size"]
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_reference(tiny_paths, variant):
+    path = tiny_paths[variant]
+    ids = random_ids(path)
+    got = pyllm.load(path, threads=2).logits(ids)
+    want = reference_logits(format.read(path), ids)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    diff = np.abs(got - want)
+    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, \
+        f"{variant}: max |kernel - reference| {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert (got.argmax(1) == want.argmax(1)).mean() > 0.95
+
+
+def test_kv_cache_is_f16(tiny_paths):
+    """The kernel is much closer to the reference with an f16 K/V cache than with an f32 one."""
+    path = tiny_paths["base"]
+    ids = random_ids(path, seed=1)
+    got = pyllm.load(path, threads=2).logits(ids)
+    mf = format.read(path)
+    d16 = np.abs(got - reference_logits(mf, ids, f16_kv=True)).mean()
+    d32 = np.abs(got - reference_logits(mf, ids, f16_kv=False)).mean()
+    assert d16 < 0.3 * d32, (d16, d32)
+
+
+def test_sliding_window_matters(tiny_paths):
+    """The window variant really differs from full attention past the window (so the test
+    above checks the window), and equals it inside the window."""
+    path = tiny_paths["window"]
+    mf = format.read(path)
+    ids = random_ids(path, n=20)
+    got = pyllm.load(path, threads=2).logits(ids)
+    mf.config["sliding_window"] = 0
+    full = reference_logits(mf, ids)
+    w = VARIANTS["window"]["sliding_window"]
+    assert np.abs(got[:w] - full[:w]).max() < MAX_TOL
+    assert np.abs(got[w:] - full[w:]).max() > 0.1
+
+
+@pytest.mark.parametrize("variant", ["base", "odd", "window_bias_gqa4"])
+def test_threads_bit_exact(tiny_paths, variant):
+    path = tiny_paths[variant]
+    ids = random_ids(path, seed=2)
+    outs = {t: pyllm.load(path, threads=t).logits(ids) for t in (1, 2, 4)}
+    assert np.array_equal(outs[1], outs[2]) and np.array_equal(outs[1], outs[4])
+
+
+@pytest.mark.parametrize("variant", ["base", "odd", "window", "window_bias_gqa4"])
+def test_incremental_equals_block(tiny_paths, variant):
+    path = tiny_paths[variant]
+    ids = random_ids(path, seed=3)
+    m = pyllm.load(path, threads=2)
+    block = m.logits(ids)
+    m.reset()
+    one_by_one = np.stack([m.eval([t]) for t in ids])
+    assert np.abs(one_by_one - block).max() < 1e-4
+    # uneven chunks, crossing the kernel's block boundaries
+    m.reset()
+    pos = 0
+    for size in (5, 1, 33, 2, 29):
+        last = m.eval(ids[pos:pos + size])
+        pos += size
+        assert np.abs(last - block[pos - 1]).max() < 1e-4, f"chunk ending at {pos}"
+    assert pos == len(ids)
+    # after reset the cache starts over
+    m.reset()
+    assert np.abs(m.eval(ids[:10]) - block[9]).max() < 1e-4
+    assert np.array_equal(m.logits(ids), block)
+
+
+def test_bad_input(tiny_paths):
+    path = tiny_paths["base"]
+    m = pyllm.load(path, threads=1, n_ctx=16)
+    vocab = m.config["vocab_size"]
+    for ids in ([vocab], [-1], [1, 2, 10**9], []):
+        with pytest.raises(pyllm.PyllmError):
+            m.logits(ids)
+    with pytest.raises(pyllm.PyllmError, match="context"):
+        m.logits(list(range(17)))
+    assert m.logits(list(range(16))).shape == (16, vocab)  # still usable after the errors
+    with pytest.raises(pyllm.PyllmError):
+        pyllm.load(path, n_ctx=10**6)
+
+
+def test_generate_greedy_and_seeded(tiny_paths):
+    path = tiny_paths["base"]
+    m = pyllm.load(path, threads=2)
+    prompt = random_ids(path, n=12, seed=4)
+    mf = format.read(path)
+    ids = list(prompt)
+    for _ in range(8):  # greedy continuation by the reference
+        ids.append(int(reference_logits(mf, ids)[-1].argmax()))
+    text = "".join(m.generate(prompt, 8, temperature=0.0, stop_ids=[]))
+    assert text == m.tokenizer.decode(ids[len(prompt):])
+    a = "".join(m.generate(prompt, 16, temperature=1.0, top_k=0, top_p=1.0, seed=7, stop_ids=[]))
+    b = "".join(m.generate(prompt, 16, temperature=1.0, top_k=0, top_p=1.0, seed=7, stop_ids=[]))
+    assert a == b
+
+
+# --- bad files: rejected by pyllm.load (Python checks first) and by the C side alone ---
+
+def _patched(src, dst, fn):
+    data = bytearray(open(src, "rb").read())
+    data = fn(data)
+    open(dst, "wb").write(bytes(data))
+    return str(dst)
+
+
+# n_tensors sits after the magic, 12 u32 fields, f32 norm_eps and a u32 reserved field
+_N_TENSORS_AT = 8 + 12 * 4 + 4 + 4
+
+
+def _move_last_tensor(data, new_offset):
+    """Point the last tensor's table entry at new_offset(old_offset, file_size)."""
+    n = struct.unpack_from("<Q", data, _N_TENSORS_AT)[0]
+    at = format.HEADER_SIZE + 16 * (n - 1)
+    old = struct.unpack_from("<Q", data, at)[0]
+    struct.pack_into("<Q", data, at, new_offset(old, len(data)))
+    return data
+
+
+BAD_FILES = {  # name: (patch of the file's bytes, what the message must say)
+    "truncated": (lambda d: d[:len(d) // 2], r"truncated"),
+    "shorter than a header": (lambda d: d[:60], r"truncated|too short"),
+    "empty": (lambda d: d[:0], r"magic|too short"),
+    "wrong magic": (lambda d: b"GGUF" + d[4:], r"magic"),
+    "wrong version": (lambda d: d[:8] + struct.pack("<I", 7) + d[12:], r"version"),
+    "offset past end": (lambda d: _move_last_tensor(d, lambda old, size: size + 4096), r"offset"),
+    "tensor runs past end": (lambda d: _move_last_tensor(d, lambda old, size: size - 64), r"offset"),
+    "misaligned offset": (lambda d: _move_last_tensor(d, lambda old, size: old + 2), r"offset"),
+}
+
+
+def test_header_offsets_match_format(tiny_paths):
+    """The hand-written header offset above agrees with format.py's struct."""
+    data = open(tiny_paths["base"], "rb").read()
+    fields = format._HEADER.unpack_from(data)
+    assert struct.unpack_from("<Q", data, _N_TENSORS_AT)[0] == fields[15]
+    assert fields[15] == len(format.tensor_layout(format.read(tiny_paths["base"]).config))
+    assert len(data) % 64 == 0  # so that size - 64 and size + 4096 are aligned offsets
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file(tiny_paths, tmp_path, case):
+    patch, pattern = BAD_FILES[case]
+    path = _patched(tiny_paths["base"], tmp_path / "bad.bin", patch)
+    for open_it in (lambda: pyllm.load(path), lambda: pyllm._native_open(path, 1, 0)):
+        with pytest.raises(pyllm.PyllmError, match=pattern) as e:
+            open_it()
+        msg = str(e.value)
+        assert msg and "\n" not in msg and len(msg) < 400, msg
+
+
+def test_missing_file(tmp_path):
+    for open_it in (pyllm.load, lambda p: pyllm._native_open(p, 1, 0)):
+        with pytest.raises(pyllm.PyllmError, match="No such file"):
+            open_it(str(tmp_path / "nope.bin"))

@@ -1,0 +1,91 @@
+"""The real default model (SmolLM2-135M-Instruct) against Hugging Face transformers.
+
+tests/fixtures/smollm2_reference.npz holds what transformers computes from our converted file
+(tests/make_fixtures.py). Tolerances: transformers keeps K and V in f32, the kernel in f16;
+in a 30-layer model that alone moves logits by up to ~1e-2 at the last position and ~5e-2
+anywhere (make_fixtures.py prints the reference's own distance with an f16 cache), so
+the checks are max |diff| bounds a little above that, a much tighter mean, and the argmax.
+"""
+import os
+
+import numpy as np
+import pytest
+
+import pyllm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "smollm2_reference.npz")
+
+LAST_MAX, ALL_MAX, MEAN_MAX = 3e-2, 8e-2, 6e-3
+N_PROMPTS, N_GREEDY = 6, 3  # as in make_fixtures.py
+MIN_MARGIN = 0.05  # greedy tokens are compared while transformers' top-2 margin is at least this
+
+
+@pytest.fixture(scope="module")
+def model(default_model):  # conftest.py: weights/smollm2-135m-instruct.f16.bin, or fail: run `make weights`
+    return pyllm.load(default_model, n_ctx=256)
+
+
+@pytest.fixture(scope="module")
+def fx():
+    if not os.path.exists(FIXTURES):
+        pytest.fail(f"{FIXTURES} is missing: run `make fixtures`", pytrace=False)
+    with np.load(FIXTURES) as f:
+        return dict(f)
+
+
+def test_config(model, fx):
+    c = model.config
+    assert (c["dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["vocab_size"]) == (576, 30, 9, 3, 49152)
+    assert (len(fx["prompts"]), len(fx["greedy_prompts"])) == (N_PROMPTS, N_GREEDY)
+
+
+@pytest.mark.parametrize("n", range(N_PROMPTS))
+def test_tokenizer_matches_hf(model, fx, n):
+    """pyllm's tokenizer gives the ids the fixtures were computed on (HF tokenizers)."""
+    assert model.tokenizer.encode(str(fx["prompts"][n])) == fx[f"ids_{n}"].tolist()
+
+
+@pytest.mark.parametrize("n", range(N_PROMPTS))
+def test_last_logits(model, fx, n):
+    ids = fx[f"ids_{n}"].tolist()
+    got, want = model.logits(ids)[-1], fx[f"logits_{n}"]
+    diff = np.abs(got - want)
+    assert diff.max() < LAST_MAX and diff.mean() < MEAN_MAX, \
+        f"prompt {n}: max |pyllm - transformers| {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert got.argmax() == want.argmax()
+
+
+def test_all_position_logits(model, fx):
+    ids = fx[f"ids_{int(fx['allpos_prompt'])}"].tolist()
+    got = model.logits(ids)[:, fx["allpos_cols"]]
+    want = fx["allpos_logits"]
+    diff = np.abs(got - want)
+    assert diff.max() < ALL_MAX and diff.mean() < MEAN_MAX, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+
+
+@pytest.mark.parametrize("n", range(N_GREEDY))
+def test_greedy_matches_transformers(model, fx, n):
+    """Token for token, up to the first step where transformers' top two are nearly tied."""
+    ids, want, margin = fx[f"greedy_ids_{n}"].tolist(), fx[f"greedy_out_{n}"], fx[f"greedy_margin_{n}"]
+    model.reset()
+    logits = model.eval(ids)
+    compared = 0
+    for step in range(len(want)):
+        if margin[step] < MIN_MARGIN:
+            break
+        tok = int(logits.argmax())
+        assert tok == want[step], \
+            f"step {step}: pyllm {model.tokenizer.decode([tok])!r}, transformers " \
+            f"{model.tokenizer.decode([int(want[step])])!r} (margin {margin[step]:.3f})"
+        compared += 1
+        logits = model.eval([tok])
+    if str(fx["greedy_prompts"][n]) == "The capital of France is":
+        assert compared >= 16
+    assert compared >= 4
+
+
+def test_paris(model):
+    text = "".join(model.generate("The capital of France is", 8, temperature=0.0))
+    assert text.startswith(" Paris."), text
