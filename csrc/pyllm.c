@@ -43,7 +43,7 @@ struct pyllm_model {
     const f16 *embd, *out_norm, *output;
     const float *rope_freqs;
     layer_t *layers;
-    f16 *k_cache, *v_cache;               /* [layer][kv_head][n_ctx][head_dim] */
+    f16 *k_cache, *v_cache; /* [layer][kv_head]: K transposed [head_dim][n_ctx], V [n_ctx][head_dim] */
     float *x, *xb, *qkv, *att, *hb, *hb2, *rope, *scores; /* activations for a block */
     pool_t *pool;
 };
@@ -82,6 +82,7 @@ typedef __m512 vec;
 #define vset1(s) _mm512_set1_ps(s)
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vsum(v) _mm512_reduce_add_ps(v)
+#define vadd(a, b) _mm512_add_ps(a, b)
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
@@ -93,6 +94,7 @@ typedef __m256 vec;
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vset1(s) _mm256_set1_ps(s)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vadd(a, b) _mm256_add_ps(a, b)
 static inline float vsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -110,6 +112,7 @@ typedef float32x4_t vec;
 #define vset1(s) vdupq_n_f32(s)
 #define vstore(p, v) vst1q_f32(p, v)
 #define vsum(v) vaddvq_f32(v)
+#define vadd(a, b) vaddq_f32(a, b)
 #else
 #define SIMD "scalar"
 enum { VL = 1 };
@@ -121,6 +124,11 @@ typedef float vec;
 #define vset1(s) (s)
 #define vstore(p, v) (*(p) = (v))
 #define vsum(v) (v)
+#define vadd(a, b) ((a) + (b))
+#define sfma(a, b, c) ((a) * (b) + (c))
+#endif
+#ifndef sfma /* scalar twin of one vfma lane, so vector and tail positions round alike */
+#define sfma(a, b, c) fmaf(a, b, c)
 #endif
 
 /* ---- open: validate every size before trusting an offset, then map ---- */
@@ -315,32 +323,49 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
-static float dot_h(const f16 *k, const float *q, int n) {
-    vec acc = vzero();
-    int i = 0;
-    for (; i + VL <= n; i += VL) acc = vfma(vloadh(k + i), vload(q + i), acc);
-    float s = vsum(acc);
-    for (; i < n; i++) s += h2f(k[i]) * q[i];
-    return s;
-}
-
 static void axpy_h(float *o, float a, const f16 *v, int n) { /* o += a * v */
     int i = 0;
     for (; i + VL <= n; i += VL) vstore(o + i, vfma(vset1(a), vloadh(v + i), vload(o + i)));
     for (; i < n; i++) o[i] += a * h2f(v[i]);
 }
 
+/* s[j] = q . K[:, j] for j in [j0, j1], K transposed (row i holds dimension i of every
+   position): vectors run along positions, so there is no horizontal sum per score. Even
+   and odd dimensions go to separate sums, in vector lanes and scalar tail alike. */
+static void scores_kt(float *s, const f16 *kt, size_t ld, const float *q, int hd, int j0, int j1) {
+    int j = j0;
+    for (; j + 2 * VL <= j1 + 1; j += 2 * VL) {
+        vec a0 = vzero(), a1 = vzero(), b0 = vzero(), b1 = vzero();
+        for (int i = 0; i < hd; i += 2) {
+            const f16 *r = kt + (size_t)i * ld + j;
+            vec qa = vset1(q[i]), qb = vset1(q[i + 1]);
+            a0 = vfma(qa, vloadh(r), a0);
+            a1 = vfma(qa, vloadh(r + VL), a1);
+            b0 = vfma(qb, vloadh(r + ld), b0);
+            b1 = vfma(qb, vloadh(r + ld + VL), b1);
+        }
+        vstore(s + j, vadd(a0, b0));
+        vstore(s + j + VL, vadd(a1, b1));
+    }
+    for (; j <= j1; j++) {
+        float a = 0, b = 0;
+        for (int i = 0; i < hd; i += 2) {
+            a = sfma(q[i], h2f(kt[(size_t)i * ld + j]), a);
+            b = sfma(q[i + 1], h2f(kt[(size_t)(i + 1) * ld + j]), b);
+        }
+        s[j] = a + b;
+    }
+}
+
 /* One query head of one token attends over positions [start, p] of its KV head. */
 static void attend(pyllm_model *m, int l, int t, int h, int p, float *scores) {
     int hd = (int)m->h.head_dim, kvh = h / (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
     size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd;
-    const float *q = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd;
-    float *o = m->att + (size_t)t * m->q_dim + (size_t)h * hd, scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0;
+    float *q = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd, *o = m->att + (size_t)t * m->q_dim + (size_t)h * hd;
+    float mx = -INFINITY, sum = 0;
     int start = sw && p + 1 > sw ? p + 1 - sw : 0;
-    for (int j = start; j <= p; j++) {
-        scores[j] = dot_h(m->k_cache + base + (size_t)j * hd, q, hd) * scale;
-        if (scores[j] > mx) mx = scores[j];
-    }
+    scores_kt(scores, m->k_cache + base, (size_t)m->n_ctx, q, hd, start, p);
+    for (int j = start; j <= p; j++) mx = scores[j] > mx ? scores[j] : mx;
     for (int j = start; j <= p; j++) sum += scores[j] = expf(scores[j] - mx);
     memset(o, 0, hd * sizeof *o);
     for (int j = start; j <= p; j++) axpy_h(o, scores[j] / sum, m->v_cache + base + (size_t)j * hd, hd);
@@ -480,15 +505,17 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
         const layer_t *L = &m->layers[l];
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->attn_norm, d, h->norm_eps);
         matmul(m, OP_MATMUL, L->qkv, L->qkv_bias, m->xb, d, T, m->qkv, m->qkv_dim, 0);
-        for (int t = 0; t < T; t++) { /* rope q and k; k and v into the cache as f16 */
+        float scale = 1.0f / sqrtf((float)hd);
+        for (int t = 0; t < T; t++) { /* rope q (scaled) and k; k and v into the cache as f16 */
             float *q = m->qkv + (size_t)t * m->qkv_dim, *k = q + m->q_dim, *v = k + m->kv_dim;
             for (int i = 0; i < (int)h->n_heads; i++) rope(q + i * hd, m->rope + t * hd, hd);
+            for (int i = 0; i < m->q_dim; i++) q[i] *= scale;
             for (int i = 0; i < (int)h->n_kv_heads; i++) {
                 rope(k + i * hd, m->rope + t * hd, hd);
-                size_t at = (((size_t)l * h->n_kv_heads + i) * m->n_ctx + pos + t) * hd;
+                size_t base = ((size_t)l * h->n_kv_heads + i) * m->n_ctx * hd, p = (size_t)(pos + t);
                 for (int e = 0; e < hd; e++) {
-                    m->k_cache[at + e] = f2h(k[i * hd + e]);
-                    m->v_cache[at + e] = f2h(v[i * hd + e]);
+                    m->k_cache[base + (size_t)e * m->n_ctx + p] = f2h(k[i * hd + e]);
+                    m->v_cache[base + p * hd + e] = f2h(v[i * hd + e]);
                 }
             }
         }
