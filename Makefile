@@ -8,7 +8,7 @@ MODEL  := weights/smollm2-135m-instruct.f16.bin
 THREADS ?=
 PROMPT ?= The capital of France is
 
-.PHONY: install dev weights run chat test test-scalar test-asan fixtures bench compare clean
+.PHONY: install dev weights run chat test test-paths test-asan fixtures bench compare clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h
@@ -45,14 +45,18 @@ chat: weights
 
 test: dev weights
 	$(PY) -m pytest -q tests
-	$(MAKE) test-scalar test-asan
+	$(MAKE) test-paths test-asan
 
-# the plain C path must always build and agree with the reference
-test-scalar: dev
-	rm -rf build/scalar && mkdir -p build/scalar && cp -r pyllm csrc build/scalar/ && rm -f build/scalar/pyllm/_pyllm*.so
-	cd build/scalar && PYLLM_ARCH=none ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)
-	cd build/scalar && ../../$(PY) -c "from pyllm._pyllm import ffi, lib; assert ffi.string(lib.pyllm_simd()) == b'scalar'"
-	cd build/scalar && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py
+# the other vector paths must build and agree with the reference too: the plain C path
+# everywhere, and AVX2 (x86-64-v3) on x86-64 machines that have AVX-512
+PATHS := none $(if $(filter x86_64,$(shell uname -m)),x86-64-v3)
+test-paths: dev
+	@for arch in $(PATHS); do \
+	  rm -rf build/$$arch && mkdir -p build/$$arch && cp -r pyllm csrc build/$$arch/ && rm -f build/$$arch/pyllm/_pyllm*.so && \
+	  (cd build/$$arch && PYLLM_ARCH=$$arch ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)) && \
+	  (cd build/$$arch && ../../$(PY) -c "from pyllm._pyllm import ffi, lib; print('kernel path:', ffi.string(lib.pyllm_simd()).decode())") && \
+	  (cd build/$$arch && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py) || exit 1; \
+	done
 
 # the kernel under AddressSanitizer and UBSan: kernel tests, bad files and the loader fuzzer
 ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g

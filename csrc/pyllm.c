@@ -27,7 +27,7 @@ typedef struct {
     uint32_t reserved;
     uint64_t n_tensors, table_offset, meta_offset, meta_size, file_size;
 } header_t;
-enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 32, LIMIT = 1 << 20 };
+enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 32, QR = 4, LIMIT = 1 << 20 };
 
 typedef uint16_t f16;
 typedef struct {
@@ -38,6 +38,7 @@ typedef struct pool pool_t;
 struct pyllm_model {
     header_t h;
     int n_ctx, n_threads, q_dim, kv_dim, qkv_dim;
+    size_t ld_k; /* K row stride: n_ctx plus a cache line, so rows do not share L1 sets */
     void *map;
     size_t map_size;
     const f16 *embd, *out_norm, *output;
@@ -83,6 +84,10 @@ typedef __m512 vec;
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vsum(v) _mm512_reduce_add_ps(v)
 #define vadd(a, b) _mm512_add_ps(a, b)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT)
+#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
@@ -95,6 +100,10 @@ typedef __m256 vec;
 #define vset1(s) _mm256_set1_ps(s)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vadd(a, b) _mm256_add_ps(a, b)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 static inline float vsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -113,6 +122,10 @@ typedef float32x4_t vec;
 #define vstore(p, v) vst1q_f32(p, v)
 #define vsum(v) vaddvq_f32(v)
 #define vadd(a, b) vaddq_f32(a, b)
+#define vmul(a, b) vmulq_f32(a, b)
+#define vmax(a, b) vmaxq_f32(a, b)
+#define vround(x) vrndnq_f32(x)
+#define vpow2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
 #else
 #define SIMD "scalar"
 enum { VL = 1 };
@@ -125,11 +138,49 @@ typedef float vec;
 #define vstore(p, v) (*(p) = (v))
 #define vsum(v) (v)
 #define vadd(a, b) ((a) + (b))
+#define vmul(a, b) ((a) * (b))
+#define vmax(a, b) ((a) > (b) ? (a) : (b))
+#define vround(x) rintf(x)
+#define vpow2(n) pow2f(n)
 #define sfma(a, b, c) ((a) * (b) + (c))
 #endif
 #ifndef sfma /* scalar twin of one vfma lane, so vector and tail positions round alike */
 #define sfma(a, b, c) fmaf(a, b, c)
 #endif
+
+/* exp(x) for x <= 0 (Cephes' polynomial), one body for vectors and scalars so that a
+   value does not depend on its lane: 2^n p(r), n = round(x / ln 2), r = x - n ln 2. */
+static inline float pow2f(float n) { uint32_t u = (uint32_t)((int)n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
+#define EXP_BODY(T, SET, FMA, MUL, ADD, MAX, ROUND, POW2, x) do { \
+        T x_ = MAX(x, SET(-87.0f)), n_ = ROUND(MUL(x_, SET(1.44269504f))); \
+        T r_ = FMA(n_, SET(2.12194440e-4f), FMA(n_, SET(-0.693359375f), x_)), p_ = SET(1.9875691500e-4f); \
+        p_ = FMA(p_, r_, SET(1.3981999507e-3f)); p_ = FMA(p_, r_, SET(8.3334519073e-3f)); \
+        p_ = FMA(p_, r_, SET(4.1665795894e-2f)); p_ = FMA(p_, r_, SET(1.6666665459e-1f)); \
+        p_ = FMA(p_, r_, SET(5.0000001201e-1f)); x = MUL(FMA(MUL(p_, r_), r_, ADD(r_, SET(1.0f))), POW2(n_)); } while (0)
+#define SID(v) (v)
+#define SMUL(a, b) ((a) * (b))
+#define SADD(a, b) ((a) + (b))
+#define SMAX(a, b) ((a) > (b) ? (a) : (b))
+#define SFMA(a, b, c) sfma(a, b, c)
+
+/* s[j] = exp(s[j] - mx) for j in [j0, j1]; returns their sum. */
+static float softmax_exp(float *s, int j0, int j1, float mx) {
+    int j = j0;
+    vec acc = vzero();
+    for (; j + VL <= j1 + 1; j += VL) {
+        vec x = vadd(vload(s + j), vset1(-mx));
+        EXP_BODY(vec, vset1, vfma, vmul, vadd, vmax, vround, vpow2, x);
+        vstore(s + j, x);
+        acc = vadd(acc, x);
+    }
+    float sum = vsum(acc);
+    for (; j <= j1; j++) {
+        float x = s[j] + -mx;
+        EXP_BODY(float, SID, SFMA, SMUL, SADD, SMAX, rintf, pow2f, x);
+        sum += s[j] = x;
+    }
+    return sum;
+}
 
 /* ---- open: validate every size before trusting an offset, then map ---- */
 static int fail(char *err, int len, const char *fmt, ...) {
@@ -226,7 +277,8 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     m->n_threads = n_threads < 1 ? 1 : n_threads > MAX_THREADS ? MAX_THREADS : n_threads;
     size_t kv = (size_t)h->n_layers * m->n_ctx * m->kv_dim, d = h->dim, hd = h->hidden_dim;
-    m->k_cache = calloc(kv, sizeof(f16)); /* pages become resident as positions fill */
+    m->ld_k = (size_t)m->n_ctx + 32;
+    m->k_cache = calloc(kv / m->n_ctx * m->ld_k, sizeof(f16)); /* pages become resident as used */
     m->v_cache = calloc(kv, sizeof(f16));
     m->x = alloc(BLOCK * d * 4);
     m->xb = alloc(BLOCK * d * 4);
@@ -235,7 +287,7 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     m->hb = alloc(BLOCK * hd * 4);
     m->hb2 = alloc(BLOCK * hd * 4);
     m->rope = alloc(BLOCK * (size_t)h->head_dim * 4);
-    m->scores = alloc((size_t)m->n_threads * m->n_ctx * 4);
+    m->scores = alloc((size_t)m->n_threads * QR * m->n_ctx * 4);
     if (!m->k_cache || !m->v_cache || !m->x || !m->xb || !m->qkv || !m->att || !m->hb || !m->hb2 ||
         !m->rope || !m->scores || !(m->pool = pool_new(m, m->n_threads))) {
         fail(err, el, "out of memory for a context of %d tokens", m->n_ctx); goto bad;
@@ -323,52 +375,79 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
-static void axpy_h(float *o, float a, const f16 *v, int n) { /* o += a * v */
+/* o = sum_j w[j] V[j] / sum for j in [j0, j1], V rows of length hd: 4 vectors of o
+   stay in registers across positions. */
+static void weighted_sum(float *o, const float *w, const f16 *v, int hd, int j0, int j1, float sum) {
     int i = 0;
-    for (; i + VL <= n; i += VL) vstore(o + i, vfma(vset1(a), vloadh(v + i), vload(o + i)));
-    for (; i < n; i++) o[i] += a * h2f(v[i]);
+    for (; i + 4 * VL <= hd; i += 4 * VL) {
+        vec a[4] = {vzero(), vzero(), vzero(), vzero()};
+        for (int j = j0; j <= j1; j++)
+            for (int k = 0; k < 4; k++) a[k] = vfma(vset1(w[j]), vloadh(v + (size_t)j * hd + i + k * VL), a[k]);
+        for (int k = 0; k < 4; k++) vstore(o + i + k * VL, a[k]);
+    }
+    for (; i < hd; i++) {
+        float a = 0;
+        for (int j = j0; j <= j1; j++) a = sfma(w[j], h2f(v[(size_t)j * hd + i]), a);
+        o[i] = a;
+    }
+    for (i = 0; i < hd; i++) o[i] /= sum;
 }
 
-/* s[j] = q . K[:, j] for j in [j0, j1], K transposed (row i holds dimension i of every
-   position): vectors run along positions, so there is no horizontal sum per score. Even
-   and odd dimensions go to separate sums, in vector lanes and scalar tail alike. */
-static void scores_kt(float *s, const f16 *kt, size_t ld, const float *q, int hd, int j0, int j1) {
+/* Scores of QR query rows sharing a KV head: s[k][j] = q[k] . K[:, j] for j in [j0, j1],
+   K transposed (row i holds dimension i of every position), so vectors run along
+   positions: each K load serves QR rows and no score needs a horizontal sum. Even and
+   odd dimensions go to separate sums, in vector lanes and scalar tail alike, so a score
+   does not depend on how rows and positions were tiled. */
+
+static void scores_kt(float *s, size_t lds, const f16 *kt, size_t ld, const float *const *q, int hd, int j0, int j1) {
     int j = j0;
-    for (; j + 2 * VL <= j1 + 1; j += 2 * VL) {
-        vec a0 = vzero(), a1 = vzero(), b0 = vzero(), b1 = vzero();
+    for (; j + VL <= j1 + 1; j += VL) {
+        vec a[QR], b[QR];
+        for (int k = 0; k < QR; k++) a[k] = b[k] = vzero();
         for (int i = 0; i < hd; i += 2) {
-            const f16 *r = kt + (size_t)i * ld + j;
-            vec qa = vset1(q[i]), qb = vset1(q[i + 1]);
-            a0 = vfma(qa, vloadh(r), a0);
-            a1 = vfma(qa, vloadh(r + VL), a1);
-            b0 = vfma(qb, vloadh(r + ld), b0);
-            b1 = vfma(qb, vloadh(r + ld + VL), b1);
+            vec ka = vloadh(kt + (size_t)i * ld + j), kb = vloadh(kt + (size_t)(i + 1) * ld + j);
+            for (int k = 0; k < QR; k++) {
+                a[k] = vfma(vset1(q[k][i]), ka, a[k]);
+                b[k] = vfma(vset1(q[k][i + 1]), kb, b[k]);
+            }
         }
-        vstore(s + j, vadd(a0, b0));
-        vstore(s + j + VL, vadd(a1, b1));
+        for (int k = 0; k < QR; k++) vstore(s + k * lds + j, vadd(a[k], b[k]));
     }
-    for (; j <= j1; j++) {
-        float a = 0, b = 0;
-        for (int i = 0; i < hd; i += 2) {
-            a = sfma(q[i], h2f(kt[(size_t)i * ld + j]), a);
-            b = sfma(q[i + 1], h2f(kt[(size_t)(i + 1) * ld + j]), b);
+    for (; j <= j1; j++)
+        for (int k = 0; k < QR; k++) {
+            float a = 0, b = 0;
+            for (int i = 0; i < hd; i += 2) {
+                a = sfma(q[k][i], h2f(kt[(size_t)i * ld + j]), a);
+                b = sfma(q[k][i + 1], h2f(kt[(size_t)(i + 1) * ld + j]), b);
+            }
+            s[k * lds + j] = a + b;
         }
-        s[j] = a + b;
-    }
 }
 
-/* One query head of one token attends over positions [start, p] of its KV head. */
-static void attend(pyllm_model *m, int l, int t, int h, int p, float *scores) {
-    int hd = (int)m->h.head_dim, kvh = h / (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
-    size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd;
-    float *q = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd, *o = m->att + (size_t)t * m->q_dim + (size_t)h * hd;
-    float mx = -INFINITY, sum = 0;
-    int start = sw && p + 1 > sw ? p + 1 - sw : 0;
-    scores_kt(scores, m->k_cache + base, (size_t)m->n_ctx, q, hd, start, p);
-    for (int j = start; j <= p; j++) mx = scores[j] > mx ? scores[j] : mx;
-    for (int j = start; j <= p; j++) sum += scores[j] = expf(scores[j] - mx);
-    memset(o, 0, hd * sizeof *o);
-    for (int j = start; j <= p; j++) axpy_h(o, scores[j] / sum, m->v_cache + base + (size_t)j * hd, hd);
+/* Attention for up to QR query rows of the block that share KV head kvh: row r of the
+   group is token r / g, head kvh * g + r % g (g query heads per KV head). */
+static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, float *scores) {
+    int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
+    int n = T * g - r0 < QR ? T * g - r0 : QR, p[QR], start[QR], lo = INT32_MAX, hi = 0;
+    size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd, kbase = base / m->n_ctx * m->ld_k;
+    const float *q[QR];
+    float *o[QR];
+    for (int k = 0; k < QR; k++) { /* short tiles repeat their last row */
+        int r = r0 + (k < n ? k : n - 1), t = r / g, h = kvh * g + r % g;
+        q[k] = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd;
+        o[k] = m->att + (size_t)t * m->q_dim + (size_t)h * hd;
+        p[k] = pos + t;
+        start[k] = sw && p[k] + 1 > sw ? p[k] + 1 - sw : 0;
+        lo = start[k] < lo ? start[k] : lo;
+        hi = p[k] > hi ? p[k] : hi;
+    }
+    scores_kt(scores, (size_t)m->n_ctx, m->k_cache + kbase, m->ld_k, q, hd, lo, hi);
+    for (int k = 0; k < n; k++) {
+        float *s = scores + (size_t)k * m->n_ctx, mx = -INFINITY, sum = 0;
+        for (int j = start[k]; j <= p[k]; j++) mx = s[j] > mx ? s[j] : mx;
+        sum = softmax_exp(s, start[k], p[k], mx);
+        weighted_sum(o[k], s, m->v_cache + base, hd, start[k], p[k], sum);
+    }
 }
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -465,9 +544,9 @@ enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND };
 
 static void run_job(pyllm_model *m, job_t *j, int tid) {
     for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n_chunks;) {
-        if (j->op == OP_ATTEND) { /* a chunk is one (token, head) pair */
-            int nh = (int)m->h.n_heads;
-            attend(m, j->layer, c / nh, c % nh, j->pos + c / nh, m->scores + (size_t)tid * m->n_ctx);
+        if (j->op == OP_ATTEND) { /* a chunk is QR query rows of one KV head */
+            int tiles = (j->T * (int)(m->h.n_heads / m->h.n_kv_heads) + QR - 1) / QR;
+            attend(m, j->layer, c / tiles, c % tiles * QR, j->pos, j->T, m->scores + (size_t)tid * QR * m->n_ctx);
             continue;
         }
         int r0 = c * j->chunk, r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
@@ -514,12 +593,13 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
                 rope(k + i * hd, m->rope + t * hd, hd);
                 size_t base = ((size_t)l * h->n_kv_heads + i) * m->n_ctx * hd, p = (size_t)(pos + t);
                 for (int e = 0; e < hd; e++) {
-                    m->k_cache[base + (size_t)e * m->n_ctx + p] = f2h(k[i * hd + e]);
+                    m->k_cache[(base / m->n_ctx + e) * m->ld_k + p] = f2h(k[i * hd + e]);
                     m->v_cache[base + p * hd + e] = f2h(v[i * hd + e]);
                 }
             }
         }
-        job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n_chunks = T * (int)h->n_heads};
+        int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR;
+        job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n_chunks = (int)h->n_kv_heads * tiles};
         pool_run(m->pool, &att);
         matmul(m, OP_MATMUL, L->wo, NULL, m->att, m->q_dim, T, m->x, d, 1);
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->ffn_norm, d, h->norm_eps);
