@@ -8,7 +8,7 @@ MODEL  := weights/smollm2-135m-instruct.f16.bin
 THREADS ?=
 PROMPT ?= The capital of France is
 
-.PHONY: install dev weights run chat test test-paths test-asan fixtures bench compare clean
+.PHONY: install dev weights run chat test test-paths test-asan test-neon fixtures bench compare clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h
@@ -44,8 +44,8 @@ chat: weights
 	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS))
 
 test: dev weights
-	$(PY) -m pytest -q tests
-	$(MAKE) test-paths test-asan
+	$(PY) -m pytest -q tests --ignore=tests/test_cross.py
+	$(MAKE) test-paths test-asan test-neon
 
 # the other vector paths must build and agree with the reference too: the plain C path
 # everywhere, and AVX2 (x86-64-v3) on x86-64 machines that have AVX-512
@@ -57,6 +57,18 @@ test-paths: dev
 	  (cd build/$$arch && ../../$(PY) -c "from pyllm._pyllm import ffi, lib; print('kernel path:', ffi.string(lib.pyllm_simd()).decode())") && \
 	  (cd build/$$arch && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py) || exit 1; \
 	done
+
+# the arm64 NEON path, cross-compiled and run under qemu (Debian/Ubuntu x86-64 hosts; an
+# arm64 machine tests NEON natively in the targets above)
+CROSS := $(and $(filter x86_64,$(shell uname -m)),$(shell command -v apt-get))
+test-neon: dev
+ifneq ($(CROSS),)
+	command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null; }
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_cross.py
+else
+	@echo "test-neon: needs an x86-64 Debian/Ubuntu host for the cross toolchain; on arm64 the other targets test NEON"
+endif
 
 # the kernel under AddressSanitizer and UBSan: kernel tests, bad files and the loader fuzzer
 ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g
