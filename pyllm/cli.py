@@ -44,7 +44,7 @@ def sampling_kwargs(a):
 
 def cmd_convert(a):
     from .convert import convert
-    s = convert(a.src, a.out, progress=not a.quiet)
+    s = convert(a.src, a.out, progress=not a.quiet, tokenizer=a.tokenizer)
     print(f"wrote {a.out}: {s['tensors']} tensors, {s['parameters'] / 1e6:.1f} M parameters, "
           f"{s['file_size'] / 2**20:.1f} MiB in {s['seconds']:.1f} s", file=sys.stderr)
 
@@ -123,9 +123,10 @@ def build_parser():
     p = argparse.ArgumentParser(prog="pyllm", description="A minimal offline LLM runtime.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("convert", help="convert a GGUF file or Hugging Face directory to a pyllm file")
+    c = sub.add_parser("convert", help="convert a GGUF file, Hugging Face directory or llama2.c checkpoint to a pyllm file")
     c.add_argument("src")
     c.add_argument("out")
+    c.add_argument("--tokenizer", metavar="PATH", help="llama2.c checkpoints: their tokenizer.bin (default: next to SRC)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=cmd_convert)
 

@@ -1,6 +1,6 @@
 """Convert a GGUF file or a Hugging Face directory into a pyllm parameters file.
 
-    convert(src, out, progress=True) -> {"tensors", "parameters", "file_size", "seconds", ...}
+    convert(src, out, progress=True, tokenizer=None) -> {"tensors", "parameters", "file_size", "seconds", ...}
 
 Sources:
   * GGUF, architectures "llama" (Llama 1/2/3, TinyLlama, Mistral, SmolLM2) and "qwen2".
@@ -11,6 +11,10 @@ Sources:
   * A Hugging Face directory: config.json (LlamaForCausalLM, MistralForCausalLM,
     Qwen2ForCausalLM), *.safetensors (one file or shards; F32, F16, BF16), tokenizer.json
     and tokenizer_config.json (chat template, BOS/EOS).
+  * A llama2.c checkpoint (karpathy/llama2.c, the legacy "version 0" export: a header of
+    7 int32 and float32 weights, no magic; recognized by its size matching the header
+    exactly) with its tokenizer.bin (next to it, or convert(..., tokenizer=PATH)). Its Q/K
+    rows are in Meta's interleaved RoPE layout and are permuted to rotate-half as above.
 
 Every tensor is rounded to float16 (rope_freqs: float32); Q, K, V are fused into attn_qkv
 and gate, up into ffn_gate_up as format.tensor_layout says. The tensors are produced one
@@ -680,6 +684,151 @@ def _hf_tokenizer(d, hc):
     return tok, template if isinstance(template, str) else None, files
 
 
+# --- llama2.c -----------------------------------------------------------------------------
+# run.c's Config: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (negative: the
+# classifier is not shared with the embedding), seq_len; then float32 weights in the order of
+# export.py's legacy_export (= run.c's memory_map_weights).
+_L2C_HEADER = struct.Struct("<7i")
+_L2C_MAGIC = 0x616B3432  # "ak42": the header of llama2.c's newer (version 1, 2) exports
+L2C_EPS, L2C_THETA = 1e-5, 10000.0  # hard-coded in run.c
+
+
+def _llama2c_header(path, size):
+    """The header as a dict (with the size it implies) if it is a plausible llama2.c one, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_L2C_HEADER.size)
+    except OSError:
+        return None
+    if len(head) < _L2C_HEADER.size:
+        return None
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq = _L2C_HEADER.unpack(head)
+    if not all(0 < v < format.LIMIT for v in (dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq)):
+        return None
+    if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
+        return None
+    hs = dim // n_heads
+    kv_dim = n_kv * hs
+    L, V = n_layers, abs(vocab)
+    floats = (V * dim + L * dim + L * dim * dim + 2 * L * dim * kv_dim + L * dim * dim + L * dim
+              + 3 * L * dim * hidden + dim + 2 * (seq * hs // 2) + (V * dim if vocab < 0 else 0))
+    return {"dim": dim, "hidden": hidden, "n_layers": L, "n_heads": n_heads, "n_kv": n_kv, "vocab": V,
+            "shared": vocab > 0, "seq_len": seq, "head_dim": hs,
+            "expected_size": _L2C_HEADER.size + 4 * floats, "size": size}
+
+
+def _llama2c_tokenizer(path, vocab):
+    """meta["tokenizer"] from a llama2.c tokenizer.bin: int32 max_token_length, then per token
+    float32 score, int32 length, UTF-8 bytes. llama2.c's tokenizer.py export wrote each
+    SentencePiece piece with its "▁" replaced by a space, and BOS/EOS as <s>/</s> between two
+    newlines; both are undone. <unk> is UNKNOWN, <s>/</s> CONTROL, <0xNN> BYTE (as in Llama 2).
+    run.c reads exactly the model's vocab_size tokens; a file holding more or fewer is refused."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConvertError(f"{path}: {e.strerror or e}") from None
+    if len(data) < 4:
+        raise ConvertError(f"{path}: not a llama2.c tokenizer.bin (only {len(data)} bytes)")
+    pos, tokens, scores, types = 4, [], [], []
+    for i in range(vocab):
+        if pos + 8 > len(data):
+            raise ConvertError(f"{path}: holds {i} tokens, the model's vocabulary has {vocab} "
+                               f"(truncated, or the tokenizer of another model?)")
+        score, n = struct.unpack_from("<fi", data, pos)
+        pos += 8
+        if n < 0 or pos + n > len(data):
+            raise ConvertError(f"{path}: token {i} has a bad length {n} (truncated or not a tokenizer.bin?)")
+        try:
+            t = data[pos:pos + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConvertError(f"{path}: token {i} is not valid UTF-8") from None
+        pos += n
+        if not math.isfinite(score):
+            raise ConvertError(f"{path}: token {i} has a non-finite score {score}")
+        if t in ("\n<s>\n", "\n</s>\n"):
+            t, ty = t.strip("\n"), CONTROL
+        elif t == "<unk>":
+            ty = UNKNOWN
+        elif _BYTE_TOKEN.match(t):
+            ty = BYTE
+        else:
+            t, ty = t.replace(" ", "\u2581"), NORMAL
+        tokens.append(t)
+        scores.append(score)
+        types.append(ty)
+    if pos != len(data):
+        raise ConvertError(f"{path}: holds more than the model's {vocab} tokens (the tokenizer of "
+                           f"another model? give the right one with --tokenizer)")
+    # run.c: BOS 1, EOS 2 and the byte tokens at 3..258 are fixed ids; a dummy-prefix space
+    tok = {"model": "llama", "tokens": tokens, "scores": scores, "token_type": types,
+           "bos_token_id": 1, "eos_token_id": 2, "add_bos_token": True, "add_eos_token": False,
+           "add_space_prefix": True}
+    if "<unk>" in tokens:
+        tok["unknown_token_id"] = tokens.index("<unk>")
+    _add_turn_ids(tok)
+    return tok
+
+
+def _read_llama2c(path, h, tok_path):
+    dim, hidden, L, nh, nkv, V, hs = (h[k] for k in ("dim", "hidden", "n_layers", "n_heads", "n_kv", "vocab",
+                                                    "head_dim"))
+    if tok_path is None:
+        tok_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.bin")
+        if not os.path.isfile(tok_path):
+            raise ConvertError(f"{path} is a llama2.c checkpoint but {tok_path} does not exist "
+                               f"(give its tokenizer.bin with --tokenizer PATH)")
+    elif not os.path.isfile(tok_path):
+        raise ConvertError(f"{tok_path}: no such file")
+    tok = _llama2c_tokenizer(tok_path, V)
+
+    raw = np.memmap(path, dtype="<f4", mode="r", offset=_L2C_HEADER.size,
+                    shape=((h["expected_size"] - _L2C_HEADER.size) // 4,))
+    pos = 0
+
+    def take(*shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        a = raw[pos:pos + n].reshape(shape)
+        pos += n
+        return a
+
+    emb, rms_att = take(V, dim), take(L, dim)
+    wq, wk, wv = take(L, nh * hs, dim), take(L, nkv * hs, dim), take(L, nkv * hs, dim)
+    wo, rms_ffn = take(L, dim, nh * hs), take(L, dim)
+    w1, w2, w3 = take(L, hidden, dim), take(L, dim, hidden), take(L, hidden, dim)
+    rms_final = take(dim)
+    take(2 * (h["seq_len"] * hs // 2))  # freq_cis_real, freq_cis_imag: run.c ignores them
+    wcls = None if h["shared"] else take(V, dim)
+    assert pos == raw.shape[0]
+
+    m = _Model()
+    m.source_format = "llama2c"
+    m.inputs = [path, tok_path]
+    m.cfg = dict(dim=dim, n_layers=L, n_heads=nh, n_kv_heads=nkv, head_dim=hs, hidden_dim=hidden,
+                 vocab_size=V, max_seq_len=h["seq_len"], flags=FLAG_TIED_OUTPUT if h["shared"] else 0,
+                 sliding_window=0, norm_eps=L2C_EPS)
+    ld = m.load
+    ld["tok_embd"] = lambda: emb
+    ld["rope_freqs"] = lambda: rope_freqs(L2C_THETA, hs)
+    ld["output_norm"] = lambda: rms_final
+    if wcls is not None:
+        ld["output"] = lambda: wcls
+    for i in range(L):
+        p = f"blk.{i}."
+        ld[p + "attn_norm"] = lambda i=i: rms_att[i]
+        # run.c rotates adjacent pairs (2j, 2j+1) of each head: Meta's layout, as llama.cpp's GGUF
+        ld[p + "attn_qkv"] = lambda i=i: np.concatenate([_unpermute(wq[i], nh), _unpermute(wk[i], nkv), wv[i]])
+        ld[p + "attn_out"] = lambda i=i: wo[i]
+        ld[p + "ffn_norm"] = lambda i=i: rms_ffn[i]
+        ld[p + "ffn_gate_up"] = lambda i=i: np.concatenate([w1[i], w3[i]])  # w2(silu(w1 x) * w3 x)
+        ld[p + "ffn_down"] = lambda i=i: w2[i]
+    m.config = {"architecture": "llama", "name": os.path.splitext(os.path.basename(path))[0],
+                "rope_theta": L2C_THETA, "rope_scaling": None, "context_length": h["seq_len"]}
+    m.tokenizer = tok
+    return m
+
+
 # --- the conversion --------------------------------------------------------------------------
 def _same_file(a, b):
     try:
@@ -691,7 +840,7 @@ def _same_file(a, b):
 
 
 def _inputs_of(src):
-    """("gguf" | "hf", the GGUF file or the model directory)."""
+    """("gguf" | "hf" | "llama2c", the GGUF file, the model directory or the checkpoint)."""
     if not os.path.exists(src):
         raise ConvertError(f"{src}: no such file or directory")
     if os.path.isdir(src):
@@ -703,25 +852,41 @@ def _inputs_of(src):
             magic = f.read(4)
     except OSError as e:
         raise ConvertError(f"{src}: {e.strerror or e}") from None
-    if magic != b"GGUF":
-        raise ConvertError(f"{src}: neither a GGUF file nor a Hugging Face model directory")
-    return "gguf", src
+    if magic == b"GGUF":
+        return "gguf", src
+    if len(magic) == 4 and struct.unpack("<I", magic)[0] == _L2C_MAGIC:
+        raise ConvertError(f"{src}: a llama2.c version 1/2 export; only the legacy version 0 format is "
+                           f"supported (llama2.c's export.py --version 0)")
+    size = os.path.getsize(src)
+    h = _llama2c_header(src, size)
+    if h is not None and h["expected_size"] == size:
+        return "llama2c", (src, h)
+    hint = (f" (read as a llama2.c checkpoint its header implies {h['expected_size']} bytes, the file has "
+            f"{size})" if h is not None else "")
+    raise ConvertError(f"{src}: neither a GGUF file, a llama2.c checkpoint nor a Hugging Face model "
+                       f"directory{hint}")
 
 
-def convert(src, out, progress=True):
-    """Convert SRC (a .gguf file or a Hugging Face directory) into the pyllm file OUT."""
+def convert(src, out, progress=True, tokenizer=None):
+    """Convert SRC (a .gguf file, a Hugging Face directory or a llama2.c checkpoint) into the
+    pyllm file OUT. tokenizer: a llama2.c checkpoint's tokenizer.bin (default: the one next to it)."""
     t0 = time.time()
     src, out = os.fspath(src), os.fspath(out)
     kind, where = _inputs_of(src)
+    if tokenizer is not None and kind != "llama2c":
+        raise ConvertError("a separate tokenizer file is only used with llama2.c checkpoints")
     if os.path.isdir(out):
         raise ConvertError(f"{out}: is a directory (give the output file's name)")
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise ConvertError(f"{out_dir}: no such directory")
-    if kind == "gguf" and _same_file(out, where):
+    if kind in ("gguf", "llama2c") and _same_file(out, src):
         raise ConvertError(f"refusing to convert {src} onto itself")
 
-    m = _read_gguf(where) if kind == "gguf" else _read_hf(where)
+    if kind == "llama2c":
+        m = _read_llama2c(where[0], where[1], None if tokenizer is None else os.fspath(tokenizer))
+    else:
+        m = _read_gguf(where) if kind == "gguf" else _read_hf(where)
     for p in m.inputs + m.tok_files:
         if _same_file(out, p):
             raise ConvertError(f"refusing to convert onto the input file {p}")
@@ -737,7 +902,7 @@ def convert(src, out, progress=True):
     provenance = {"source": name, "source_format": m.source_format, "sha256": _sha256(m.inputs),
                   "converter": f"pyllm {__version__}",
                   "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if m.source_format == "hf":
+    if m.source_format in ("hf", "llama2c"):
         provenance["sha256_of"] = [os.path.basename(p) for p in m.inputs]
     meta = {"config": m.config, "tokenizer": m.tokenizer, "chat_template": m.chat_template,
             "provenance": provenance}

@@ -6,7 +6,8 @@ llama.cpp's convert_hf_to_gguf.py does (Q/K rows permuted for the interleaved Ro
 "llama" architecture; F16, or Q8_0 where rows allow). Both are converted and every tensor of
 our file is checked against the Hugging Face weight rounded to f16, rope_freqs against
 transformers' inv_freq (default, linear, llama3), and the kernel's logits against
-transformers'. Then the real default model, and the errors.
+transformers'. Then the real default model, and the errors. Last, llama2.c checkpoints written
+as llama2.c's export.py does, against numpy transcriptions of run.c's forward and encode.
 """
 import copy
 import errno
@@ -14,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import struct
 import time
 
 import gguf
@@ -582,3 +584,239 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tok, llama_tied, exc
     with pytest.raises((ConvertError, KeyboardInterrupt)):
         convert(g, str(out), progress=False)
     assert os.listdir(out.parent) == ["m.bin"] and out.read_bytes() == good
+
+
+# --- llama2.c checkpoints ------------------------------------------------------------------
+# Written here the way karpathy/llama2.c writes them (export.py legacy_export, tokenizer.py
+# export); the oracle is a numpy transcription of run.c's forward (RoPE on adjacent pairs)
+# and of run.c's encode().
+def l2c_vocab():
+    """llama2.c's tokenizer.bin view of spm_tokenizer(): pieces with spaces, BOS/EOS between
+    newlines; scores -(rank // 3) (ties included) for pieces, 0 for specials and bytes."""
+    hf = spm_tokenizer()
+    inv = {i: t for t, i in hf.get_vocab().items()}
+    vocab, scores = [], []
+    for i in range(hf.get_vocab_size()):
+        t = inv[i]
+        vocab.append({"<s>": "\n<s>\n", "</s>": "\n</s>\n"}.get(t, t.replace("\u2581", " ")))
+        scores.append(0.0 if i < 259 else -float((i - 259) // 3))
+    assert vocab[:3] == ["<unk>", "\n<s>\n", "\n</s>\n"] and vocab[3] == "<0x00>" and " " in vocab
+    return vocab, scores
+
+
+def write_l2c_tokenizer(path, vocab, scores):
+    data = [t.encode() for t in vocab]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", max(map(len, data))))
+        for b, s in zip(data, scores):
+            f.write(struct.pack("<fI", s, len(b)) + b)
+    return path
+
+
+def run_c_encode(vocab, scores, text, bos=True):
+    """run.c encode(): BOS, a dummy-prefix " " token, one token per code point (else its
+    bytes + 3), then merge the adjacent pair whose concatenation scores highest (leftmost)."""
+    lookup = {t: i for i, t in reversed(list(enumerate(vocab)))}
+    ids = ([1] if bos else []) + ([lookup[" "]] if text else [])
+    for ch in text:
+        ids += [lookup[ch]] if ch in lookup else [b + 3 for b in ch.encode()]
+    while True:
+        best, best_id, best_i = -1e10, -1, -1
+        for i in range(len(ids) - 1):
+            j = lookup.get(vocab[ids[i]] + vocab[ids[i + 1]])
+            if j is not None and scores[j] > best:
+                best, best_id, best_i = scores[j], j, i
+        if best_i < 0:
+            return ids
+        ids[best_i:best_i + 2] = [best_id]
+
+
+def l2c_weights(seed, dim, hidden, n_layers, n_heads, n_kv, vocab, shared):
+    """Random weights (rounded to f16, so the conversion is exact) in llama2.c's shapes."""
+    rng = np.random.default_rng(seed)
+    hs = dim // n_heads
+
+    def mat(*shape, gain=1.0):
+        return (gain * rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16).astype(np.float32)
+
+    def norm(*shape):
+        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float16).astype(np.float32)
+
+    w = {"emb": (0.5 * rng.standard_normal((vocab, dim))).astype(np.float16).astype(np.float32),
+         "rms_att": norm(n_layers, dim), "wq": mat(n_layers, n_heads * hs, dim, gain=1.5),
+         "wk": mat(n_layers, n_kv * hs, dim, gain=1.5), "wv": mat(n_layers, n_kv * hs, dim),
+         "wo": mat(n_layers, dim, n_heads * hs), "rms_ffn": norm(n_layers, dim),
+         "w1": mat(n_layers, hidden, dim), "w2": mat(n_layers, dim, hidden), "w3": mat(n_layers, hidden, dim),
+         "rms_final": norm(dim)}
+    w["wcls"] = w["emb"] if shared else mat(vocab, dim, gain=3.0)
+    return w
+
+
+def write_l2c_checkpoint(path, w, n_heads, n_kv, seq_len, shared):
+    """export.py legacy_export: 7 int32 (vocab negative if the classifier is not shared), then f32."""
+    vocab, dim = w["emb"].shape
+    hs = dim // n_heads
+    ang = np.outer(np.arange(seq_len), 1.0 / 10000.0 ** (np.arange(0, hs, 2)[:hs // 2] / hs))
+    with open(path, "wb") as f:
+        f.write(struct.pack("<7i", dim, w["w1"].shape[1], w["wq"].shape[0], n_heads, n_kv,
+                            vocab if shared else -vocab, seq_len))
+        for k in ("emb", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"):
+            f.write(np.ascontiguousarray(w[k], dtype="<f4").tobytes())
+        f.write(np.cos(ang).astype("<f4").tobytes() + np.sin(ang).astype("<f4").tobytes())
+        if not shared:
+            f.write(w["wcls"].astype("<f4").tobytes())
+    return path
+
+
+def run_c_forward(w, n_heads, n_kv, ids):
+    """run.c's forward() for every position, in float64: RMSNorm eps 1e-5, RoPE rotating the
+    adjacent pairs (2j, 2j+1) of each head by pos / 10000^(2j/head_size), GQA head h -> h // (nh/nkv)."""
+    W = {k: v.astype(np.float64) for k, v in w.items()}
+    n, dim = len(ids), W["emb"].shape[1]
+    hs, kv_mul = dim // n_heads, n_heads // n_kv
+    ang = np.outer(np.arange(n), 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs))
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+    def rope(v, heads):
+        v = v.reshape(n, heads, hs // 2, 2)
+        v0, v1 = v[..., 0], v[..., 1]
+        return np.stack([v0 * cos - v1 * sin, v0 * sin + v1 * cos], -1).reshape(n, heads * hs)
+
+    def rms(v, g):
+        return g * (v / np.sqrt((v * v).mean(-1, keepdims=True) + 1e-5))
+
+    mask = np.triu(np.full((n, n), -np.inf), 1)
+    x = W["emb"][ids]
+    for layer in range(W["wq"].shape[0]):
+        h = rms(x, W["rms_att"][layer])
+        q, k, v = rope(h @ W["wq"][layer].T, n_heads), rope(h @ W["wk"][layer].T, n_kv), h @ W["wv"][layer].T
+        att_out = np.empty((n, n_heads * hs))
+        for hh in range(n_heads):
+            s = slice(hh * hs, (hh + 1) * hs)
+            kv = slice(hh // kv_mul * hs, (hh // kv_mul + 1) * hs)
+            a = q[:, s] @ k[:, kv].T / np.sqrt(hs) + mask
+            a = np.exp(a - a.max(1, keepdims=True))
+            att_out[:, s] = (a / a.sum(1, keepdims=True)) @ v[:, kv]
+        x = x + att_out @ W["wo"][layer].T
+        h = rms(x, W["rms_ffn"][layer])
+        g = h @ W["w1"][layer].T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ W["w3"][layer].T)) @ W["w2"][layer].T
+    return rms(x, W["rms_final"]) @ W["wcls"].T
+
+
+L2C_TEXTS = SAMPLES + ["the bone ate the cat", "ünïcödé ∑", "", "  two  spaces\n\nnew line", TEXT[:300]]
+L2C_VARIANTS = {  # dim, hidden, n_layers, n_heads, n_kv_heads, seq_len, shared classifier
+    "gqa-unshared": (48, 80, 2, 4, 2, 64, False),
+    "mha-shared": (32, 72, 2, 4, 4, 48, True),
+}
+
+
+@pytest.mark.parametrize("variant", list(L2C_VARIANTS))
+def test_llama2c_checkpoint(tmp_path, monkeypatch, capsys, variant):
+    dim, hidden, n_layers, nh, nkv, seq_len, shared = L2C_VARIANTS[variant]
+    vocab, scores = l2c_vocab()
+    w = l2c_weights(7, dim, hidden, n_layers, nh, nkv, len(vocab), shared)
+    src = write_l2c_checkpoint(str(tmp_path / "model.bin"), w, nh, nkv, seq_len, shared)
+    out = str(tmp_path / "out.bin")
+    if shared:  # tokenizer.bin elsewhere, given explicitly (the CLI's --tokenizer)
+        tok_path = write_l2c_tokenizer(str(tmp_path / "tok512.bin"), vocab, scores)
+        s = convert(src, out, progress=False, tokenizer=tok_path)
+        assert s["source_format"] == "llama2c" and s["architecture"] == "llama"
+    else:  # tokenizer.bin next to the checkpoint, found by itself; through the command line
+        tok_path = write_l2c_tokenizer(str(tmp_path / "tokenizer.bin"), vocab, scores)
+        from pyllm.cli import main
+        assert main(["convert", "-q", src, out]) == 0, capsys.readouterr().err
+
+    mf = format.read(out)
+    c = mf.config
+    hs = dim // nh
+    assert (c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"]) == \
+        (dim, hidden, n_layers, nh, nkv, hs)
+    assert c["vocab_size"] == len(vocab) and c["max_seq_len"] == seq_len and c["sliding_window"] == 0
+    assert c["flags"] == (format.FLAG_TIED_OUTPUT if shared else 0) and abs(c["norm_eps"] - 1e-5) < 1e-12
+    assert c["architecture"] == "llama" and c["rope_theta"] == 10000.0 and c["rope_scaling"] is None
+    np.testing.assert_allclose(mf.tensors["rope_freqs"], 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs), rtol=1e-6)
+    # tensors: exact (the weights are f16 values); Q/K back in llama2.c's row order are the originals
+    T = {k: np.asarray(v, dtype=np.float32) for k, v in mf.tensors.items()}
+    np.testing.assert_array_equal(T["tok_embd"], w["emb"])
+    assert ("output" in T) != shared and (shared or np.array_equal(T["output"], w["wcls"]))
+    np.testing.assert_array_equal(T["output_norm"], w["rms_final"])
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        q, k, v = np.split(T[p + "attn_qkv"], [nh * hs, (nh + nkv) * hs])
+        np.testing.assert_array_equal(llama_cpp_permute(q, nh), w["wq"][i])
+        np.testing.assert_array_equal(llama_cpp_permute(k, nkv), w["wk"][i])
+        np.testing.assert_array_equal(v, w["wv"][i])
+        np.testing.assert_array_equal(T[p + "ffn_gate_up"], np.concatenate([w["w1"][i], w["w3"][i]]))
+        np.testing.assert_array_equal(T[p + "ffn_down"], w["w2"][i])
+        np.testing.assert_array_equal(T[p + "attn_out"], w["wo"][i])
+        np.testing.assert_array_equal(T[p + "attn_norm"], w["rms_att"][i])
+        np.testing.assert_array_equal(T[p + "ffn_norm"], w["rms_ffn"][i])
+
+    # the tokenizer: SentencePiece-style metadata; our encoder gives run.c's ids
+    t = mf.meta["tokenizer"]
+    assert t["model"] == "llama" and t["add_bos_token"] is True and t["add_space_prefix"] is True
+    assert (t["bos_token_id"], t["eos_token_id"], t["unknown_token_id"]) == (1, 2, 0)
+    assert t["tokens"][:3] == ["<unk>", "<s>", "</s>"] and t["token_type"][:3] == [2, 3, 3]
+    assert t["token_type"][3:259] == [6] * 256 and set(t["token_type"][259:]) == {1}
+    assert t["tokens"][3:259] == [f"<0x{b:02X}>" for b in range(256)] and t["scores"] == scores
+    assert not any(" " in x for x in t["tokens"]) and "\u2581" in t["tokens"]
+    p = mf.meta["provenance"]
+    assert p["source_format"] == "llama2c" and p["sha256_of"] == ["model.bin", os.path.basename(tok_path)]
+    assert p["sha256"] == hashlib.sha256(open(src, "rb").read() + open(tok_path, "rb").read()).hexdigest()
+    ours = Tokenizer(t)
+    for text in L2C_TEXTS:
+        ids = ours.encode(text)
+        assert ids == run_c_encode(vocab, scores, text), text
+        assert ours.decode(ids[1:]) == text
+
+    # the kernel against run.c's forward: this checks the interleaved -> rotate-half permutation
+    ids = ours.encode(TEXT)[:seq_len]
+    assert len(ids) == seq_len
+    m = pyllm.load(out, threads=2)
+    got = m.logits(ids)
+    del m
+    ref = run_c_forward(w, nh, nkv, ids)
+    err = np.abs(got - ref).max()
+    assert err < 1e-2 * max(1.0, np.abs(ref).max()), f"max |kernel - run.c| = {err}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    if not shared:  # without the permutation the logits are far off: the check above is sensitive to it
+        monkeypatch.setattr(convert_mod, "_unpermute", lambda a, n: a)
+        convert(src, str(tmp_path / "wrong.bin"), progress=False)
+        m = pyllm.load(str(tmp_path / "wrong.bin"), threads=2)
+        assert np.abs(m.logits(ids) - ref).max() > 10 * err + 0.5
+        del m
+
+
+def test_llama2c_errors(tmp_path):
+    vocab, scores = l2c_vocab()
+    w = l2c_weights(8, 32, 64, 1, 4, 2, len(vocab), False)
+    src = write_l2c_checkpoint(str(tmp_path / "model.bin"), w, 4, 2, 32, False)
+    out = str(tmp_path / "o.bin")
+    with pytest.raises(ConvertError, match="tokenizer.bin does not exist.*--tokenizer"):
+        convert(src, out, progress=False)
+    write_l2c_tokenizer(str(tmp_path / "tokenizer.bin"), vocab[:-1], scores[:-1])
+    with pytest.raises(ConvertError, match=f"holds {len(vocab) - 1} tokens, the model's vocabulary has {len(vocab)}"):
+        convert(src, out, progress=False)
+    write_l2c_tokenizer(str(tmp_path / "tokenizer.bin"), vocab + ["xyz"], scores + [0.0])
+    with pytest.raises(ConvertError, match=f"holds more than the model's {len(vocab)} tokens"):
+        convert(src, out, progress=False)
+    with pytest.raises(ConvertError, match="no such file"):
+        convert(src, out, progress=False, tokenizer=str(tmp_path / "nope.bin"))
+    # not exactly the size the header implies: not taken for a llama2.c checkpoint
+    data = open(src, "rb").read()
+    for name, blob in (("long.bin", data + b"\0" * 4), ("short.bin", data[:-4])):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ConvertError, match=f"neither a GGUF file, a llama2.c checkpoint nor a Hugging "
+                                               f"Face model directory \\(.*implies {len(data)} bytes"):
+            convert(str(tmp_path / name), out, progress=False)
+    (tmp_path / "text.bin").write_bytes(b"hello, this is not a model at all\n" * 10)
+    with pytest.raises(ConvertError, match="neither a GGUF file.*directory$"):
+        convert(str(tmp_path / "text.bin"), out, progress=False)
+    (tmp_path / "v1.bin").write_bytes(struct.pack("<Ii", 0x616B3432, 1) + data[8:])
+    with pytest.raises(ConvertError, match="version 1/2 export.*version 0"):
+        convert(str(tmp_path / "v1.bin"), out, progress=False)
+    g = tiny_gguf(str(tmp_path / "x.gguf"))
+    with pytest.raises(ConvertError, match="only used with llama2.c"):
+        convert(g, out, progress=False, tokenizer=str(tmp_path / "tokenizer.bin"))
+    assert not os.path.exists(out)
