@@ -86,8 +86,14 @@ fixtures: dev weights
 bench: weights
 	$(PY) -m pyllm bench $(MODEL) $(if $(THREADS),-t $(THREADS))
 
-compare: dev weights
+# the peers: llama.cpp built from source for this CPU (several minutes), matplotlib for plots
+$(VENV)/.peers: $(VENV)/.dev
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install llama-cpp-python
+	$(PIP) install matplotlib
+	touch $@
+compare: dev weights $(VENV)/.peers
 	$(PY) benchmarks/compare.py $(MODEL)
+	$(PY) benchmarks/plot.py
 
 clean:
 	rm -rf build *.egg-info pyllm/_pyllm*.so pyllm/__pycache__ tests/__pycache__

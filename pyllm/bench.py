@@ -1,0 +1,384 @@
+"""`pyllm bench`: prompt-processing (pp) and generation (tg) speed with llama-bench's conventions.
+
+    pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-r 5] [-o md|json] [--roofline]
+
+Each test is timed on token ids straight through lib.pyllm_forward: no tokenizer, no sampler.
+  ppN  one forward of N random tokens at position depth, logits of the last token only
+  tgN  N single-token forwards at positions depth, depth+1, ... (logits every step)
+`@ dD` (-d D): D tokens are already in the KV cache before the test (filled, untimed).
+Like llama-bench: one warmup run per test (pp: the same pp; tg: one token), then -r timed
+repetitions; t/s is the mean ± sample stddev of the per-repetition tokens/s.
+
+Also reported: load time (open + first touch: pyllm.load and a one-token forward, which
+reads every weight page once), peak RSS, and for tg the weight bytes read per token x t/s
+(effective GB/s). --roofline measures the machine's read bandwidth with
+lib.pyllm_read_bandwidth per thread count and reports tg as a fraction of that ceiling.
+"""
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import format
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+# ---------- what to run ----------
+@dataclass(frozen=True)
+class Test:
+    kind: str  # "pp" or "tg"
+    n: int
+    depth: int = 0
+
+    @property
+    def name(self):
+        return f"{self.kind}{self.n}" + (f" @ d{self.depth}" if self.depth else "")
+
+    @property
+    def n_prompt(self):
+        return self.n if self.kind == "pp" else 0
+
+    @property
+    def n_gen(self):
+        return self.n if self.kind == "tg" else 0
+
+
+def int_list(s, what, lo=0):
+    """'512' or '128,512' -> [512] / [128, 512]; every value >= lo."""
+    try:
+        vals = [int(v) for v in str(s).split(",") if v.strip() != ""]
+    except ValueError:
+        raise ValueError(f"{what}: expected a comma-separated list of integers, got {s!r}") from None
+    if not vals:
+        raise ValueError(f"{what}: empty list")
+    bad = [v for v in vals if v < lo]
+    if bad:
+        raise ValueError(f"{what}: {bad[0]} is below {lo}")
+    return vals
+
+
+def make_tests(n_prompt, n_gen, depths):
+    """llama-bench's order: for each depth, the pp tests, then the tg tests (0 = none)."""
+    tests = []
+    for d in depths:
+        tests += [Test("pp", n, d) for n in n_prompt if n > 0]
+        tests += [Test("tg", n, d) for n in n_gen if n > 0]
+    return tests
+
+
+def default_threads():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# ---------- what the machine and the file say ----------
+def peak_rss_bytes():
+    """The process's peak resident set: ru_maxrss is kB on Linux, bytes on macOS."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+def cpu_info():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_info():
+    """Which kernel ran: the loaded extension's sha256 and, in a git checkout, the commit
+    (llama-bench's build_commit; '-dirty' when csrc/ or pyllm/ differ from it)."""
+    import hashlib
+    import subprocess
+    from . import _pyllm
+    so = _pyllm.__file__
+    with open(so, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()[:16]
+    commit = "unknown"
+    src = os.path.dirname(os.path.dirname(os.path.abspath(so)))
+    try:
+        git = ["git", "-C", src]
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        if subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "csrc", "pyllm"], timeout=10).returncode:
+            commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"build_commit": commit, "kernel_sha256": sha, "kernel_path": so}
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    config: dict
+    size: int          # bytes of all tensors (llama-bench's model_size)
+    n_params: int
+    tied: bool
+    bytes_per_token: int  # weights read per generated token
+
+    @property
+    def desc(self):
+        """llama-bench's model_type, e.g. 'llama 135M F16'."""
+        arch = self.config.get("arch") or self.config.get("architecture") or "llama"
+        n = self.n_params
+        label = f"{n / 1e9:.0f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+        return f"{arch} {label} F16"
+
+
+def model_info(path):
+    mf = format.read(path, map_tensors=False)
+    sizes = {}
+    for t in mf.meta["tensors"]:
+        n = int(np.prod(t["shape"]))
+        sizes[t["name"]] = (n, n * (2 if t["dtype"] == "f16" else 4), len(t["shape"]))
+    tied = bool(mf.config["flags"] & format.FLAG_TIED_OUTPUT)
+    # a generated token reads every matrix once; the embedding only as the (tied) output head
+    per_token = sum(nb for name, (_, nb, nd) in sizes.items() if nd == 2 and name != "tok_embd")
+    if tied:
+        per_token += sizes["tok_embd"][1]
+    return ModelInfo(path, mf.config, sum(nb for _, nb, _ in sizes.values()),
+                     sum(n for n, _, _ in sizes.values()), tied, per_token)
+
+
+# ---------- the timed runs ----------
+class Runner:
+    """One opened model at one thread count; runs tests on raw token ids."""
+
+    def __init__(self, path, threads, n_ctx, max_depth, seed=1234):
+        from ._pyllm import ffi, lib
+        from .model import load
+        self.ffi, self.lib = ffi, lib
+        t0 = time.perf_counter()
+        self.model = load(path, threads=threads, n_ctx=n_ctx)
+        self.vocab = self.model.vocab_size
+        self.logits = np.empty(self.vocab, dtype=np.float32)
+        self._out = ffi.cast("float *", ffi.from_buffer(self.logits))
+        rng = np.random.default_rng(seed)
+        self._tok = ffi.new("int[]", [int(rng.integers(self.vocab))])
+        self._forward(self._tok, 1, 0)  # first touch: every weight page is read once
+        self.load_s = time.perf_counter() - t0
+        self.threads = self.model.threads
+        # the depth context (the same for every test) and the ids the tests feed
+        self.depth_ids = rng.integers(0, self.vocab, max(max_depth, 1)).tolist()
+        self.rng = rng
+        self.filled = 0  # cache positions [0, filled) hold depth_ids[:filled]
+
+    def _forward(self, ids, n, pos):
+        rc = self.lib.pyllm_forward(self.model._m, ids, n, pos, self._out, 0)
+        if rc:
+            from .model import PyllmError
+            raise PyllmError(self.ffi.string(self.lib.pyllm_strerror(rc)).decode())
+
+    def _fill(self, depth):
+        if self.filled < depth:
+            ids = self.depth_ids[self.filled:depth]
+            self._forward(self.ffi.new("int[]", ids), len(ids), self.filled)
+        self.filled = max(self.filled, depth)
+
+    def run(self, test, n=None):
+        """Nanoseconds for one run of test (n overrides its token count, for warmups)."""
+        n = test.n if n is None else n
+        self._fill(test.depth)
+        ids = self.rng.integers(0, self.vocab, n).tolist()
+        if test.kind == "pp":
+            buf = self.ffi.new("int[]", ids)
+            t0 = time.perf_counter_ns()
+            self._forward(buf, n, test.depth)
+            dt = time.perf_counter_ns() - t0
+        else:
+            bufs = [self.ffi.new("int[]", [i]) for i in ids]
+            fwd, m, out, pos = self.lib.pyllm_forward, self.model._m, self._out, test.depth
+            t0 = time.perf_counter_ns()
+            rc = 0
+            for i, b in enumerate(bufs):
+                rc = fwd(m, b, 1, pos + i, out, 0)
+                if rc:
+                    break
+            dt = time.perf_counter_ns() - t0
+            if rc:
+                from .model import PyllmError
+                raise PyllmError(self.ffi.string(self.lib.pyllm_strerror(rc)).decode())
+        self.filled = min(self.filled, test.depth)  # the test overwrote positions depth..
+        return dt
+
+    def close(self):
+        self._out = None
+        self.model.close()
+
+
+def summarize(samples_ns, n_tokens):
+    """llama-bench's statistics: mean and sample stddev of ns and of tokens/s."""
+    ts = [n_tokens * 1e9 / s for s in samples_ns]
+    sd = statistics.stdev if len(samples_ns) > 1 else (lambda v: 0.0)
+    return {"avg_ns": int(statistics.mean(samples_ns)), "stddev_ns": int(sd(samples_ns)),
+            "avg_ts": statistics.mean(ts), "stddev_ts": sd(ts),
+            "samples_ns": [int(s) for s in samples_ns], "samples_ts": ts}
+
+
+def read_bandwidth(threads, nbytes=GIB, reps=3, tries=3):
+    """Best of `tries` calls of lib.pyllm_read_bandwidth, in bytes/s."""
+    from ._pyllm import lib
+    best = max(lib.pyllm_read_bandwidth(nbytes, threads, reps) for _ in range(tries))
+    if best <= 0:
+        raise RuntimeError(f"pyllm_read_bandwidth failed ({nbytes} bytes, {threads} threads)")
+    return best
+
+
+def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=GIB,
+          on_result=None, progress=None):
+    """Run every test at every thread count; a list of llama-bench-style result dicts."""
+    info = model_info(path)
+    need = max(t.depth + t.n for t in tests)
+    max_ctx = info.config["max_seq_len"]
+    if need > max_ctx:
+        raise ValueError(f"the tests need a context of {need} tokens; the model's is {max_ctx}")
+    from ._pyllm import ffi, lib
+    simd = ffi.string(lib.pyllm_simd()).decode()
+    build = build_info()
+    results = []
+    for nt in threads_list:
+        r = Runner(path, nt, need, max(t.depth for t in tests))
+        try:
+            for test in tests:
+                if progress:
+                    progress(f"threads {nt}: {test.name}")
+                if warmup:
+                    r.run(test, n=1 if test.kind == "tg" else None)
+                samples = [r.run(test) for _ in range(reps)]
+                res = {"model_filename": path, "model_type": info.desc, "model_size": info.size,
+                       "model_n_params": info.n_params, "cpu_info": cpu_info(), "simd": simd,
+                       "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
+                       "n_threads": r.threads, "n_prompt": test.n_prompt, "n_gen": test.n_gen,
+                       "n_depth": test.depth, "test_time": datetime.datetime.now(datetime.timezone.utc)
+                       .strftime("%Y-%m-%dT%H:%M:%SZ")}
+                res.update(summarize(samples, test.n))
+                res.update({"load_s": r.load_s, "peak_rss_bytes": peak_rss_bytes(),
+                            "weight_bytes_per_token": info.bytes_per_token if test.kind == "tg" else None,
+                            "bandwidth_gbs": info.bytes_per_token * res["avg_ts"] / 1e9
+                            if test.kind == "tg" else None,
+                            "read_bandwidth_gbs": None, "roofline_ts": None, "roofline_fraction": None})
+                results.append(res)
+                if on_result:
+                    on_result(res)
+        finally:
+            r.close()
+    if roofline:  # last: its 1 GiB buffer must not count in the models' peak RSS
+        bw = {}
+        for nt in sorted({res["n_threads"] for res in results}):
+            if progress:
+                progress(f"threads {nt}: read bandwidth ({bw_bytes / MIB:.0f} MiB)")
+            bw[nt] = read_bandwidth(nt, bw_bytes)
+        for res in results:
+            res["read_bandwidth_gbs"] = bw[res["n_threads"]] / 1e9
+            if res["n_gen"]:
+                res["roofline_ts"] = bw[res["n_threads"]] / info.bytes_per_token
+                res["roofline_fraction"] = res["avg_ts"] / res["roofline_ts"]
+    return results
+
+
+# ---------- output ----------
+def test_name(res):
+    kind, n = ("pp", res["n_prompt"]) if res["n_prompt"] else ("tg", res["n_gen"])
+    return Test(kind, n, res["n_depth"]).name
+
+
+def fmt_size(b):
+    return f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / MIB:.2f} MiB"
+
+
+def fmt_params(n):
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+MD_HEADER = ("| model | size | params | threads | test | t/s |\n"
+             "| --- | ---: | ---: | ---: | ---: | ---: |")
+
+
+def md_row(res):
+    return (f"| {res['model_type']} | {fmt_size(res['model_size'])} | {fmt_params(res['model_n_params'])} "
+            f"| {res['n_threads']} | {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+
+
+def md_footer(results):
+    lines = []
+    tg = [r for r in results if r["n_gen"]]
+    if tg:
+        lines.append("")
+        lines.append(f"weights read per generated token: {tg[0]['weight_bytes_per_token'] / 1e6:.1f} MB")
+        roof = tg[0]["roofline_fraction"] is not None
+        lines.append("| threads | test | weights GB/s" + (" | read GB/s | roofline t/s | fraction |"
+                                                          if roof else " |"))
+        lines.append("| ---: | ---: | ---:" + (" | ---: | ---: | ---: |" if roof else " |"))
+        for r in tg:
+            row = f"| {r['n_threads']} | {test_name(r)} | {r['bandwidth_gbs']:.2f}"
+            if roof:
+                row += (f" | {r['read_bandwidth_gbs']:.2f} | {r['roofline_ts']:.1f} "
+                        f"| {100 * r['roofline_fraction']:.0f}% |")
+            lines.append(row + (" |" if not roof else ""))
+    loads = {}
+    for r in results:
+        loads.setdefault(r["n_threads"], r["load_s"])
+    lines.append("")
+    lines.append("load (open + first touch): " + ", ".join(f"{v:.3f} s ({k} threads)" for k, v in loads.items())
+                 + f"; peak RSS {max(r['peak_rss_bytes'] for r in results) / MIB:.1f} MiB"
+                 + f"; kernel {results[0]['simd']} (build {results[0]['build_commit']}, "
+                 f"{results[0]['kernel_sha256']}); {results[0]['cpu_info']}")
+    return "\n".join(lines)
+
+
+# ---------- the command ----------
+def add_arguments(p):
+    p.add_argument("model", help="a pyllm parameters file")
+    p.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, comma-separated (default 512; 0 = none)")
+    p.add_argument("-n", "--n-gen", default="128", help="tokens to generate, comma-separated (default 128; 0 = none)")
+    p.add_argument("-d", "--n-depth", default="0",
+                   help="tokens already in the KV cache before each test, comma-separated (default 0)")
+    p.add_argument("-t", "--threads", default=None, help="thread counts, comma-separated (default: all cores)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
+    p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
+    p.add_argument("--roofline", action="store_true",
+                   help="measure the machine's read bandwidth and report tg as a fraction of it")
+    p.add_argument("--bw-mib", type=int, default=1024, help="buffer for --roofline in MiB (default 1024)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warmup run of each test")
+    p.add_argument("--progress", action="store_true", help="print each test as it starts, to stderr")
+
+
+def main(a):
+    n_prompt = int_list(a.n_prompt, "-p")
+    n_gen = int_list(a.n_gen, "-n")
+    depths = int_list(a.n_depth, "-d")
+    threads = int_list(a.threads, "-t", lo=1) if a.threads is not None else [default_threads()]
+    if a.repetitions < 1:
+        raise ValueError(f"-r: {a.repetitions} repetitions; at least 1")
+    if a.bw_mib < 1:
+        raise ValueError("--bw-mib: at least 1")
+    tests = make_tests(n_prompt, n_gen, depths)
+    if not tests:
+        raise ValueError("nothing to run: every -p and -n is 0")
+    md = a.output == "md"
+    if md:
+        print(MD_HEADER, flush=True)
+    progress = (lambda s: print(s, file=sys.stderr, flush=True)) if a.progress else None
+    results = bench(a.model, tests, threads, reps=a.repetitions, warmup=not a.no_warmup,
+                    roofline=a.roofline, bw_bytes=a.bw_mib * MIB,
+                    on_result=(lambda r: print(md_row(r), flush=True)) if md else None, progress=progress)
+    if md:
+        print(md_footer(results))
+    else:
+        print(json.dumps(results, indent=2))
+    return 0

@@ -1,0 +1,113 @@
+"""`pyllm bench` on a tiny random model: the table and the JSON parse, and every figure is
+positive. No timing assertions: performance is never checked in a test."""
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pyllm import bench, cli, format  # noqa: E402
+from tiny import make_tiny_model  # noqa: E402
+
+LLAMA_BENCH_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "n_threads",
+                      "n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts",
+                      "samples_ns", "samples_ts")
+OURS = ("load_s", "peak_rss_bytes", "bandwidth_gbs", "roofline_fraction")
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def model(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("bench") / f"tiny-{request.param}.bin")
+    make_tiny_model(path, seed=3, tied=request.param == "tied")
+    return path
+
+
+def run(capsys, *argv):
+    rc = cli.main(["bench", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return out
+
+
+def test_markdown_table(model, capsys):
+    out = run(capsys, model, "-p", "16", "-n", "4", "-r", "2", "-t", "1,2", "-d", "0,8")
+    lines = out.splitlines()
+    assert lines[0] == "| model | size | params | threads | test | t/s |"
+    rows = [ln for ln in lines[2:] if ln.startswith("| llama")]
+    assert [r.split("|")[5].strip() for r in rows] == ["pp16", "tg4", "pp16 @ d8", "tg4 @ d8"] * 2
+    assert [int(r.split("|")[4]) for r in rows] == [1] * 4 + [2] * 4
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert re.fullmatch(r"[\d.]+ MiB", cells[1]) and re.fullmatch(r"[\d.]+ M", cells[2])
+        mean, sd = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[5]).groups()
+        assert float(mean) > 0 and float(sd) >= 0
+    assert "load (open + first touch)" in out and "peak RSS" in out
+
+
+def test_json_fields(model, capsys):
+    out = run(capsys, model, "-p", "16", "-n", "4", "-r", "2", "-t", "1", "-o", "json",
+              "--roofline", "--bw-mib", "8")
+    res = json.loads(out)
+    assert isinstance(res, list) and len(res) == 2
+    pp, tg = res
+    for r in res:
+        for k in LLAMA_BENCH_FIELDS + OURS:
+            assert k in r, k
+        assert r["model_filename"] == model and r["n_threads"] == 1 and r["n_depth"] == 0
+        assert r["model_size"] == sum(t_bytes(t) for t in format.read(model, False).meta["tensors"])
+        for k in ("model_size", "model_n_params", "avg_ns", "avg_ts", "load_s", "peak_rss_bytes"):
+            assert r[k] > 0, k
+        assert len(r["samples_ns"]) == len(r["samples_ts"]) == 2
+        assert all(s > 0 for s in r["samples_ns"] + r["samples_ts"])
+        n = r["n_prompt"] + r["n_gen"]
+        assert math.isclose(r["avg_ts"], sum(n * 1e9 / s for s in r["samples_ns"]) / 2, rel_tol=1e-9)
+    assert (pp["n_prompt"], pp["n_gen"], tg["n_prompt"], tg["n_gen"]) == (16, 0, 0, 4)
+    assert pp["bandwidth_gbs"] is None and pp["roofline_fraction"] is None
+    assert tg["bandwidth_gbs"] > 0 and tg["roofline_fraction"] > 0 and tg["read_bandwidth_gbs"] > 0
+    # the weights a token reads: every matrix, plus the embedding when it is the output head
+    mf = format.read(model, map_tensors=False)
+    mats = sum(2 * t["shape"][0] * t["shape"][1] for t in mf.meta["tensors"]
+               if len(t["shape"]) == 2 and t["name"] != "tok_embd")
+    tied = mf.config["flags"] & format.FLAG_TIED_OUTPUT
+    embd = 2 * mf.config["vocab_size"] * mf.config["dim"]
+    assert tg["weight_bytes_per_token"] == mats + (embd if tied else 0)
+    assert math.isclose(tg["bandwidth_gbs"], tg["weight_bytes_per_token"] * tg["avg_ts"] / 1e9)
+
+
+def t_bytes(t):
+    n = 1
+    for s in t["shape"]:
+        n *= s
+    return n * (2 if t["dtype"] == "f16" else 4)
+
+
+def test_peak_rss_units(monkeypatch):
+    class R:
+        ru_maxrss = 1000
+    monkeypatch.setattr(bench.resource, "getrusage", lambda who: R)
+    monkeypatch.setattr(bench.sys, "platform", "linux")
+    assert bench.peak_rss_bytes() == 1000 * 1024  # kB on Linux
+    monkeypatch.setattr(bench.sys, "platform", "darwin")
+    assert bench.peak_rss_bytes() == 1000  # bytes on macOS
+
+
+def test_lists_and_names():
+    assert bench.int_list("512", "-p") == [512]
+    assert bench.int_list("1,2", "-t", lo=1) == [1, 2]
+    with pytest.raises(ValueError):
+        bench.int_list("1,x", "-t")
+    with pytest.raises(ValueError):
+        bench.int_list("0", "-t", lo=1)
+    tests = bench.make_tests([512], [128, 0], [0, 512])
+    assert [t.name for t in tests] == ["pp512", "tg128", "pp512 @ d512", "tg128 @ d512"]
+
+
+def test_errors(model, capsys):
+    assert cli.main(["bench", model, "-p", "0", "-n", "0"]) == 1
+    assert "nothing to run" in capsys.readouterr().err
+    assert cli.main(["bench", model, "-p", "16", "-n", "0", "-d", "100000"]) == 1
+    assert "context" in capsys.readouterr().err
