@@ -4,6 +4,9 @@ import json
 import os
 import sys
 
+from . import bench, chat, perplexity
+from .convert import ConvertError
+
 DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
 
 
@@ -104,21 +107,6 @@ def cmd_info(a):
         print(f"  {k:22} {v}")
 
 
-def cmd_chat(a):
-    from .chat import main as chat_main
-    return chat_main(a)
-
-
-def cmd_bench(a):
-    from .bench import main as bench_main
-    return bench_main(a)
-
-
-def cmd_perplexity(a):
-    from .perplexity import main as ppl_main
-    return ppl_main(a)
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="pyllm", description="A minimal offline LLM runtime.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,30 +131,17 @@ def build_parser():
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
-    try:
-        from .chat import add_arguments as chat_args
-    except ImportError:
-        chat_args = None
-    if chat_args:
-        ch = sub.add_parser("chat", help="chat with a model in the terminal")
-        chat_args(ch, add_model, add_sampling)
-        ch.set_defaults(fn=cmd_chat)
-    try:
-        from .bench import add_arguments as bench_args
-    except ImportError:
-        bench_args = None
-    if bench_args:
-        b = sub.add_parser("bench", help="prompt-processing and generation speed, llama-bench style")
-        bench_args(b)
-        b.set_defaults(fn=cmd_bench)
-    try:
-        from .perplexity import add_arguments as ppl_args
-    except ImportError:
-        ppl_args = None
-    if ppl_args:
-        pp = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
-        ppl_args(pp, add_model)
-        pp.set_defaults(fn=cmd_perplexity)
+    ch = sub.add_parser("chat", help="chat with a model in the terminal")
+    chat.add_arguments(ch, add_model, add_sampling)
+    ch.set_defaults(fn=chat.main)
+
+    b = sub.add_parser("bench", help="prompt-processing and generation speed, llama-bench style")
+    bench.add_arguments(b)
+    b.set_defaults(fn=bench.main)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
+    perplexity.add_arguments(pp, add_model)
+    pp.set_defaults(fn=perplexity.main)
     return p
 
 
@@ -175,11 +150,7 @@ def main(argv=None):
     from .format import FormatError
     from .model import PyllmError
     errors = (PyllmError, FormatError, UsageError, ValueError, OSError)
-    try:
-        from .convert import ConvertError
-        errors += (ConvertError,)
-    except ImportError:
-        pass
+    errors += (ConvertError,)
     try:
         return args.fn(args) or 0
     except KeyboardInterrupt:

