@@ -45,7 +45,9 @@ struct pyllm_model {
     const float *rope_freqs;
     layer_t *layers;
     f16 *k_cache, *v_cache; /* [layer][kv_head]: K transposed [head_dim][n_ctx], V [n_ctx][head_dim] */
-    float *x, *xb, *qkv, *att, *hb, *hb2, *rope, *scores; /* activations for a block */
+    float *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* activations for a block */
+    float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
+    size_t ld_scratch;
     pool_t *pool;
 };
 
@@ -74,7 +76,7 @@ static f16 f2h(float f) { /* round to nearest even */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
-enum { VL = 16 };
+enum { VL = 16, TR = 4 }; /* TR: weight rows per prefill tile (x 4 tokens), as registers allow */
 typedef __m512 vec;
 #define vzero() _mm512_setzero_ps()
 #define vload(p) _mm512_loadu_ps(p)
@@ -91,7 +93,7 @@ typedef __m512 vec;
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
-enum { VL = 8 };
+enum { VL = 8, TR = 2 };
 typedef __m256 vec;
 #define vzero() _mm256_setzero_ps()
 #define vload(p) _mm256_loadu_ps(p)
@@ -112,7 +114,7 @@ static inline float vsum(__m256 v) {
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define SIMD "neon"
-enum { VL = 4 };
+enum { VL = 4, TR = 4 };
 typedef float32x4_t vec;
 #define vzero() vdupq_n_f32(0)
 #define vload(p) vld1q_f32(p)
@@ -128,7 +130,7 @@ typedef float32x4_t vec;
 #define vpow2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
 #else
 #define SIMD "scalar"
-enum { VL = 1 };
+enum { VL = 1, TR = 4 };
 typedef float vec;
 #define vzero() 0.0f
 #define vload(p) (*(p))
@@ -287,9 +289,11 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     m->hb = alloc(BLOCK * hd * 4);
     m->hb2 = alloc(BLOCK * hd * 4);
     m->rope = alloc(BLOCK * (size_t)h->head_dim * 4);
-    m->scores = alloc((size_t)m->n_threads * QR * m->n_ctx * 4);
+    size_t panel = (size_t)TR * (d > hd ? d : hd), scores = (size_t)QR * (m->n_ctx + 16); /* rows of whole vectors */
+    m->ld_scratch = panel > scores ? panel : scores;
+    m->scratch = alloc(m->n_threads * m->ld_scratch * 4);
     if (!m->k_cache || !m->v_cache || !m->x || !m->xb || !m->qkv || !m->att || !m->hb || !m->hb2 ||
-        !m->rope || !m->scores || !(m->pool = pool_new(m, m->n_threads))) {
+        !m->rope || !m->scratch || !(m->pool = pool_new(m, m->n_threads))) {
         fail(err, el, "out of memory for a context of %d tokens", m->n_ctx); goto bad;
     }
     return m;
@@ -303,7 +307,7 @@ void pyllm_close(pyllm_model *m) {
     if (!m) return;
     pool_free(m->pool);
     if (m->map) munmap(m->map, m->map_size);
-    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->x, m->xb, m->qkv, m->att, m->hb, m->hb2, m->rope, m->scores};
+    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->x, m->xb, m->qkv, m->att, m->hb, m->hb2, m->rope, m->scratch};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(m);
 }
@@ -314,10 +318,10 @@ const char *pyllm_simd(void) { return SIMD; }
 
 /* ---- kernels ---- */
 
-/* y[t][k*rs] (+)= W[k*rs] . x[t] for RB rows k, rs rows apart, and TB tokens: each weight
-   vector is converted once and used TB times. Every (row, token) sums in the same order
+/* y[t][k*rs] (+)= W[k*rs] . x[t] for RB rows k, rs rows apart, and TB tokens, reading the
+   rows from w or, already in f32, from wf. Every (row, token) sums in the same order
    whatever the tile, so results depend on neither blocking nor threads. */
-static inline __attribute__((always_inline)) void tile(const f16 *w, int n, int rs, const float *x, float *y,
+static inline __attribute__((always_inline)) void tile(const f16 *w, const float *wf, int n, int rs, const float *x, float *y,
                                                        int ldy, const f16 *bias, int add, int RB, int TB) {
     vec acc[4][4];
     for (int r = 0; r < RB; r++)
@@ -327,7 +331,7 @@ static inline __attribute__((always_inline)) void tile(const f16 *w, int n, int 
         vec xv[4];
         for (int t = 0; t < TB; t++) xv[t] = vload(x + (size_t)t * n + i);
         for (int r = 0; r < RB; r++) {
-            vec wv = vloadh(w + (size_t)r * rs * n + i);
+            vec wv = wf ? vload(wf + (size_t)r * rs * n + i) : vloadh(w + (size_t)r * rs * n + i);
             for (int t = 0; t < TB; t++) acc[r][t] = vfma(wv, xv[t], acc[r][t]);
         }
     }
@@ -341,24 +345,29 @@ static inline __attribute__((always_inline)) void tile(const f16 *w, int n, int 
         }
 }
 
-/* Rows [r0, r1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: 2x4 tiles over token quads.
-   Decode: 4 rows a quarter of the range apart, so the weights are read as 4 long
-   sequential streams (one stream reached ~70% of the read bandwidth; adjacent rows
-   interleaved, i.e. many short streams, were slower still). */
+/* Rows [r0, r1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: TR rows at a time converted to
+   f32 once (into wf, TR * n floats), then TR x 4 tiles over token quads. Decode: 4 rows a
+   quarter of the range apart, so the weights are read as 4 long sequential streams (one
+   stream reached ~70% of the read bandwidth; adjacent rows interleaved, i.e. many short
+   streams, were slower still). */
 static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, const f16 *bias,
-                        int add, int r0, int r1) {
-#define TILE(r, t, rs, RB, TB) \
-    tile(w + (size_t)(r) * n, n, rs, x + (size_t)(t) * n, y + (size_t)(t) * ldy + (r), ldy, bias ? bias + (r) : NULL, add, RB, TB)
-    int t = 0;
-    for (; t + 4 <= T; t += 4) {
-        int r = r0;
-        for (; r + 2 <= r1; r += 2) TILE(r, t, 1, 2, 4);
-        if (r < r1) TILE(r, t, 1, 1, 4);
+                        int add, int r0, int r1, float *wf) {
+#define TILE(r, t, wf, rs, RB, TB) \
+    tile(w + (size_t)(r) * n, wf, n, rs, x + (size_t)(t) * n, y + (size_t)(t) * ldy + (r), ldy, bias ? bias + (r) : NULL, add, RB, TB)
+    int t4 = T / 4 * 4, r = r0;
+    for (; t4 && r + TR <= r1; r += TR) {
+        const f16 *wr = w + (size_t)r * n;
+        int i = 0;
+        for (; i + VL <= TR * n; i += VL) vstore(wf + i, vloadh(wr + i));
+        for (; i < TR * n; i++) wf[i] = h2f(wr[i]);
+        for (int t = 0; t < t4; t += 4) TILE(r, t, wf, 1, TR, 4);
     }
-    for (; t < T; t++) {
+    for (; t4 && r < r1; r++)
+        for (int t = 0; t < t4; t += 4) TILE(r, t, NULL, 1, 1, 4);
+    for (int t = t4; t < T; t++) {
         int q = (r1 - r0) / 4;
-        for (int r = r0; r < r0 + q; r++) TILE(r, t, q, 4, 1);
-        for (int r = r0 + 4 * q; r < r1; r++) TILE(r, t, 1, 1, 1);
+        for (r = r0; r < r0 + q; r++) TILE(r, t, NULL, q, 4, 1);
+        for (r = r0 + 4 * q; r < r1; r++) TILE(r, t, NULL, 1, 1, 1);
     }
 #undef TILE
 }
@@ -398,15 +407,12 @@ static void weighted_sum(float *o, const float *w, const f16 *v, int hd, int j0,
     for (i = 0; i < hd; i++) o[i] /= sum;
 }
 
-/* Scores of QR query rows sharing a KV head: s[k][j] = q[k] . K[:, j] for j in [j0, j1],
-   K transposed (row i holds dimension i of every position), so vectors run along
-   positions: each K load serves QR rows and no score needs a horizontal sum. Even and
-   odd dimensions go to separate sums, in vector lanes and scalar tail alike, so a score
-   does not depend on how rows and positions were tiled. */
-
+/* Scores of QR query rows sharing a KV head: s[k][j] = q[k] . K[:, j] for j in [j0, j1]
+   in whole vectors (K rows are padded, s has room), K transposed (row i holds dimension i
+   of every position), so vectors run along positions: each K load serves QR rows and no
+   score needs a horizontal sum. Even and odd dimensions go to separate sums. */
 static void scores_kt(float *s, size_t lds, const f16 *kt, size_t ld, const float *const *q, int hd, int j0, int j1) {
-    int j = j0;
-    for (; j + VL <= j1 + 1; j += VL) {
+    for (int j = j0; j <= j1; j += VL) {
         vec a[QR], b[QR];
         for (int k = 0; k < QR; k++) a[k] = b[k] = vzero();
         for (int i = 0; i < hd; i += 2) {
@@ -418,15 +424,6 @@ static void scores_kt(float *s, size_t lds, const f16 *kt, size_t ld, const floa
         }
         for (int k = 0; k < QR; k++) vstore(s + k * lds + j, vadd(a[k], b[k]));
     }
-    for (; j <= j1; j++)
-        for (int k = 0; k < QR; k++) {
-            float a = 0, b = 0;
-            for (int i = 0; i < hd; i += 2) {
-                a = sfma(q[k][i], h2f(kt[(size_t)i * ld + j]), a);
-                b = sfma(q[k][i + 1], h2f(kt[(size_t)(i + 1) * ld + j]), b);
-            }
-            s[k * lds + j] = a + b;
-        }
 }
 
 /* Attention for up to QR query rows of the block that share KV head kvh: row r of the
@@ -446,9 +443,10 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, float
         lo = start[k] < lo ? start[k] : lo;
         hi = p[k] > hi ? p[k] : hi;
     }
-    scores_kt(scores, (size_t)m->n_ctx, m->k_cache + kbase, m->ld_k, q, hd, lo, hi);
+    size_t lds = (size_t)m->n_ctx + 16;
+    scores_kt(scores, lds, m->k_cache + kbase, m->ld_k, q, hd, lo, hi);
     for (int k = 0; k < n; k++) {
-        float *s = scores + (size_t)k * m->n_ctx, mx = -INFINITY, sum = 0;
+        float *s = scores + k * lds, mx = -INFINITY, sum = 0;
         for (int j = start[k]; j <= p[k]; j++) mx = s[j] > mx ? s[j] : mx;
         sum = softmax_exp(s, start[k], p[k], mx);
         weighted_sum(o[k], s, m->v_cache + base, hd, start[k], p[k], sum);
@@ -551,14 +549,15 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
     for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n_chunks;) {
         if (j->op == OP_ATTEND) { /* a chunk is QR query rows of one KV head */
             int tiles = (j->T * (int)(m->h.n_heads / m->h.n_kv_heads) + QR - 1) / QR;
-            attend(m, j->layer, c / tiles, c % tiles * QR, j->pos, j->T, m->scores + (size_t)tid * QR * m->n_ctx);
+            attend(m, j->layer, c / tiles, c % tiles * QR, j->pos, j->T, m->scratch + tid * m->ld_scratch);
             continue;
         }
         int r0 = c * j->chunk, r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
-        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->bias, j->add, r0, r1);
+        float *wf = m->scratch + tid * m->ld_scratch;
+        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->bias, j->add, r0, r1, wf);
         if (j->op == OP_GATE_UP) { /* up rows follow the gate rows: hb = silu(gate) * up */
             size_t hid = (size_t)j->n_out;
-            matmul_rows(j->w + hid * j->n, j->n, j->x, j->T, m->hb2, j->ldy, NULL, 0, r0, r1);
+            matmul_rows(j->w + hid * j->n, j->n, j->x, j->T, m->hb2, j->ldy, NULL, 0, r0, r1, wf);
             for (int t = 0; t < j->T; t++)
                 for (int r = r0; r < r1; r++) j->y[t * hid + r] = silu(j->y[t * hid + r]) * m->hb2[t * hid + r];
         }
