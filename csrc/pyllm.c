@@ -27,7 +27,7 @@ typedef struct {
     uint32_t reserved;
     uint64_t n_tensors, table_offset, meta_offset, meta_size, file_size;
 } header_t;
-enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 32, QR = 4, LIMIT = 1 << 20 };
+enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 32, QR = 4, KB = 16, LIMIT = 1 << 20 };
 
 typedef uint16_t f16;
 typedef struct {
@@ -38,13 +38,13 @@ typedef struct pool pool_t;
 struct pyllm_model {
     header_t h;
     int n_ctx, n_threads, q_dim, kv_dim, qkv_dim;
-    size_t ld_k; /* K row stride: n_ctx plus a cache line, so rows do not share L1 sets */
+    size_t k_head; /* K cache elements per (layer, KV head): n_ctx rounded up to whole blocks of KB */
     void *map;
     size_t map_size;
     const f16 *embd, *out_norm, *output;
     const float *rope_freqs;
     layer_t *layers;
-    f16 *k_cache, *v_cache; /* [layer][kv_head]: K transposed [head_dim][n_ctx], V [n_ctx][head_dim] */
+    f16 *k_cache, *v_cache; /* [layer][kv_head]: K [n_ctx / KB][head_dim][KB], V [n_ctx][head_dim] */
     float *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* activations for a block */
     float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
     size_t ld_scratch;
@@ -76,7 +76,7 @@ static f16 f2h(float f) { /* round to nearest even */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
-enum { VL = 16, TR = 4 }; /* TR: weight rows per prefill tile (x 4 tokens), as registers allow */
+enum { VL = 16, TR = 4 }; /* TR: prefill tile rows (x 4 tokens), attention o vectors; as registers allow */
 typedef __m512 vec;
 #define vzero() _mm512_setzero_ps()
 #define vload(p) _mm512_loadu_ps(p)
@@ -279,8 +279,8 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     m->n_threads = n_threads < 1 ? 1 : n_threads > MAX_THREADS ? MAX_THREADS : n_threads;
     size_t kv = (size_t)h->n_layers * m->n_ctx * m->kv_dim, d = h->dim, hd = h->hidden_dim;
-    m->ld_k = (size_t)m->n_ctx + 32;
-    m->k_cache = calloc(kv / m->n_ctx * m->ld_k, sizeof(f16)); /* pages become resident as used */
+    m->k_head = (size_t)(m->n_ctx + KB - 1) / KB * KB * h->head_dim;
+    m->k_cache = calloc((size_t)h->n_layers * h->n_kv_heads * m->k_head, sizeof(f16)); /* resident as used */
     m->v_cache = calloc(kv, sizeof(f16));
     m->x = alloc(BLOCK * d * 4);
     m->xb = alloc(BLOCK * d * 4);
@@ -389,37 +389,54 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
-/* o = sum_j w[j] V[j] / sum for j in [j0, j1], V rows of length hd: 4 vectors of o
-   stay in registers across positions. */
-static void weighted_sum(float *o, const float *w, const f16 *v, int hd, int j0, int j1, float sum) {
+/* o[k] = sum_j s[k][j] V[j] / sum[k] for the first n of QR rows, j in [j0, j1] (weights
+   outside a row's own range are zero), V rows of length hd: each V load serves all rows,
+   TR vectors of each row's o stay in registers across positions. */
+static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v, int hd, int n, int j0, int j1,
+                         const float *sum) {
     int i = 0;
-    for (; i + 4 * VL <= hd; i += 4 * VL) {
-        vec a[4] = {vzero(), vzero(), vzero(), vzero()};
-        for (int j = j0; j <= j1; j++)
-            for (int k = 0; k < 4; k++) a[k] = vfma(vset1(w[j]), vloadh(v + (size_t)j * hd + i + k * VL), a[k]);
-        for (int k = 0; k < 4; k++) vstore(o + i + k * VL, a[k]);
+    for (; i + TR * VL <= hd; i += TR * VL) {
+        vec a[QR][TR];
+        for (int k = 0; k < QR; k++)
+            for (int u = 0; u < TR; u++) a[k][u] = vzero();
+        for (int j = j0; j <= j1; j++) {
+            for (int u = 0; u < TR * VL; u += 32) __builtin_prefetch(v + (size_t)(j + 16) * hd + i + u); /* 16 rows on */
+            vec vv[TR];
+            for (int u = 0; u < TR; u++) vv[u] = vloadh(v + (size_t)j * hd + i + u * VL);
+            for (int k = 0; k < QR; k++) {
+                vec w = vset1(s[k * lds + j]);
+                for (int u = 0; u < TR; u++) a[k][u] = vfma(w, vv[u], a[k][u]);
+            }
+        }
+        for (int k = 0; k < n; k++)
+            for (int u = 0; u < TR; u++) vstore(o[k] + i + u * VL, a[k][u]);
     }
-    for (; i < hd; i++) {
-        float a = 0;
-        for (int j = j0; j <= j1; j++) a = sfma(w[j], h2f(v[(size_t)j * hd + i]), a);
-        o[i] = a;
-    }
-    for (i = 0; i < hd; i++) o[i] /= sum;
+    for (; i < hd; i++)
+        for (int k = 0; k < n; k++) {
+            float a = 0;
+            for (int j = j0; j <= j1; j++) a = sfma(s[k * lds + j], h2f(v[(size_t)j * hd + i]), a);
+            o[k][i] = a;
+        }
+    for (int k = 0; k < n; k++)
+        for (i = 0; i < hd; i++) o[k][i] /= sum[k];
 }
 
-/* Scores of QR query rows sharing a KV head: s[k][j] = q[k] . K[:, j] for j in [j0, j1]
-   in whole vectors (K rows are padded, s has room), K transposed (row i holds dimension i
-   of every position), so vectors run along positions: each K load serves QR rows and no
-   score needs a horizontal sum. Even and odd dimensions go to separate sums. */
-static void scores_kt(float *s, size_t lds, const f16 *kt, size_t ld, const float *const *q, int hd, int j0, int j1) {
-    for (int j = j0; j <= j1; j += VL) {
-        vec a[QR], b[QR];
+/* Scores of QR query rows sharing a KV head: s[k][j] = q[k] . K[j] for j in [j0, j1],
+   from j0's block on and in whole vectors (s has room). K is kept in blocks of KB
+   positions, dimension-major inside (kt[j / KB][i][j % KB]): a block is one contiguous
+   read (a transposed [hd][n_ctx] K was hd streams, too many for the prefetchers), vectors
+   run along positions, each load serves QR rows and no score needs a horizontal sum. */
+static void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q, int hd, int j0, int j1) {
+    for (int j = j0 / KB * KB; j <= j1; j += VL) {
+        const f16 *kb = kt + (size_t)(j / KB) * KB * hd + j % KB;
+        vec a[QR], b[QR]; /* even and odd dimensions: twice the independent FMA chains */
         for (int k = 0; k < QR; k++) a[k] = b[k] = vzero();
         for (int i = 0; i < hd; i += 2) {
-            vec ka = vloadh(kt + (size_t)i * ld + j), kb = vloadh(kt + (size_t)(i + 1) * ld + j);
+            if (j % KB == 0) __builtin_prefetch(kb + (size_t)4 * KB * hd + (size_t)i * KB); /* 4 blocks on */
+            vec ka = vloadh(kb + (size_t)i * KB), kb1 = vloadh(kb + (size_t)(i + 1) * KB);
             for (int k = 0; k < QR; k++) {
                 a[k] = vfma(vset1(q[k][i]), ka, a[k]);
-                b[k] = vfma(vset1(q[k][i + 1]), kb, b[k]);
+                b[k] = vfma(vset1(q[k][i + 1]), kb1, b[k]);
             }
         }
         for (int k = 0; k < QR; k++) vstore(s + k * lds + j, vadd(a[k], b[k]));
@@ -431,7 +448,7 @@ static void scores_kt(float *s, size_t lds, const f16 *kt, size_t ld, const floa
 static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, float *scores) {
     int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
     int n = T * g - r0 < QR ? T * g - r0 : QR, p[QR], start[QR], lo = INT32_MAX, hi = 0;
-    size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd, kbase = base / m->n_ctx * m->ld_k;
+    size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd, kbase = base / m->n_ctx / hd * m->k_head;
     const float *q[QR];
     float *o[QR];
     for (int k = 0; k < QR; k++) { /* short tiles repeat their last row */
@@ -444,13 +461,16 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, float
         hi = p[k] > hi ? p[k] : hi;
     }
     size_t lds = (size_t)m->n_ctx + 16;
-    scores_kt(scores, lds, m->k_cache + kbase, m->ld_k, q, hd, lo, hi);
+    scores_kt(scores, lds, m->k_cache + kbase, q, hd, lo, hi);
+    float sum[QR];
     for (int k = 0; k < n; k++) {
-        float *s = scores + k * lds, mx = -INFINITY, sum = 0;
+        float *s = scores + k * lds, mx = -INFINITY;
         for (int j = start[k]; j <= p[k]; j++) mx = s[j] > mx ? s[j] : mx;
-        sum = softmax_exp(s, start[k], p[k], mx);
-        weighted_sum(o[k], s, m->v_cache + base, hd, start[k], p[k], sum);
+        sum[k] = softmax_exp(s, start[k], p[k], mx);
+        for (int j = lo; j < start[k]; j++) s[j] = 0;
+        for (int j = p[k] + 1; j <= hi; j++) s[j] = 0;
     }
+    weighted_sum(o, scores, lds, m->v_cache + base, hd, n, lo, hi, sum);
 }
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -598,8 +618,9 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
             for (int i = 0; i < (int)h->n_kv_heads; i++) {
                 rope(k + i * hd, m->rope + t * hd, hd);
                 size_t base = ((size_t)l * h->n_kv_heads + i) * m->n_ctx * hd, p = (size_t)(pos + t);
+                f16 *kc = m->k_cache + ((size_t)l * h->n_kv_heads + i) * m->k_head + p / KB * KB * hd + p % KB;
                 for (int e = 0; e < hd; e++) {
-                    m->k_cache[(base / m->n_ctx + e) * m->ld_k + p] = f2h(k[i * hd + e]);
+                    kc[e * KB] = f2h(k[i * hd + e]);
                     m->v_cache[base + p * hd + e] = f2h(v[i * hd + e]);
                 }
             }
