@@ -45,7 +45,7 @@ struct pyllm_model {
     const float *rope_freqs;
     layer_t *layers;
     f16 *k_cache, *v_cache; /* [layer][kv_head]: K [n_ctx / KB][head_dim][KB], V [n_ctx][head_dim] */
-    float *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* activations for a block */
+    float *act, *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* activations for a block: parts of act */
     float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
     size_t ld_scratch;
     pool_t *pool;
@@ -78,15 +78,12 @@ static f16 f2h(float f) { /* round to nearest even */
 #define SIMD "avx512"
 enum { VL = 16, TR = 4 }; /* TR: prefill tile rows (x 4 tokens), attention o vectors; as registers allow */
 typedef __m512 vec;
-#define vzero() _mm512_setzero_ps()
 #define vload(p) _mm512_loadu_ps(p)
 #define vloadh(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vset1(s) _mm512_set1_ps(s)
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vsum(v) _mm512_reduce_add_ps(v)
-#define vadd(a, b) _mm512_add_ps(a, b)
-#define vmul(a, b) _mm512_mul_ps(a, b)
 #define vmax(a, b) _mm512_max_ps(a, b)
 #define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT)
 #define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
@@ -95,14 +92,11 @@ typedef __m512 vec;
 #define SIMD "avx2"
 enum { VL = 8, TR = 2 };
 typedef __m256 vec;
-#define vzero() _mm256_setzero_ps()
 #define vload(p) _mm256_loadu_ps(p)
 #define vloadh(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vset1(s) _mm256_set1_ps(s)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
-#define vadd(a, b) _mm256_add_ps(a, b)
-#define vmul(a, b) _mm256_mul_ps(a, b)
 #define vmax(a, b) _mm256_max_ps(a, b)
 #define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
@@ -116,15 +110,12 @@ static inline float vsum(__m256 v) {
 #define SIMD "neon"
 enum { VL = 4, TR = 4 };
 typedef float32x4_t vec;
-#define vzero() vdupq_n_f32(0)
 #define vload(p) vld1q_f32(p)
 #define vloadh(p) vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))
 #define vfma(a, b, c) vfmaq_f32(c, a, b)
 #define vset1(s) vdupq_n_f32(s)
 #define vstore(p, v) vst1q_f32(p, v)
 #define vsum(v) vaddvq_f32(v)
-#define vadd(a, b) vaddq_f32(a, b)
-#define vmul(a, b) vmulq_f32(a, b)
 #define vmax(a, b) vmaxq_f32(a, b)
 #define vround(x) vrndnq_f32(x)
 #define vpow2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
@@ -132,15 +123,12 @@ typedef float32x4_t vec;
 #define SIMD "scalar"
 enum { VL = 1, TR = 4 };
 typedef float vec;
-#define vzero() 0.0f
 #define vload(p) (*(p))
 #define vloadh(p) h2f(*(p))
 #define vfma(a, b, c) ((a) * (b) + (c))
 #define vset1(s) (s)
 #define vstore(p, v) (*(p) = (v))
 #define vsum(v) (v)
-#define vadd(a, b) ((a) + (b))
-#define vmul(a, b) ((a) * (b))
 #define vmax(a, b) ((a) > (b) ? (a) : (b))
 #define vround(x) rintf(x)
 #define vpow2(n) pow2f(n)
@@ -149,39 +137,34 @@ typedef float vec;
 #ifndef sfma /* scalar twin of one vfma lane, so vector and tail positions round alike */
 #define sfma(a, b, c) fmaf(a, b, c)
 #endif
+#define vzero() vset1(0.0f) /* vec is a compiler vector type: + - * work on it */
 
-/* exp(x) for x <= 0 (Cephes' polynomial), one body for vectors and scalars so that a
-   value does not depend on its lane: 2^n p(r), n = round(x / ln 2), r = x - n ln 2. */
+/* exp(x) for x <= 0 (Cephes' polynomial): 2^n p(r), n = round(x / ln 2), r = x - n ln 2. */
 static inline float pow2f(float n) { uint32_t u = (uint32_t)((int)n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
-#define EXP_BODY(T, SET, FMA, MUL, ADD, MAX, ROUND, POW2, x) do { \
-        T x_ = MAX(x, SET(-87.0f)), n_ = ROUND(MUL(x_, SET(1.44269504f))); \
-        T r_ = FMA(n_, SET(2.12194440e-4f), FMA(n_, SET(-0.693359375f), x_)), p_ = SET(1.9875691500e-4f); \
-        p_ = FMA(p_, r_, SET(1.3981999507e-3f)); p_ = FMA(p_, r_, SET(8.3334519073e-3f)); \
-        p_ = FMA(p_, r_, SET(4.1665795894e-2f)); p_ = FMA(p_, r_, SET(1.6666665459e-1f)); \
-        p_ = FMA(p_, r_, SET(5.0000001201e-1f)); x = MUL(FMA(MUL(p_, r_), r_, ADD(r_, SET(1.0f))), POW2(n_)); } while (0)
-#define SID(v) (v)
-#define SMUL(a, b) ((a) * (b))
-#define SADD(a, b) ((a) + (b))
-#define SMAX(a, b) ((a) > (b) ? (a) : (b))
-#define SFMA(a, b, c) sfma(a, b, c)
+static inline vec vexp(vec x) {
+    x = vmax(x, vset1(-87.0f));
+    vec n = vround(x * vset1(1.44269504f)), r = vfma(n, vset1(2.12194440e-4f), vfma(n, vset1(-0.693359375f), x));
+    vec p = vfma(vset1(1.9875691500e-4f), r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    return vfma(p * r, r, r + vset1(1.0f)) * vpow2(n);
+}
 
-/* s[j] = exp(s[j] - mx) for j in [j0, j1]; returns their sum. */
+/* s[j] = exp(s[j] - mx) for j in [j0, j1], in whole vectors (s has room); returns their sum. */
 static float softmax_exp(float *s, int j0, int j1, float mx) {
-    int j = j0;
     vec acc = vzero();
+    float tail = 0;
+    int j = j0;
     for (; j + VL <= j1 + 1; j += VL) {
-        vec x = vadd(vload(s + j), vset1(-mx));
-        EXP_BODY(vec, vset1, vfma, vmul, vadd, vmax, vround, vpow2, x);
+        vec x = vexp(vload(s + j) - vset1(mx));
         vstore(s + j, x);
-        acc = vadd(acc, x);
+        acc = acc + x;
     }
-    float sum = vsum(acc);
-    for (; j <= j1; j++) {
-        float x = s[j] + -mx;
-        EXP_BODY(float, SID, SFMA, SMUL, SADD, SMAX, rintf, pow2f, x);
-        sum += s[j] = x;
-    }
-    return sum;
+    if (j <= j1) vstore(s + j, vexp(vload(s + j) - vset1(mx)));
+    for (; j <= j1; j++) tail += s[j];
+    return vsum(acc) + tail;
 }
 
 /* ---- open: validate every size before trusting an offset, then map ---- */
@@ -282,18 +265,17 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     m->k_head = (size_t)(m->n_ctx + KB - 1) / KB * KB * h->head_dim;
     m->k_cache = calloc((size_t)h->n_layers * h->n_kv_heads * m->k_head, sizeof(f16)); /* resident as used */
     m->v_cache = calloc(kv, sizeof(f16));
-    m->x = alloc(BLOCK * d * 4);
-    m->xb = alloc(BLOCK * d * 4);
-    m->qkv = alloc(BLOCK * (size_t)m->qkv_dim * 4);
-    m->att = alloc(BLOCK * (size_t)m->q_dim * 4);
-    m->hb = alloc(BLOCK * hd * 4);
-    m->hb2 = alloc(BLOCK * hd * 4);
-    m->rope = alloc(BLOCK * (size_t)h->head_dim * 4);
-    size_t panel = (size_t)TR * (d > hd ? d : hd), scores = (size_t)QR * (m->n_ctx + 16); /* rows of whole vectors */
+    size_t sizes[] = {d, d, (size_t)m->qkv_dim, (size_t)m->q_dim, hd, hd, h->head_dim}, total = 0;
+    float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope};
+    for (int i = 0; i < 7; i++) total += (BLOCK * sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned parts */
+    m->act = alloc(total * 4);
+    for (size_t i = 0, o = 0; m->act && i < 7; o += (BLOCK * sizes[i++] + 15) & ~(size_t)15) *bufs[i] = m->act + o;
+    size_t n_in = d > hd ? d : hd; /* the longest matmul input: dim, hidden_dim or q_dim */
+    n_in = n_in > (size_t)m->q_dim ? n_in : (size_t)m->q_dim;
+    size_t panel = TR * n_in, scores = (size_t)QR * (m->n_ctx + 16); /* score rows of whole vectors */
     m->ld_scratch = panel > scores ? panel : scores;
     m->scratch = alloc(m->n_threads * m->ld_scratch * 4);
-    if (!m->k_cache || !m->v_cache || !m->x || !m->xb || !m->qkv || !m->att || !m->hb || !m->hb2 ||
-        !m->rope || !m->scratch || !(m->pool = pool_new(m, m->n_threads))) {
+    if (!m->k_cache || !m->v_cache || !m->act || !m->scratch || !(m->pool = pool_new(m, m->n_threads))) {
         fail(err, el, "out of memory for a context of %d tokens", m->n_ctx); goto bad;
     }
     return m;
@@ -307,7 +289,7 @@ void pyllm_close(pyllm_model *m) {
     if (!m) return;
     pool_free(m->pool);
     if (m->map) munmap(m->map, m->map_size);
-    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->x, m->xb, m->qkv, m->att, m->hb, m->hb2, m->rope, m->scratch};
+    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->act, m->scratch};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(m);
 }
@@ -318,9 +300,8 @@ const char *pyllm_simd(void) { return SIMD; }
 
 /* ---- kernels ---- */
 
-/* y[t][k*rs] (+)= W[k*rs] . x[t] for RB rows k, rs rows apart, and TB tokens, reading the
-   rows from w or, already in f32, from wf. Every (row, token) sums in the same order
-   whatever the tile, so results depend on neither blocking nor threads. */
+/* y[t][k*rs] (+)= W[k*rs] . x[t] for RB rows k (rs apart; f16 w or f32 wf) and TB tokens.
+   Every (row, token) sums in the same order in any tile: no dependence on threads. */
 static inline __attribute__((always_inline)) void tile(const f16 *w, const float *wf, int n, int rs, const float *x, float *y,
                                                        int ldy, const f16 *bias, int add, int RB, int TB) {
     vec acc[4][4];
@@ -345,11 +326,9 @@ static inline __attribute__((always_inline)) void tile(const f16 *w, const float
         }
 }
 
-/* Rows [r0, r1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: TR rows at a time converted to
-   f32 once (into wf, TR * n floats), then TR x 4 tiles over token quads. Decode: 4 rows a
-   quarter of the range apart, so the weights are read as 4 long sequential streams (one
-   stream reached ~70% of the read bandwidth; adjacent rows interleaved, i.e. many short
-   streams, were slower still). */
+/* Rows [r0, r1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: TR rows converted to f32 once (wf),
+   then TR x 4 tiles over token quads. Decode: rows a quarter of the range apart, 4 long
+   sequential streams (one stream reached ~70% of the bandwidth, short ones less). */
 static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, const f16 *bias,
                         int add, int r0, int r1, float *wf) {
 #define TILE(r, t, wf, rs, RB, TB) \
@@ -389,9 +368,8 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
-/* o[k] = sum_j s[k][j] V[j] / sum[k] for the first n of QR rows, j in [j0, j1] (weights
-   outside a row's own range are zero), V rows of length hd: each V load serves all rows,
-   TR vectors of each row's o stay in registers across positions. */
+/* o[k] = sum_j s[k][j] V[j] / sum[k], j in [j0, j1], for the first n of QR rows (zero
+   weights outside a row's range): each V load serves every row. */
 static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v, int hd, int n, int j0, int j1,
                          const float *sum) {
     int i = 0;
@@ -421,11 +399,9 @@ static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 
         for (i = 0; i < hd; i++) o[k][i] /= sum[k];
 }
 
-/* Scores of QR query rows sharing a KV head: s[k][j] = q[k] . K[j] for j in [j0, j1],
-   from j0's block on and in whole vectors (s has room). K is kept in blocks of KB
-   positions, dimension-major inside (kt[j / KB][i][j % KB]): a block is one contiguous
-   read (a transposed [hd][n_ctx] K was hd streams, too many for the prefetchers), vectors
-   run along positions, each load serves QR rows and no score needs a horizontal sum. */
+/* s[k][j] = q[k] . K[j] for QR rows, j in [j0, j1] from j0's block on, whole vectors (s has
+   room). K blocks of KB positions are dimension-major (kt[j / KB][i][j % KB]): one contiguous
+   read each (a [hd][n_ctx] K was hd streams), vectors along positions, no horizontal sums. */
 static void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q, int hd, int j0, int j1) {
     for (int j = j0 / KB * KB; j <= j1; j += VL) {
         const f16 *kb = kt + (size_t)(j / KB) * KB * hd + j % KB;
@@ -439,7 +415,7 @@ static void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q
                 b[k] = vfma(vset1(q[k][i + 1]), kb1, b[k]);
             }
         }
-        for (int k = 0; k < QR; k++) vstore(s + k * lds + j, vadd(a[k], b[k]));
+        for (int k = 0; k < QR; k++) vstore(s + k * lds + j, a[k] + b[k]);
     }
 }
 
@@ -473,15 +449,10 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, float
     weighted_sum(o, scores, lds, m->v_cache + base, hd, n, lo, hi, sum);
 }
 
-static float silu(float x) { return x / (1.0f + expf(-x)); }
-
-/* ---- threads: a persistent pool. Work is dealt in chunks from a shared counter, so a
-   thread the OS preempts delays only its chunk; waiting threads spin briefly, then yield
-   (or sleep, between calls), so a busy laptop does not stall on a spinning barrier. ---- */
-#if defined(__x86_64__) || defined(__i386__)
+/* ---- threads: a persistent pool dealing chunks from a shared counter (a preempted thread
+   delays only its chunk); idle threads spin briefly, then yield, then sleep ---- */
+#if defined(__x86_64__)
 #define relax() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define relax() __asm__ volatile("yield")
 #else
 #define relax() ((void)0)
 #endif
@@ -579,7 +550,7 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
             size_t hid = (size_t)j->n_out;
             matmul_rows(j->w + hid * j->n, j->n, j->x, j->T, m->hb2, j->ldy, NULL, 0, r0, r1, wf);
             for (int t = 0; t < j->T; t++)
-                for (int r = r0; r < r1; r++) j->y[t * hid + r] = silu(j->y[t * hid + r]) * m->hb2[t * hid + r];
+                for (int r = r0; r < r1; r++) j->y[t * hid + r] *= m->hb2[t * hid + r] / (1.0f + expf(-j->y[t * hid + r]));
         }
     }
 }
@@ -641,13 +612,9 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
 
 enum { E_ARG = 1, E_TOKEN, E_CONTEXT };
 const char *pyllm_strerror(int code) {
-    switch (code) {
-    case 0: return "ok";
-    case E_ARG: return "invalid argument";
-    case E_TOKEN: return "token id out of range";
-    case E_CONTEXT: return "context full: positions past the context size";
-    default: return "unknown error";
-    }
+    static const char *msg[] = {"ok", "invalid argument", "token id out of range",
+                                "context full: positions past the context size"};
+    return code >= 0 && code <= E_CONTEXT ? msg[code] : "unknown error";
 }
 
 int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logits, int all) {
