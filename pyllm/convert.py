@@ -1,4 +1,4 @@
-"""Convert a GGUF file or a Hugging Face directory into a pyllm parameters file.
+"""Convert a GGUF file, a Hugging Face directory or a llama2.c checkpoint into a pyllm parameters file.
 
     convert(src, out, progress=True, tokenizer=None) -> {"tensors", "parameters", "file_size", "seconds", ...}
 
