@@ -5,8 +5,10 @@
 The converted parameters file is loaded back into transformers' LlamaForCausalLM (attn_qkv and
 ffn_gate_up unfused into q/k/v and gate/up, float32, CPU, eager attention), so transformers runs
 the very same f16-rounded weights the kernel runs. Stored (float32): for each prompt its token
-ids and last-position logits; all-position logits of one short prompt on a subset of the
-vocabulary; greedy continuations with each step's top-1/top-2 margin. The script also checks
+ids and last-position logits, computed with K and V rounded to f16 as they are cached (as the
+kernel and llama.cpp keep them); all-position logits of one short prompt on a subset of the
+vocabulary, both that way and with transformers' own f32 KV cache; greedy continuations
+(f32 KV cache) with each step's top-1/top-2 margin. The script also checks
 tests/reference.py against transformers (printing max |diff|), which validates the reference.
 Never touches the network.
 """
@@ -24,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
 from pyllm import format  # noqa: E402
@@ -47,7 +49,7 @@ PROMPTS = [
 GREEDY = [PROMPTS[0], CHAT, "Here is a list of the planets of the solar system:\n1."]
 GREEDY_STEPS = 24
 ALLPOS_PROMPT = 0         # all-position logits for this prompt ...
-ALLPOS_RANDOM_COLS = 2048  # ... on these many random vocabulary ids plus each position's top 64
+ALLPOS_RANDOM_COLS = 1024  # ... on these many random vocabulary ids plus each position's top 64
 
 
 def hf_tokenizer(tok_meta):
@@ -124,8 +126,18 @@ def hf_model(mf):
     return model.float()
 
 
+class F16Cache(DynamicCache):
+    """Keys and values rounded to float16 as they are stored, like the kernel's KV cache (and
+    llama.cpp's default): attention then reads exactly the K and V values the kernel reads."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states.half().float(), value_states.half().float(), layer_idx, *args, **kwargs)
+
+
 @torch.no_grad()
-def hf_logits(model, ids):
+def hf_logits(model, ids, f16_kv=False):
+    if f16_kv:
+        return model(torch.tensor([ids]), past_key_values=F16Cache(), use_cache=True).logits[0].float().numpy()
     return model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
 
 
@@ -158,9 +170,9 @@ def main():
     for n, prompt in enumerate(PROMPTS):
         ids = tok.encode(prompt).ids
         assert tok.decode(ids, skip_special_tokens=False) == prompt, "tokenizer round trip"
-        lg = hf_logits(model, ids)
+        lg, lg16 = hf_logits(model, ids), hf_logits(model, ids, f16_kv=True)
         data[f"ids_{n}"] = np.array(ids, dtype=np.int32)
-        data[f"logits_{n}"] = lg[-1].astype(np.float32)
+        data[f"logits_{n}"] = lg16[-1].astype(np.float32)
         d32 = float(np.abs(reference_logits(mf, ids, f16_kv=False) - lg).max())
         r16 = np.abs(reference_logits(mf, ids, f16_kv=True) - lg)
         ref16_last.append(float(r16[-1].max()))
@@ -176,6 +188,7 @@ def main():
             data["allpos_prompt"] = np.int32(n)
             data["allpos_cols"] = cols
             data["allpos_logits"] = lg[:, cols].astype(np.float32)
+            data["allpos16_logits"] = lg16[:, cols].astype(np.float32)
     # how far an exact f32 implementation with an f16 KV cache is from these logits
     data["ref_f16_kv_last_maxdiff"] = np.array(ref16_last, dtype=np.float32)
     for n, prompt in enumerate(GREEDY):

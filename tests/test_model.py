@@ -1,10 +1,11 @@
 """The real default model (SmolLM2-135M-Instruct) against Hugging Face transformers.
 
 tests/fixtures/smollm2_reference.npz holds what transformers computes from our converted file
-(tests/make_fixtures.py). Tolerances: transformers keeps K and V in f32, the kernel in f16;
-in a 30-layer model that alone moves logits by up to ~1e-2 at the last position and ~5e-2
-anywhere (make_fixtures.py prints the reference's own distance with an f16 cache), so
-the checks are max |diff| bounds a little above that, a much tighter mean, and the argmax.
+(tests/make_fixtures.py) with K and V rounded to f16 as they are cached, as the kernel (and
+llama.cpp) keeps them: pyllm must agree within 1e-2 absolute at every position checked. For one
+prompt the fixtures also hold transformers' logits with its own f32 KV cache; the f16 cache
+alone moves logits by up to ~5e-2 from those in a 30-layer model (make_fixtures.py prints the
+reference's own distance), checked with a bound a little above that and a tight mean.
 """
 import os
 
@@ -16,7 +17,8 @@ import pyllm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "smollm2_reference.npz")
 
-LAST_MAX, ALL_MAX, MEAN_MAX = 3e-2, 8e-2, 6e-3
+MAX_DIFF, MEAN_DIFF = 1e-2, 5e-3  # against transformers with an f16 KV cache, like ours
+F32_KV_MAX, F32_KV_MEAN = 8e-2, 6e-3  # against transformers with its f32 KV cache
 N_PROMPTS, N_GREEDY = 6, 3  # as in make_fixtures.py
 MIN_MARGIN = 0.05  # greedy tokens are compared while transformers' top-2 margin is at least this
 
@@ -51,7 +53,7 @@ def test_last_logits(model, fx, n):
     ids = fx[f"ids_{n}"].tolist()
     got, want = model.logits(ids)[-1], fx[f"logits_{n}"]
     diff = np.abs(got - want)
-    assert diff.max() < LAST_MAX and diff.mean() < MEAN_MAX, \
+    assert diff.max() < MAX_DIFF and diff.mean() < MEAN_DIFF, \
         f"prompt {n}: max |pyllm - transformers| {diff.max():.2e}, mean {diff.mean():.2e}"
     assert got.argmax() == want.argmax()
 
@@ -59,10 +61,11 @@ def test_last_logits(model, fx, n):
 def test_all_position_logits(model, fx):
     ids = fx[f"ids_{int(fx['allpos_prompt'])}"].tolist()
     got = model.logits(ids)[:, fx["allpos_cols"]]
-    want = fx["allpos_logits"]
-    diff = np.abs(got - want)
-    assert diff.max() < ALL_MAX and diff.mean() < MEAN_MAX, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
-    assert np.array_equal(got.argmax(1), want.argmax(1))
+    diff = np.abs(got - fx["allpos16_logits"])
+    assert diff.max() < MAX_DIFF and diff.mean() < MEAN_DIFF, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    diff = np.abs(got - fx["allpos_logits"])
+    assert diff.max() < F32_KV_MAX and diff.mean() < F32_KV_MEAN, f"f32 KV: max {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert np.array_equal(got.argmax(1), fx["allpos16_logits"].argmax(1))
 
 
 @pytest.mark.parametrize("n", range(N_GREEDY))
