@@ -156,10 +156,10 @@ class Chat:
     def ask(self, text):
         """Add a user message and stream the reply to self.out; returns the reply.
         Ctrl-C stops the reply; what was said so far stays in the history."""
+        t0 = time.perf_counter()  # first_token_s: from Enter, template and tokenizer included
         self.notes = []
         self.messages.append({"role": "user", "content": text})
         ids = self._fit()
-        t0 = time.perf_counter()
         reply, first = [], None
         gen = self.m.generate(ids, max_tokens=self.max_tokens if self.max_tokens >= 0 else self.m.n_ctx,
                               **self.sampling)
