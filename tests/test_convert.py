@@ -117,9 +117,11 @@ def llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, tk, arch="llama", qtype=None, rope_factors=None, linear=None, pad_to=None):
+def write_gguf(path, model, tk, arch="llama", qtype=None, rope_factors=None, linear=None, spm=None):
     """The model as llama.cpp would write it; qtype=Q8_0 quantizes every 2-D tensor whose rows
-    are a multiple of 32 long (the others F16; norms and biases F32, as llama.cpp does)."""
+    are a multiple of 32 long (the others F16; norms and biases F32, as llama.cpp does).
+    spm: a SentencePiece-style vocabulary (meta["tokenizer"] of a converted file) to write as
+    tokenizer.ggml.model "llama" (Llama 2, TinyLlama, Mistral GGUFs) instead of tk's GPT-2 one."""
     c = model.config
     sd = hf_weights(model)
     nh, nkv = c.num_attention_heads, c.num_key_value_heads
@@ -140,20 +142,28 @@ def write_gguf(path, model, tk, arch="llama", qtype=None, rope_factors=None, lin
     if linear:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(linear)
-    vocab = json.loads(tk.to_str())
-    n = tk.get_vocab_size()
-    inv = {i: t for t, i in tk.get_vocab().items()}
-    tokens = [inv[i] for i in range(n)]
-    added = {a["id"]: a for a in vocab["added_tokens"]}
-    types = [(3 if added[i]["special"] else 4) if i in added else 1 for i in range(n)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["model"]["merges"]])
-    w.add_bos_token_id(tokens.index("<|im_start|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_add_bos_token(False)
+    if spm is not None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(spm["tokens"])
+        w.add_token_scores(spm["scores"])
+        w.add_token_types(spm["token_type"])
+        w.add_bos_token_id(spm["bos_token_id"])
+        w.add_eos_token_id(spm["eos_token_id"])
+        w.add_unk_token_id(spm["unknown_token_id"])
+        w.add_add_bos_token(True)
+    else:
+        vocab = json.loads(tk.to_str())
+        inv = {i: t for t, i in tk.get_vocab().items()}
+        tokens = [inv[i] for i in range(tk.get_vocab_size())]
+        added = {a["id"]: a for a in vocab["added_tokens"]}
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(tokens)
+        w.add_token_types([(3 if added[i]["special"] else 4) if i in added else 1 for i in range(len(tokens))])
+        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["model"]["merges"]])
+        w.add_bos_token_id(tokens.index("<|im_start|>"))
+        w.add_eos_token_id(tokens.index("<|im_end|>"))
+        w.add_add_bos_token(False)
     w.add_chat_template(TEMPLATE)
 
     def put(name, a):
@@ -390,6 +400,9 @@ def test_mistral_sliding_window(tmp_path, tok):
     convert(save_hf(str(tmp_path / "hf"), model, tok), str(tmp_path / "m.bin"), progress=False)
     mf = check_tensors(str(tmp_path / "m.bin"), model)
     assert mf.config["sliding_window"] == 16 and mf.config["architecture"] == "mistral"
+    ids = tok.encode(TEXT).ids[:48]
+    assert len(ids) == 48  # three windows: positions past 16 see only the last 16
+    check_logits(str(tmp_path / "m.bin"), model, ids)
     # Qwen2 with sliding-window layers above max_window_layers only: mixed, refused
     q = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
@@ -422,6 +435,29 @@ def test_spm_tokenizer_from_hf(tmp_path):
     ours = Tokenizer(t)
     for text in SAMPLES + ["the bone ate the cat", "ünïcödé ∑"]:
         assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_spm_vocabulary_llama_from_gguf(tmp_path):
+    """A Llama-2/TinyLlama-style GGUF: tokenizer.ggml.model "llama" (scores, token types,
+    add BOS) and an untied head; its tokens encode as Hugging Face's tokenizer, its logits
+    match transformers."""
+    hf = spm_tokenizer()
+    cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = randomize(LlamaForCausalLM(cfg), 6).eval()
+    convert(save_hf(str(tmp_path / "hf"), model, hf, bos="<s>", eos="</s>"), str(tmp_path / "hf.bin"), progress=False)
+    spm = format.read(str(tmp_path / "hf.bin"), map_tensors=False).meta["tokenizer"]
+    g = write_gguf(str(tmp_path / "m.gguf"), model, None, spm=spm)
+    convert(g, str(tmp_path / "gguf.bin"), progress=False)
+    mg = check_tensors(str(tmp_path / "gguf.bin"), model)
+    t = mg.meta["tokenizer"]
+    assert t["model"] == "llama" and t["add_bos_token"] is True and t["bos_token_id"] == 1
+    assert (t["tokens"], t["scores"], t["token_type"]) == (spm["tokens"], spm["scores"], spm["token_type"])
+    ours = Tokenizer(t)
+    for text in SAMPLES + ["the bone ate the cat", "ünïcödé ∑"]:
+        assert ours.encode(text) == [1] + hf.encode(text, add_special_tokens=False).ids, text
+    check_logits(str(tmp_path / "gguf.bin"), model, ours.encode(TEXT[:200])[:40])
 
 
 def test_rope_freqs_formula():
