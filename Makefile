@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL_GGUF := weights/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL  := weights/smollm2-135m-instruct.f16.bin
 THREADS ?=
+ARGS ?=
 PROMPT ?= The capital of France is
 
 .PHONY: install dev weights run chat test test-paths test-asan test-neon fixtures bench compare clean
@@ -41,7 +42,7 @@ run: weights
 	$(PY) -m pyllm generate $(MODEL) "$(PROMPT)" -n 32 --temp 0
 
 chat: weights
-	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS))
+	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
 
 test: dev weights
 	$(PY) -m pytest -q tests --ignore=tests/test_cross.py
@@ -84,7 +85,7 @@ fixtures: dev weights
 	$(PY) tests/make_fixtures.py $(MODEL)
 
 bench: weights
-	$(PY) -m pyllm bench $(MODEL) $(if $(THREADS),-t $(THREADS))
+	$(PY) -m pyllm bench $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
 
 # the peers: llama.cpp built from source for this CPU (several minutes), matplotlib for plots
 $(VENV)/.peers: $(VENV)/.dev
