@@ -48,6 +48,8 @@ struct pyllm_model {
     float *act, *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* activations for a block: parts of act */
     float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
     size_t ld_scratch;
+    float *part; /* attention partials per (KV head, row tile, segment, row): o[hd], max, sum */
+    int seg; /* positions per attention segment */
     pool_t *pool;
 };
 
@@ -101,9 +103,9 @@ typedef __m256 vec;
 #define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 static inline float vsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    __m128 s = _mm256_castps256_ps128(v) + _mm256_extractf128_ps(v, 1);
+    s += _mm_movehl_ps(s, s);
+    return s[0] + s[1];
 }
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
@@ -275,7 +277,11 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     size_t panel = TR * n_in, scores = (size_t)QR * (m->n_ctx + 16); /* score rows of whole vectors */
     m->ld_scratch = panel > scores ? panel : scores;
     m->scratch = alloc(m->n_threads * m->ld_scratch * 4);
-    if (!m->k_cache || !m->v_cache || !m->act || !m->scratch || !(m->pool = pool_new(m, m->n_threads))) {
+    m->seg = (m->n_ctx / 16 + KB - 1) / KB * KB; /* <= 16 segments: decode attention splits across threads */
+    m->seg = m->seg < 256 ? 256 : m->seg;
+    size_t tiles = (BLOCK * (h->n_heads / h->n_kv_heads) + QR - 1) / QR;
+    m->part = alloc(h->n_kv_heads * tiles * ((m->n_ctx + m->seg - 1) / m->seg) * QR * (h->head_dim + 2) * 4);
+    if (!m->k_cache || !m->v_cache || !m->act || !m->scratch || !m->part || !(m->pool = pool_new(m, m->n_threads))) {
         fail(err, el, "out of memory for a context of %d tokens", m->n_ctx); goto bad;
     }
     return m;
@@ -289,7 +295,7 @@ void pyllm_close(pyllm_model *m) {
     if (!m) return;
     pool_free(m->pool);
     if (m->map) munmap(m->map, m->map_size);
-    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->act, m->scratch};
+    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->act, m->scratch, m->part};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(m);
 }
@@ -368,10 +374,9 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
-/* o[k] = sum_j s[k][j] V[j] / sum[k], j in [j0, j1], for the first n of QR rows (zero
-   weights outside a row's range): each V load serves every row. */
-static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v, int hd, int n, int j0, int j1,
-                         const float *sum) {
+/* o[k] = sum_j s[k][j] V[j], j in [j0, j1], for the first n of QR rows (zero weights
+   outside a row's range): each V load serves every row. */
+static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v, int hd, int n, int j0, int j1) {
     int i = 0;
     for (; i + TR * VL <= hd; i += TR * VL) {
         vec a[QR][TR];
@@ -395,8 +400,6 @@ static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 
             for (int j = j0; j <= j1; j++) a = sfma(s[k * lds + j], h2f(v[(size_t)j * hd + i]), a);
             o[k][i] = a;
         }
-    for (int k = 0; k < n; k++)
-        for (i = 0; i < hd; i++) o[k][i] /= sum[k];
 }
 
 /* s[k][j] = q[k] . K[j] for QR rows, j in [j0, j1] from j0's block on, whole vectors (s has
@@ -419,34 +422,33 @@ static void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q
     }
 }
 
-/* Attention for up to QR query rows of the block that share KV head kvh: row r of the
-   group is token r / g, head kvh * g + r % g (g query heads per KV head). */
-static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, float *scores) {
+/* Attention for up to QR query rows of the block that share KV head kvh (row r of the
+   group is token r / g, head kvh * g + r % g), over the positions of segment sg only:
+   writes each row's unnormalized o, its max score and its sum of exponentials to part. */
+static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int sg, float *scores, float *part) {
     int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
-    int n = T * g - r0 < QR ? T * g - r0 : QR, p[QR], start[QR], lo = INT32_MAX, hi = 0;
-    size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd, kbase = base / m->n_ctx / hd * m->k_head;
+    int n = T * g - r0 < QR ? T * g - r0 : QR, a[QR], b[QR], lo = INT32_MAX, hi = -1;
+    size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd, lds = (size_t)m->n_ctx + 16;
     const float *q[QR];
     float *o[QR];
     for (int k = 0; k < QR; k++) { /* short tiles repeat their last row */
-        int r = r0 + (k < n ? k : n - 1), t = r / g, h = kvh * g + r % g;
+        int r = r0 + (k < n ? k : n - 1), t = r / g, h = kvh * g + r % g, p = pos + t;
         q[k] = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd;
-        o[k] = m->att + (size_t)t * m->q_dim + (size_t)h * hd;
-        p[k] = pos + t;
-        start[k] = sw && p[k] + 1 > sw ? p[k] + 1 - sw : 0;
-        lo = start[k] < lo ? start[k] : lo;
-        hi = p[k] > hi ? p[k] : hi;
+        o[k] = part + (size_t)k * (hd + 2);
+        a[k] = sw && p + 1 > sw ? p + 1 - sw : 0; /* the row's positions, within the segment */
+        a[k] = a[k] > sg * m->seg ? a[k] : sg * m->seg;
+        b[k] = p < (sg + 1) * m->seg - 1 ? p : (sg + 1) * m->seg - 1;
+        if (a[k] <= b[k]) lo = a[k] < lo ? a[k] : lo, hi = b[k] > hi ? b[k] : hi;
     }
-    size_t lds = (size_t)m->n_ctx + 16;
-    scores_kt(scores, lds, m->k_cache + kbase, q, hd, lo, hi);
-    float sum[QR];
+    for (int k = 0; k < n; k++) o[k][hd] = -INFINITY, o[k][hd + 1] = 0; /* stays so if no row sees sg */
+    scores_kt(scores, lds, m->k_cache + ((size_t)l * m->h.n_kv_heads + kvh) * m->k_head, q, hd, lo, hi);
     for (int k = 0; k < n; k++) {
         float *s = scores + k * lds, mx = -INFINITY;
-        for (int j = start[k]; j <= p[k]; j++) mx = s[j] > mx ? s[j] : mx;
-        sum[k] = softmax_exp(s, start[k], p[k], mx);
-        for (int j = lo; j < start[k]; j++) s[j] = 0;
-        for (int j = p[k] + 1; j <= hi; j++) s[j] = 0;
+        for (int j = a[k]; j <= b[k]; j++) mx = s[j] > mx ? s[j] : mx;
+        if (a[k] <= b[k]) o[k][hd] = mx, o[k][hd + 1] = softmax_exp(s, a[k], b[k], mx);
+        for (int j = lo; j <= hi; j++) s[j] = j < a[k] || j > b[k] ? 0 : s[j];
     }
-    weighted_sum(o, scores, lds, m->v_cache + base, hd, n, lo, hi, sum);
+    weighted_sum(o, scores, lds, m->v_cache + base, hd, n, lo, hi);
 }
 
 /* ---- threads: a persistent pool dealing chunks from a shared counter (a preempted thread
@@ -538,9 +540,10 @@ enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND };
 
 static void run_job(pyllm_model *m, job_t *j, int tid) {
     for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n_chunks;) {
-        if (j->op == OP_ATTEND) { /* a chunk is QR query rows of one KV head */
-            int tiles = (j->T * (int)(m->h.n_heads / m->h.n_kv_heads) + QR - 1) / QR;
-            attend(m, j->layer, c / tiles, c % tiles * QR, j->pos, j->T, m->scratch + tid * m->ld_scratch);
+        if (j->op == OP_ATTEND) { /* a chunk: QR query rows of one KV head, one segment */
+            int tiles = (j->T * (int)(m->h.n_heads / m->h.n_kv_heads) + QR - 1) / QR, nseg = j->n;
+            attend(m, j->layer, c / nseg / tiles, c / nseg % tiles * QR, j->pos, j->T, c % nseg,
+                   m->scratch + tid * m->ld_scratch, m->part + (size_t)c * QR * (m->h.head_dim + 2));
             continue;
         }
         int r0 = c * j->chunk, r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
@@ -597,8 +600,24 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
             }
         }
         int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR;
-        job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n_chunks = (int)h->n_kv_heads * tiles};
+        int nseg = (pos + T + m->seg - 1) / m->seg, g = (int)(h->n_heads / h->n_kv_heads);
+        job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n = nseg, .n_chunks = (int)h->n_kv_heads * tiles * nseg};
         pool_run(m->pool, &att);
+        for (int r = 0; r < (int)h->n_kv_heads * tiles * QR; r++) { /* merge each row's segments, in order */
+            int kvh = r / (tiles * QR), rr = r % (tiles * QR);
+            if (rr >= T * g) continue;
+            float *o = m->att + (size_t)(rr / g) * m->q_dim + (size_t)(kvh * g + rr % g) * hd, mx = -INFINITY, sum = 0;
+            const float *pt = m->part + ((size_t)(kvh * tiles + rr / QR) * nseg * QR + rr % QR) * (hd + 2);
+            for (int s = 0; s < nseg; s++) mx = fmaxf(mx, pt[(size_t)s * QR * (hd + 2) + hd]);
+            memset(o, 0, (size_t)hd * 4);
+            for (int s = 0; s < nseg; s++) {
+                const float *ps = pt + (size_t)s * QR * (hd + 2);
+                float w = ps[hd + 1] > 0 ? expf(ps[hd] - mx) : 0;
+                sum += w * ps[hd + 1];
+                for (int i = 0; i < hd; i++) o[i] += w * ps[i];
+            }
+            for (int i = 0; i < hd; i++) o[i] /= sum;
+        }
         matmul(m, OP_MATMUL, L->wo, NULL, m->att, m->q_dim, T, m->x, d, 1);
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->ffn_norm, d, h->norm_eps);
         matmul(m, OP_GATE_UP, L->gate_up, NULL, m->xb, d, T, m->hb, hid, 0);

@@ -191,3 +191,20 @@ def test_missing_file(tmp_path):
     for open_it in (pyllm.load, lambda p: pyllm._native_open(p, 1, 0)):
         with pytest.raises(pyllm.PyllmError, match="No such file"):
             open_it(str(tmp_path / "nope.bin"))
+
+
+@pytest.mark.parametrize("window", [0, 300])
+def test_long_context_across_attention_segments(tmp_path, window):
+    """Attention is split into segments of >= 256 positions (merged per row afterwards):
+    700 tokens span three, with and without a sliding window that crosses them."""
+    path = str(tmp_path / "long.bin")
+    make_tiny_model(path, seed=7, max_seq_len=1024, sliding_window=window, n_kv_heads=1)
+    ids = random_ids(path, n=700, seed=3)
+    block = pyllm.load(path, threads=2).logits(ids)
+    want = reference_logits(format.read(path), ids)
+    diff = np.abs(block - want)
+    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    m = pyllm.load(path, threads=3)
+    m.eval(ids[:680])
+    tail = np.stack([m.eval([t]) for t in ids[680:]])
+    assert np.array_equal(tail, block[680:])  # decode = prefill, and 3 threads = 2
