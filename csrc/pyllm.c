@@ -277,7 +277,7 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     size_t panel = TR * n_in, scores = (size_t)QR * (m->n_ctx + 16); /* score rows of whole vectors */
     m->ld_scratch = panel > scores ? panel : scores;
     m->scratch = alloc(m->n_threads * m->ld_scratch * 4);
-    m->seg = (m->n_ctx / 16 + KB - 1) / KB * KB; /* <= 16 segments: decode attention splits across threads */
+    m->seg = (m->n_ctx / 16 + KB - 1) / KB * KB; /* ~16 segments: decode attention splits across threads */
     m->seg = m->seg < 256 ? 256 : m->seg;
     size_t tiles = (BLOCK * (h->n_heads / h->n_kv_heads) + QR - 1) / QR;
     m->part = alloc(h->n_kv_heads * tiles * ((m->n_ctx + m->seg - 1) / m->seg) * QR * (h->head_dim + 2) * 4);
