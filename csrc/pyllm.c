@@ -451,6 +451,26 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int s
     weighted_sum(o, scores, lds, m->v_cache + base, hd, n, lo, hi);
 }
 
+/* Each attention row's output from its segments' partials, merged in segment order. */
+static void merge_segments(pyllm_model *m, int T, int tiles, int nseg) {
+    int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), ld = QR * (hd + 2);
+    for (int r = 0; r < (int)m->h.n_kv_heads * tiles * QR; r++) {
+        int kvh = r / (tiles * QR), rr = r % (tiles * QR);
+        if (rr >= T * g) continue;
+        float *o = m->att + (size_t)(rr / g) * m->q_dim + (size_t)(kvh * g + rr % g) * hd, mx = -INFINITY, sum = 0;
+        const float *pt = m->part + ((size_t)(kvh * tiles + rr / QR) * nseg * QR + rr % QR) * (hd + 2);
+        for (int s = 0; s < nseg; s++) mx = fmaxf(mx, pt[(size_t)s * ld + hd]);
+        memset(o, 0, (size_t)hd * 4);
+        for (int s = 0; s < nseg; s++) {
+            const float *ps = pt + (size_t)s * ld;
+            float w = ps[hd + 1] > 0 ? expf(ps[hd] - mx) : 0;
+            sum += w * ps[hd + 1];
+            for (int i = 0; i < hd; i++) o[i] += w * ps[i];
+        }
+        for (int i = 0; i < hd; i++) o[i] /= sum;
+    }
+}
+
 /* ---- threads: a persistent pool dealing chunks from a shared counter (a preempted thread
    delays only its chunk); idle threads spin briefly, then yield, then sleep ---- */
 #if defined(__x86_64__)
@@ -599,25 +619,10 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
                 }
             }
         }
-        int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR;
-        int nseg = (pos + T + m->seg - 1) / m->seg, g = (int)(h->n_heads / h->n_kv_heads);
+        int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR, nseg = (pos + T + m->seg - 1) / m->seg;
         job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n = nseg, .n_chunks = (int)h->n_kv_heads * tiles * nseg};
         pool_run(m->pool, &att);
-        for (int r = 0; r < (int)h->n_kv_heads * tiles * QR; r++) { /* merge each row's segments, in order */
-            int kvh = r / (tiles * QR), rr = r % (tiles * QR);
-            if (rr >= T * g) continue;
-            float *o = m->att + (size_t)(rr / g) * m->q_dim + (size_t)(kvh * g + rr % g) * hd, mx = -INFINITY, sum = 0;
-            const float *pt = m->part + ((size_t)(kvh * tiles + rr / QR) * nseg * QR + rr % QR) * (hd + 2);
-            for (int s = 0; s < nseg; s++) mx = fmaxf(mx, pt[(size_t)s * QR * (hd + 2) + hd]);
-            memset(o, 0, (size_t)hd * 4);
-            for (int s = 0; s < nseg; s++) {
-                const float *ps = pt + (size_t)s * QR * (hd + 2);
-                float w = ps[hd + 1] > 0 ? expf(ps[hd] - mx) : 0;
-                sum += w * ps[hd + 1];
-                for (int i = 0; i < hd; i++) o[i] += w * ps[i];
-            }
-            for (int i = 0; i < hd; i++) o[i] /= sum;
-        }
+        merge_segments(m, T, tiles, nseg);
         matmul(m, OP_MATMUL, L->wo, NULL, m->att, m->q_dim, T, m->x, d, 1);
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->ffn_norm, d, h->norm_eps);
         matmul(m, OP_GATE_UP, L->gate_up, NULL, m->xb, d, T, m->hb, hid, 0);
