@@ -154,6 +154,18 @@ static inline vec vexp(vec x) {
     return vfma(p * r, r, r + vset1(1.0f)) * vpow2(n);
 }
 
+/* The largest of s[j0..j1] (-inf if empty): exact in any order. */
+static float max_of(const float *s, int j0, int j1) {
+    vec m = vset1(-INFINITY);
+    int j = j0;
+    for (; j + VL <= j1 + 1; j += VL) m = vmax(m, vload(s + j));
+    float o[VL], mx = -INFINITY;
+    vstore(o, m);
+    for (int i = 0; i < VL; i++) mx = o[i] > mx ? o[i] : mx;
+    for (; j <= j1; j++) mx = s[j] > mx ? s[j] : mx;
+    return mx;
+}
+
 /* s[j] = exp(s[j] - mx) for j in [j0, j1], in whole vectors (s has room); returns their sum. */
 static float softmax_exp(float *s, int j0, int j1, float mx) {
     vec acc = vzero();
@@ -376,17 +388,18 @@ static void rope(float *v, const float *cs, int hd) {
 
 /* o[k] = sum_j s[k][j] V[j], j in [j0, j1], for the first n of QR rows (zero weights
    outside a row's range): each V load serves every row. */
-static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v, int hd, int n, int j0, int j1) {
+static inline __attribute__((always_inline)) void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v,
+                                                               int hd, int n, int j0, int j1) {
     int i = 0;
     for (; i + TR * VL <= hd; i += TR * VL) {
         vec a[QR][TR];
-        for (int k = 0; k < QR; k++)
+        for (int k = 0; k < n; k++)
             for (int u = 0; u < TR; u++) a[k][u] = vzero();
         for (int j = j0; j <= j1; j++) {
             for (int u = 0; u < TR * VL; u += 32) __builtin_prefetch(v + (size_t)(j + 16) * hd + i + u); /* 16 rows on */
             vec vv[TR];
             for (int u = 0; u < TR; u++) vv[u] = vloadh(v + (size_t)j * hd + i + u * VL);
-            for (int k = 0; k < QR; k++) {
+            for (int k = 0; k < n; k++) {
                 vec w = vset1(s[k * lds + j]);
                 for (int u = 0; u < TR; u++) a[k][u] = vfma(w, vv[u], a[k][u]);
             }
@@ -405,20 +418,21 @@ static void weighted_sum(float *const *o, const float *s, size_t lds, const f16 
 /* s[k][j] = q[k] . K[j] for QR rows, j in [j0, j1] from j0's block on, whole vectors (s has
    room). K blocks of KB positions are dimension-major (kt[j / KB][i][j % KB]): one contiguous
    read each (a [hd][n_ctx] K was hd streams), vectors along positions, no horizontal sums. */
-static void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q, int hd, int j0, int j1) {
+static inline __attribute__((always_inline)) void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q,
+                                                            int hd, int j0, int j1, int n) {
     for (int j = j0 / KB * KB; j <= j1; j += VL) {
         const f16 *kb = kt + (size_t)(j / KB) * KB * hd + j % KB;
         vec a[QR], b[QR]; /* even and odd dimensions: twice the independent FMA chains */
-        for (int k = 0; k < QR; k++) a[k] = b[k] = vzero();
+        for (int k = 0; k < n; k++) a[k] = b[k] = vzero();
         for (int i = 0; i < hd; i += 2) {
             if (j % KB == 0) __builtin_prefetch(kb + (size_t)4 * KB * hd + (size_t)i * KB); /* 4 blocks on */
             vec ka = vloadh(kb + (size_t)i * KB), kb1 = vloadh(kb + (size_t)(i + 1) * KB);
-            for (int k = 0; k < QR; k++) {
+            for (int k = 0; k < n; k++) {
                 a[k] = vfma(vset1(q[k][i]), ka, a[k]);
                 b[k] = vfma(vset1(q[k][i + 1]), kb1, b[k]);
             }
         }
-        for (int k = 0; k < QR; k++) vstore(s + k * lds + j, a[k] + b[k]);
+        for (int k = 0; k < n; k++) vstore(s + k * lds + j, a[k] + b[k]);
     }
 }
 
@@ -431,8 +445,8 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int s
     size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd, lds = (size_t)m->n_ctx + 16;
     const float *q[QR];
     float *o[QR];
-    for (int k = 0; k < QR; k++) { /* short tiles repeat their last row */
-        int r = r0 + (k < n ? k : n - 1), t = r / g, h = kvh * g + r % g, p = pos + t;
+    for (int k = 0; k < n; k++) {
+        int r = r0 + k, t = r / g, h = kvh * g + r % g, p = pos + t;
         q[k] = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd;
         o[k] = part + (size_t)k * (hd + 2);
         a[k] = sw && p + 1 > sw ? p + 1 - sw : 0; /* the row's positions, within the segment */
@@ -441,14 +455,18 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int s
         if (a[k] <= b[k]) lo = a[k] < lo ? a[k] : lo, hi = b[k] > hi ? b[k] : hi;
     }
     for (int k = 0; k < n; k++) o[k][hd] = -INFINITY, o[k][hd + 1] = 0; /* stays so if no row sees sg */
-    scores_kt(scores, lds, m->k_cache + ((size_t)l * m->h.n_kv_heads + kvh) * m->k_head, q, hd, lo, hi);
+    const f16 *kt = m->k_cache + ((size_t)l * m->h.n_kv_heads + kvh) * m->k_head;
+#define ROWS(call) (n == 1 ? call(1) : n == 2 ? call(2) : n == 3 ? call(3) : call(QR)) /* n constant inside */
+#define SCORES(nr) scores_kt(scores, lds, kt, q, hd, lo, hi, nr)
+    ROWS(SCORES);
     for (int k = 0; k < n; k++) {
-        float *s = scores + k * lds, mx = -INFINITY;
-        for (int j = a[k]; j <= b[k]; j++) mx = s[j] > mx ? s[j] : mx;
+        float *s = scores + k * lds, mx = max_of(s, a[k], b[k]);
         if (a[k] <= b[k]) o[k][hd] = mx, o[k][hd + 1] = softmax_exp(s, a[k], b[k], mx);
-        for (int j = lo; j <= hi; j++) s[j] = j < a[k] || j > b[k] ? 0 : s[j];
+        for (int j = lo; j < a[k] && j <= hi; j++) s[j] = 0; /* zero weights outside the row's range */
+        for (int j = b[k] + 1 > lo ? b[k] + 1 : lo; j <= hi; j++) s[j] = 0;
     }
-    weighted_sum(o, scores, lds, m->v_cache + base, hd, n, lo, hi);
+#define WSUM(nr) weighted_sum(o, scores, lds, m->v_cache + base, hd, nr, lo, hi)
+    ROWS(WSUM);
 }
 
 /* Each attention row's output from its segments' partials, merged in segment order. */
