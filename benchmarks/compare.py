@@ -69,7 +69,7 @@ def write_gguf(src, out):
     """An F16 GGUF holding exactly src's f16 matrices (norms as f32: the same values)."""
     import gguf
     mf = format.read(src)
-    c, t, tok = mf.config, mf.tensors, mf.meta["tokenizer"]
+    c, tok = mf.config, mf.meta["tokenizer"]
     if c["sliding_window"]:
         raise SystemExit("compare: sliding-window models have no llama-arch GGUF equivalent")
     nh, nkv, hd, hid, d = c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"], c["dim"]
@@ -108,10 +108,10 @@ def write_gguf(src, out):
         w.add_chat_template(mf.meta["chat_template"])
 
     def f16(name):
-        return np.asarray(t[name], dtype=np.float16)
+        return np.asarray(mf.matrix(name), dtype=np.float16)
 
     def f32(name):
-        return np.asarray(t[name], dtype=np.float32)
+        return np.asarray(mf.matrix(name), dtype=np.float32)
 
     w.add_tensor("token_embd.weight", f16("tok_embd"))
     # llama.cpp computes the frequencies from freq_base; a rope_freqs tensor divides them
@@ -292,7 +292,7 @@ def hf_model(path, dtype):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     mf = format.read(path)
-    c, t = mf.config, mf.tensors
+    c = mf.config
     nh, nkv, hd, hid = c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
     tied = bool(c["flags"] & format.FLAG_TIED_OUTPUT)
     bias = bool(c["flags"] & format.FLAG_QKV_BIAS)
@@ -307,7 +307,7 @@ def hf_model(path, dtype):
     model = LlamaForCausalLM(cfg)
 
     def w(name):
-        return torch.from_numpy(np.asarray(t[name], dtype=np.float32))
+        return torch.from_numpy(np.asarray(mf.matrix(name), dtype=np.float32))
 
     sd = {"model.embed_tokens.weight": w("tok_embd"), "model.norm.weight": w("output_norm")}
     if not tied:
@@ -331,7 +331,7 @@ def hf_model(path, dtype):
     if tied:
         model.tie_weights()
     rot = model.model.rotary_emb
-    rot.inv_freq.copy_(torch.from_numpy(np.asarray(t["rope_freqs"], dtype=np.float32)))
+    rot.inv_freq.copy_(torch.from_numpy(np.asarray(mf.tensors["rope_freqs"], dtype=np.float32)))
     rot.original_inv_freq = rot.inv_freq.clone()
     return model.to(dtype).eval()
 

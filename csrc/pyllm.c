@@ -27,7 +27,7 @@ typedef struct {
     uint32_t reserved;
     uint64_t n_tensors, table_offset, meta_offset, meta_size, file_size;
 } header_t;
-enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 32, QR = 4, KB = 16, LIMIT = 1 << 20 };
+enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 128, QR = 4, KB = 16, LIMIT = 1 << 20 };
 
 typedef uint16_t f16;
 typedef struct {
@@ -78,7 +78,7 @@ static f16 f2h(float f) { /* round to nearest even */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
-enum { VL = 16, TR = 4 }; /* TR: prefill tile rows (x 4 tokens), attention o vectors; as registers allow */
+enum { VL = 16, TR = 4, RB = 3, TT = 8 }; /* as registers allow: TR attention o vectors; RB x 16 rows by TT tokens a matmul tile */
 typedef __m512 vec;
 #define vload(p) _mm512_loadu_ps(p)
 #define vloadh(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
@@ -92,7 +92,7 @@ typedef __m512 vec;
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
-enum { VL = 8, TR = 2 };
+enum { VL = 8, TR = 2, RB = 1, TT = 6 };
 typedef __m256 vec;
 #define vload(p) _mm256_loadu_ps(p)
 #define vloadh(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
@@ -110,7 +110,7 @@ static inline float vsum(__m256 v) {
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define SIMD "neon"
-enum { VL = 4, TR = 4 };
+enum { VL = 4, TR = 4, RB = 1, TT = 6 };
 typedef float32x4_t vec;
 #define vload(p) vld1q_f32(p)
 #define vloadh(p) vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))
@@ -123,7 +123,7 @@ typedef float32x4_t vec;
 #define vpow2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
 #else
 #define SIMD "scalar"
-enum { VL = 1, TR = 4 };
+enum { VL = 1, TR = 4, RB = 1, TT = 4 };
 typedef float vec;
 #define vload(p) (*(p))
 #define vloadh(p) h2f(*(p))
@@ -140,6 +140,8 @@ typedef float vec;
 #define sfma(a, b, c) fmaf(a, b, c)
 #endif
 #define vzero() vset1(0.0f) /* vec is a compiler vector type: + - * work on it */
+enum { BR = 16, NV = BR / VL }; /* matrices are stored in blocks of BR rows: NV vectors */
+#define ROWS16(r) (((uint64_t)(r) + BR - 1) / BR * BR)
 
 /* exp(x) for x <= 0 (Cephes' polynomial): 2^n p(r), n = round(x / ln 2), r = x - n ln 2. */
 static inline float pow2f(float n) { uint32_t u = (uint32_t)((int)n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
@@ -206,21 +208,21 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
             return fail(err, el, "tensor %d: offset %llu size %llu is outside the file or wrong", \
                         idx, (unsigned long long)off, (unsigned long long)nb); \
         end = off + nb; dst = (const type *)((const char *)m->map + off); idx++; } while (0)
-    TAKE(m->embd, f16, h->vocab * d);
+    TAKE(m->embd, f16, ROWS16(h->vocab) * d);
     TAKE(m->rope_freqs, float, h->head_dim / 2);
     for (uint32_t l = 0; l < h->n_layers; l++) {
         layer_t *L = &m->layers[l];
         TAKE(L->attn_norm, f16, d);
-        TAKE(L->qkv, f16, qkv * d);
+        TAKE(L->qkv, f16, ROWS16(qkv) * d);
         if (h->flags & FLAG_QKV_BIAS) TAKE(L->qkv_bias, f16, qkv);
-        TAKE(L->wo, f16, d * (uint64_t)m->q_dim);
+        TAKE(L->wo, f16, ROWS16(d) * m->q_dim);
         TAKE(L->ffn_norm, f16, d);
-        TAKE(L->gate_up, f16, 2 * (uint64_t)h->hidden_dim * d);
-        TAKE(L->down, f16, d * h->hidden_dim);
+        TAKE(L->gate_up, f16, 2 * ROWS16(h->hidden_dim) * d); /* gate's blocks, then up's */
+        TAKE(L->down, f16, ROWS16(d) * h->hidden_dim);
     }
     TAKE(m->out_norm, f16, d);
     if (h->flags & FLAG_TIED) m->output = m->embd;
-    else TAKE(m->output, f16, h->vocab * d);
+    else TAKE(m->output, f16, ROWS16(h->vocab) * d);
 #undef TAKE
     return 0;
 }
@@ -245,7 +247,9 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
         fail(err, el, "%s: too short for a pyllm file", path); goto bad;
     }
     if (memcmp(h->magic, "PYLLM\0\0\0", 8)) { fail(err, el, "%s: not a pyllm file (bad magic)", path); goto bad; }
-    if (h->version != 1) { fail(err, el, "%s: format version %u, expected 1", path, h->version); goto bad; }
+    if (h->version != 2) {
+        fail(err, el, "%s: format version %u, this pyllm reads version 2 (convert the model again)", path, h->version); goto bad;
+    }
     if (h->file_size != size) {
         fail(err, el, "%s: file is %zu bytes, header says %llu (truncated?)", path, size,
              (unsigned long long)h->file_size); goto bad;
@@ -281,12 +285,13 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     m->v_cache = calloc(kv, sizeof(f16));
     size_t sizes[] = {d, d, (size_t)m->qkv_dim, (size_t)m->q_dim, hd, hd, h->head_dim}, total = 0;
     float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope};
-    for (int i = 0; i < 7; i++) total += (BLOCK * sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned parts */
-    m->act = alloc(total * 4);
-    for (size_t i = 0, o = 0; m->act && i < 7; o += (BLOCK * sizes[i++] + 15) & ~(size_t)15) *bufs[i] = m->act + o;
+    for (int i = 0; i < 7; i++) total += ((BLOCK + TT) * sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned parts, */
+    m->act = alloc(total * 4); /* zeroed: a tile reads up to TT - 1 rows past a block's last token */
+    if (m->act) memset(m->act, 0, total * 4);
+    for (size_t i = 0, o = 0; m->act && i < 7; o += ((BLOCK + TT) * sizes[i++] + 15) & ~(size_t)15) *bufs[i] = m->act + o;
     size_t n_in = d > hd ? d : hd; /* the longest matmul input: dim, hidden_dim or q_dim */
     n_in = n_in > (size_t)m->q_dim ? n_in : (size_t)m->q_dim;
-    size_t panel = TR * n_in, scores = (size_t)QR * (m->n_ctx + 16); /* score rows of whole vectors */
+    size_t panel = RB * BR * n_in, scores = (size_t)QR * (m->n_ctx + 16); /* score rows of whole vectors */
     m->ld_scratch = panel > scores ? panel : scores;
     m->scratch = alloc(m->n_threads * m->ld_scratch * 4);
     m->seg = (m->n_ctx / 16 + KB - 1) / KB * KB; /* ~16 segments: decode attention splits across threads */
@@ -318,54 +323,66 @@ const char *pyllm_simd(void) { return SIMD; }
 
 /* ---- kernels ---- */
 
-/* y[t][k*rs] (+)= W[k*rs] . x[t] for RB rows k (rs apart; f16 w or f32 wf) and TB tokens.
-   Every (row, token) sums in the same order in any tile: no dependence on threads. */
-static inline __attribute__((always_inline)) void tile(const f16 *w, const float *wf, int n, int rs, const float *x, float *y,
-                                                       int ldy, const f16 *bias, int add, int RB, int TB) {
-    vec acc[4][4];
-    for (int r = 0; r < RB; r++)
-        for (int t = 0; t < TB; t++) acc[r][t] = vzero();
-    int i = 0;
-    for (; i + VL <= n; i += VL) {
-        vec xv[4];
-        for (int t = 0; t < TB; t++) xv[t] = vload(x + (size_t)t * n + i);
-        for (int r = 0; r < RB; r++) {
-            vec wv = wf ? vload(wf + (size_t)r * rs * n + i) : vloadh(w + (size_t)r * rs * n + i);
-            for (int t = 0; t < TB; t++) acc[r][t] = vfma(wv, xv[t], acc[r][t]);
+/* Matrices are stored in blocks of BR rows, input-major inside ([rows / BR][n][BR], rows
+   padded with zeros): one vector holds BR rows at input k, so no horizontal sums, and every
+   output is a single FMA chain over k in order, whatever the tile, thread count or ISA.
+   y[t][row] (+)= W[row] . x[t] for the blocks' rows < n_out and tokens t < nt: NB blocks
+   bq blocks apart (f16 w; or if NT > 1, an f32 panel wf of adjacent blocks) by NT tokens. */
+static inline __attribute__((always_inline)) void tile(const f16 *w, const float *wf, int n, int bq, const float *x, int nt,
+                                                       float *y, int ldy, int r0, int n_out, const f16 *bias, int add, int NB, int NT) {
+    vec acc[4 * NV][TT];
+    for (int v = 0; v < NB * NV; v++)
+        for (int t = 0; t < NT; t++) acc[v][t] = vzero();
+    for (int k = 0; k < n; k++) {
+        vec wv[4 * NV];
+        for (int v = 0; v < NB * NV; v++) {
+            size_t o = ((size_t)(v / NV) * bq * n + k) * BR + v % NV * VL;
+            wv[v] = NT > 1 ? vload(wf + o) : vloadh(w + o); /* NT > 1: prefill, from the panel */
+        }
+        for (int t = 0; t < NT; t++) {
+            vec xt = vset1(x[(size_t)t * n + k]);
+            for (int v = 0; v < NB * NV; v++) acc[v][t] = vfma(wv[v], xt, acc[v][t]);
         }
     }
-    for (int r = 0; r < RB; r++)
-        for (int t = 0; t < TB; t++) {
-            float s = vsum(acc[r][t]);
-            for (int j = i; j < n; j++) s += h2f(w[(size_t)r * rs * n + j]) * x[(size_t)t * n + j];
-            if (bias) s += h2f(bias[r * rs]);
-            float *o = y + (size_t)t * ldy + r * rs;
-            *o = add ? *o + s : s;
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < nt; t++) {
+            float s[BR], *o = y + (size_t)t * ldy;
+            for (int v = 0; v < NV; v++) vstore(s + v * VL, acc[b * NV + v][t]);
+            for (int i = 0, r = r0 + b * bq * BR; i < BR && r < n_out; i++, r++) {
+                float z = bias ? s[i] + h2f(bias[r]) : s[i];
+                o[r] = add ? o[r] + z : z;
+            }
         }
 }
 
-/* Rows [r0, r1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: TR rows converted to f32 once (wf),
-   then TR x 4 tiles over token quads. Decode: rows a quarter of the range apart, 4 long
-   sequential streams (one stream reached ~70% of the bandwidth, short ones less). */
-static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, const f16 *bias,
-                        int add, int r0, int r1, float *wf) {
-#define TILE(r, t, wf, rs, RB, TB) \
-    tile(w + (size_t)(r) * n, wf, n, rs, x + (size_t)(t) * n, y + (size_t)(t) * ldy + (r), ldy, bias ? bias + (r) : NULL, add, RB, TB)
-    int t4 = T / 4 * 4, r = r0;
-    for (; t4 && r + TR <= r1; r += TR) {
-        const f16 *wr = w + (size_t)r * n;
-        int i = 0;
-        for (; i + VL <= TR * n; i += VL) vstore(wf + i, vloadh(wr + i));
-        for (; i < TR * n; i++) wf[i] = h2f(wr[i]);
-        for (int t = 0; t < t4; t += 4) TILE(r, t, wf, 1, TR, 4);
+/* Blocks [b0, b1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: RB blocks converted to f32 once
+   (wf), then tiles of TT tokens (x has rows to spare past T). Decode: blocks a quarter of
+   the range apart, 4 long sequential streams (one reached ~70% of the bandwidth). */
+static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, int n_out, const f16 *bias,
+                        int add, int b0, int b1, float *wf) {
+#define TILE(b, t, wf, bq, nt, NB, NT) \
+    tile(w + (size_t)(b) * BR * n, wf, n, bq, x + (size_t)(t) * n, nt, y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, NB, NT)
+#define PANEL(b, nb) for (int i = 0; i < (nb) * BR * n; i += VL) vstore(wf + i, vloadh(w + (size_t)(b) * BR * n + i))
+    int b = b0, q = (b1 - b0) / 4;
+    if (T == 1) {
+        for (; b < b0 + q; b++) TILE(b, 0, NULL, q, 1, 4, 1);
+        for (b = b0 + 4 * q; b < b1; b++) TILE(b, 0, NULL, 1, 1, 1, 1);
+        return;
     }
-    for (; t4 && r < r1; r++)
-        for (int t = 0; t < t4; t += 4) TILE(r, t, NULL, 1, 1, 4);
-    for (int t = t4; t < T; t++) {
-        int q = (r1 - r0) / 4;
-        for (r = r0; r < r0 + q; r++) TILE(r, t, NULL, q, 4, 1);
-        for (r = r0 + 4 * q; r < r1; r++) TILE(r, t, NULL, 1, 1, 1);
+    for (; b + RB <= b1; b += RB) {
+        PANEL(b, RB);
+        const f16 *next = w + (size_t)(b + RB) * BR * n; /* fetched a slice per tile while this panel works */
+        int lines = b + RB < b1 ? RB * BR * n / 32 : 0, per = (lines + (T + TT - 1) / TT - 1) / ((T + TT - 1) / TT);
+        for (int t = 0, l = 0; t < T; t += TT) {
+            for (int e = l + per; l < e && l < lines; l++) __builtin_prefetch(next + (size_t)l * 32, 0, 2);
+            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, RB, TT);
+        }
     }
+    for (; b < b1; b++) {
+        PANEL(b, 1);
+        for (int t = 0; t < T; t += TT) TILE(b, t, wf, 1, T - t < TT ? T - t : TT, 1, TT);
+    }
+#undef PANEL
 #undef TILE
 }
 
@@ -584,26 +601,26 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
                    m->scratch + tid * m->ld_scratch, m->part + (size_t)c * QR * (m->h.head_dim + 2));
             continue;
         }
-        int r0 = c * j->chunk, r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
+        int nb = (j->n_out + BR - 1) / BR, b0 = c * j->chunk, b1 = b0 + j->chunk < nb ? b0 + j->chunk : nb;
         float *wf = m->scratch + tid * m->ld_scratch;
-        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->bias, j->add, r0, r1, wf);
-        if (j->op == OP_GATE_UP) { /* up rows follow the gate rows: hb = silu(gate) * up */
-            size_t hid = (size_t)j->n_out;
-            matmul_rows(j->w + hid * j->n, j->n, j->x, j->T, m->hb2, j->ldy, NULL, 0, r0, r1, wf);
+        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->n_out, j->bias, j->add, b0, b1, wf);
+        if (j->op == OP_GATE_UP) { /* up's blocks follow gate's: hb = silu(gate) * up */
+            size_t hid = (size_t)j->n_out, r1 = (size_t)b1 * BR < hid ? (size_t)b1 * BR : hid;
+            matmul_rows(j->w + ROWS16(hid) * j->n, j->n, j->x, j->T, m->hb2, j->ldy, j->n_out, NULL, 0, b0, b1, wf);
             for (int t = 0; t < j->T; t++)
-                for (int r = r0; r < r1; r++) j->y[t * hid + r] *= m->hb2[t * hid + r] / (1.0f + expf(-j->y[t * hid + r]));
+                for (size_t r = (size_t)b0 * BR; r < r1; r++) j->y[t * hid + r] *= m->hb2[t * hid + r] / (1.0f + expf(-j->y[t * hid + r]));
         }
     }
 }
 
 static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const float *x, int n, int T,
                    float *y, int n_out, int add) {
-    /* ~4 chunks a thread, in multiples of 4 rows: long chunks keep decode's streams long
-       (16 a thread ran 10% slower), the shared counter still evens out a slow thread */
-    int chunk = (n_out / (m->n_threads * 4) + 3) & ~3;
-    if (chunk < 16) chunk = 16;
+    /* ~4 chunks of blocks a thread (prefill: whole panels): long chunks keep decode's streams
+       long (16 a thread ran 10% slower), the shared counter still evens out a slow thread */
+    int nb = (n_out + BR - 1) / BR, chunk = T == 1 ? nb / (m->n_threads * 4) : nb / (m->n_threads * 4 * RB) * RB;
+    if (chunk < (T == 1 ? 1 : RB)) chunk = T == 1 ? 1 : RB;
     job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .chunk = chunk,
-               .n_chunks = (n_out + chunk - 1) / chunk, .w = w, .bias = bias, .x = x, .y = y};
+               .n_chunks = (nb + chunk - 1) / chunk, .w = w, .bias = bias, .x = x, .y = y};
     pool_run(m->pool, &j);
 }
 
@@ -611,7 +628,7 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
     const header_t *h = &m->h;
     int d = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, hid = (int)h->hidden_dim;
     for (int t = 0; t < T; t++) {
-        for (int i = 0; i < d; i++) m->x[(size_t)t * d + i] = h2f(m->embd[(size_t)tok[t] * d + i]);
+        for (int i = 0; i < d; i++) m->x[(size_t)t * d + i] = h2f(m->embd[((size_t)tok[t] / BR * d + i) * BR + tok[t] % BR]);
         for (int i = 0; i < half; i++) {
             float a = (float)(pos + t) * m->rope_freqs[i];
             m->rope[t * hd + i] = cosf(a);

@@ -5,7 +5,8 @@ Layout (little-endian; docs/FORMAT.md is the spec):
   tensor table        n_tensors x {u64 offset, u64 nbytes}, in canonical order
   metadata            UTF-8 JSON: config, tokenizer, chat template, provenance,
                       and the tensor list (name, dtype, shape, offset)
-  tensors             each aligned to ALIGN bytes, f16 (rope_freqs: f32)
+  tensors             each aligned to ALIGN bytes, f16 (rope_freqs: f32); matrices
+                      in blocks of ROW_BLOCK rows, input-major inside (to_blocks)
 
 The C kernel reads only the header and the table; Python reads the JSON.
 """
@@ -18,11 +19,12 @@ from typing import Callable
 import numpy as np
 
 MAGIC = b"PYLLM\0\0\0"
-VERSION = 1
+VERSION = 2  # 2: matrices stored in row blocks
 ALIGN = 64
 HEADER_SIZE = 128
 FLAG_TIED_OUTPUT = 1
 FLAG_QKV_BIAS = 2
+ROW_BLOCK = 16
 
 # magic, version, header_size, dim, n_layers, n_heads, n_kv_heads, head_dim,
 # hidden_dim, vocab_size, max_seq_len, flags, sliding_window, norm_eps, reserved,
@@ -47,7 +49,38 @@ class TensorSpec:
 
     @property
     def nbytes(self):
-        return int(np.prod(self.shape)) * (2 if self.dtype == "f16" else 4)
+        return int(np.prod(stored_shape(self.name, self.shape))) * (2 if self.dtype == "f16" else 4)
+
+
+def _parts(name):
+    return 2 if name.endswith("ffn_gate_up") else 1  # gate and up are blocked apart
+
+
+def stored_shape(name, shape):
+    """A matrix (rows, n) is stored as (blocks, n, ROW_BLOCK); anything else as it is."""
+    if len(shape) != 2:
+        return tuple(shape)
+    parts = _parts(name)
+    return (parts * -(-shape[0] // parts // ROW_BLOCK), shape[1], ROW_BLOCK)
+
+
+def to_blocks(name, a):
+    """Matrix (rows, n) -> stored (blocks, n, ROW_BLOCK): each block holds ROW_BLOCK rows
+    side by side, so the kernel loads ROW_BLOCK rows' weights at one input index as one
+    vector. Rows are padded with zeros to whole blocks (each part of a fused matrix apart)."""
+    out = []
+    for p in np.split(a, _parts(name)):
+        pad = -p.shape[0] % ROW_BLOCK
+        p = np.concatenate([p, np.zeros((pad, p.shape[1]), p.dtype)]) if pad else p
+        out.append(p.reshape(-1, ROW_BLOCK, p.shape[1]).transpose(0, 2, 1))
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def from_blocks(name, stored, rows):
+    """Stored (blocks, n, ROW_BLOCK) -> the matrix (rows, n), a copy."""
+    parts = _parts(name)
+    return np.concatenate([b.transpose(0, 2, 1).reshape(-1, stored.shape[1])[:rows // parts]
+                           for b in np.split(np.asarray(stored), parts)])
 
 
 def tensor_layout(cfg):
@@ -144,6 +177,8 @@ def write(path, cfg, meta, tensors, progress=None):
                 a = np.ascontiguousarray(s.load(), dtype=np.float16 if s.dtype == "f16" else np.float32)
                 if a.shape != tuple(s.shape):
                     raise FormatError(f"tensor {s.name}: loader gave shape {a.shape}, expected {s.shape}")
+                if a.ndim == 2:
+                    a = to_blocks(s.name, a)
                 if a.dtype.byteorder == ">":
                     a = a.byteswap().view(a.dtype.newbyteorder("<"))
                 f.write(memoryview(a).cast("B"))
@@ -167,7 +202,15 @@ class ModelFile:
     path: str
     config: dict   # header fields plus meta["config"]
     meta: dict
-    tensors: dict  # name -> read-only numpy memmap
+    tensors: dict  # name -> read-only numpy memmap, as stored (matrices in row blocks)
+
+    def matrix(self, name):
+        """A tensor as its logical array (matrices out of their row blocks: a copy)."""
+        t = self.tensors[name]
+        if t.ndim != 3:
+            return t
+        rows = next(s[0] for n, s, _ in tensor_layout(self.config) if n == name)
+        return from_blocks(name, t, rows)
 
 
 def read(path, map_tensors=True):
@@ -205,6 +248,7 @@ def read(path, map_tensors=True):
     tensors = {}
     raw = np.memmap(path, dtype=np.uint8, mode="r") if map_tensors else None  # one map, views into it
     for (name, shape, dtype), (off, nbytes) in zip(layout, table):
+        shape = stored_shape(name, shape)
         want = int(np.prod(shape)) * (2 if dtype == "f16" else 4)
         if nbytes != want or off % ALIGN or off < end_meta or off + nbytes > size:
             raise FormatError(f"{path}: tensor {name} has a bad offset or size")

@@ -67,7 +67,7 @@ def hf_tokenizer(tok_meta):
 
 
 def hf_model(mf):
-    c, t = mf.config, mf.tensors
+    c = mf.config
     nh, nkv, hd, hid = c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
     if c["sliding_window"]:
         sys.exit("make_fixtures: sliding-window models are not supported here (LlamaConfig)")
@@ -87,7 +87,7 @@ def hf_model(mf):
         model = LlamaForCausalLM(cfg)
 
     def w(name):
-        return torch.from_numpy(np.asarray(t[name], dtype=np.float32))
+        return torch.from_numpy(np.asarray(mf.matrix(name), dtype=np.float32))
 
     sd = {"model.embed_tokens.weight": w("tok_embd"), "model.norm.weight": w("output_norm"),
           "lm_head.weight": w("tok_embd") if tied else w("output")}
@@ -114,7 +114,7 @@ def hf_model(mf):
     # the non-persistent RoPE buffer was created on the meta device: recompute it on the CPU
     rot = model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
     inv_freq = rot.inv_freq
-    ours = np.asarray(t["rope_freqs"], dtype=np.float32)
+    ours = np.asarray(mf.tensors["rope_freqs"], dtype=np.float32)
     err = np.abs(inv_freq.numpy() - ours).max() / ours.max()
     print(f"rope: theta={theta}; file's rope_freqs vs transformers' inv_freq: max rel diff {err:.2e}")
     assert err < 1e-5, "the file's rope_freqs disagree with rope_theta"

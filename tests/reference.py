@@ -36,16 +36,16 @@ def reference_logits(mf, ids, f16_kv=True):
     """
     if isinstance(mf, str):
         mf = format.read(mf)
-    c, t = mf.config, mf.tensors
+    c = mf.config
     d, nh, nkv, hd, hid = c["dim"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
     eps, sw = np.float32(c["norm_eps"]), c["sliding_window"]
 
     def w(name):
-        return np.asarray(t[name], dtype=np.float32)
+        return np.asarray(mf.matrix(name), dtype=np.float32)
 
     ids = np.asarray(ids, dtype=np.int64)
     T = len(ids)
-    x = np.asarray(t["tok_embd"][ids], dtype=np.float32)  # (T, d)
+    x = w("tok_embd")[ids]  # (T, d)
 
     angle = np.arange(T, dtype=np.float32)[:, None] * w("rope_freqs")[None, :]  # (T, hd/2)
     cos, sin = np.cos(angle), np.sin(angle)
@@ -81,5 +81,5 @@ def reference_logits(mf, ids, f16_kv=True):
         x = x + (silu(gu[:, :hid]) * gu[:, hid:]) @ w(p + "ffn_down").T
 
     x = rmsnorm(x, w("output_norm"), eps)
-    head = t["tok_embd"] if c["flags"] & format.FLAG_TIED_OUTPUT else t["output"]
-    return (x @ np.asarray(head, dtype=np.float32).T).astype(np.float32)
+    head = w("tok_embd" if c["flags"] & format.FLAG_TIED_OUTPUT else "output")
+    return (x @ head.T).astype(np.float32)

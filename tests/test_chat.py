@@ -125,7 +125,7 @@ def with_template(src, dst, template):
     cfg["norm_eps"] = mf.config["norm_eps"]
     meta = {k: v for k, v in mf.meta.items() if k != "tensors"}
     meta["chat_template"] = template
-    specs = {n: format.TensorSpec(n, s, dt, load=lambda n=n: mf.tensors[n]) for n, s, dt in format.tensor_layout(cfg)}
+    specs = {n: format.TensorSpec(n, s, dt, load=lambda n=n: mf.matrix(n)) for n, s, dt in format.tensor_layout(cfg)}
     format.write(dst, cfg, meta, specs)
 
 

@@ -230,7 +230,7 @@ def check_tensors(path, model, quantized=()):
     exp = expected(model)
     assert set(mf.tensors) == set(exp)
     for name, want in exp.items():
-        got = np.asarray(mf.tensors[name])
+        got = np.asarray(mf.matrix(name))
         assert got.shape == want.shape, name
         if name == "rope_freqs":
             assert got.dtype == np.float32
@@ -494,7 +494,7 @@ def test_default_model_converts(tmp_path):
     r = gguf.GGUFReader(src)
     q = next(x for x in r.tensors if x.name == "blk.0.attn_q.weight")
     gq = gguf.quants.dequantize(q.data, q.tensor_type).reshape(9, 32, 2, 576)
-    ours = np.asarray(mf.tensors["blk.0.attn_qkv"][:576], dtype=np.float32).reshape(9, 2, 32, 576)
+    ours = np.asarray(mf.matrix("blk.0.attn_qkv")[:576], dtype=np.float32).reshape(9, 2, 32, 576)
     np.testing.assert_array_equal(ours[:, 0], gq[:, :, 0].astype(np.float16))
     np.testing.assert_array_equal(ours[:, 1], gq[:, :, 1].astype(np.float16))
 
@@ -767,7 +767,7 @@ def test_llama2c_checkpoint(tmp_path, monkeypatch, capsys, variant):
     assert c["architecture"] == "llama" and c["rope_theta"] == 10000.0 and c["rope_scaling"] is None
     np.testing.assert_allclose(mf.tensors["rope_freqs"], 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs), rtol=1e-6)
     # tensors: exact (the weights are f16 values); Q/K back in llama2.c's row order are the originals
-    T = {k: np.asarray(v, dtype=np.float32) for k, v in mf.tensors.items()}
+    T = {k: np.asarray(mf.matrix(k), dtype=np.float32) for k in mf.tensors}
     np.testing.assert_array_equal(T["tok_embd"], w["emb"])
     assert ("output" in T) != shared and (shared or np.array_equal(T["output"], w["wcls"]))
     np.testing.assert_array_equal(T["output_norm"], w["rms_final"])

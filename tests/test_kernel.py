@@ -16,8 +16,10 @@ from pyllm import format
 from reference import reference_logits
 from tiny import VARIANTS, make_tiny_model
 
-MAX_TOL, MEAN_TOL = 5e-3, 3e-4
-N_TOKENS = 70  # more than the kernel's 32-token block: several blocks per forward pass
+# max: a last-bit difference in a key or value can flip its f16 rounding in the cache; on
+# the 700-token case below the numpy f32 reference itself is 7.6e-3 from a float64 one
+MAX_TOL, MEAN_TOL = 1e-2, 3e-4
+N_TOKENS = 300  # more than the kernel's 128-token block: several blocks per forward pass
 
 
 @pytest.fixture(scope="session")
@@ -93,14 +95,14 @@ def test_incremental_equals_block(tiny_paths, variant):
     # uneven chunks, crossing the kernel's block boundaries
     m.reset()
     pos = 0
-    for size in (5, 1, 33, 2, 29):
+    for size in (5, 1, 133, 2, 29, 130):
         last = m.eval(ids[pos:pos + size])
         pos += size
-        assert np.abs(last - block[pos - 1]).max() < 1e-4, f"chunk ending at {pos}"
+        assert np.array_equal(last, block[pos - 1]), f"chunk ending at {pos}"
     assert pos == len(ids)
     # after reset the cache starts over
     m.reset()
-    assert np.abs(m.eval(ids[:10]) - block[9]).max() < 1e-4
+    assert np.array_equal(m.eval(ids[:10]), block[9])
     assert np.array_equal(m.logits(ids), block)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from pyllm import format
 
 BASE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=300,
-            max_seq_len=128, flags=0, sliding_window=0, norm_eps=1e-5)
+            max_seq_len=512, flags=0, sliding_window=0, norm_eps=1e-5)
 
 # the variants test_kernel.py runs (name -> overrides of BASE)
 VARIANTS = {
