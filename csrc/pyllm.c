@@ -86,7 +86,9 @@ typedef __m512 vec;
 #define vset1(s) _mm512_set1_ps(s)
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vsum(v) _mm512_reduce_add_ps(v)
+#define vstoreh(p, v) _mm256_storeu_si256((__m256i *)(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define vmax(a, b) _mm512_max_ps(a, b)
+#define vmin(a, b) _mm512_min_ps(a, b)
 #define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT)
 #define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -99,7 +101,9 @@ typedef __m256 vec;
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vset1(s) _mm256_set1_ps(s)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vstoreh(p, v) _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define vmax(a, b) _mm256_max_ps(a, b)
+#define vmin(a, b) _mm256_min_ps(a, b)
 #define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 static inline float vsum(__m256 v) {
@@ -118,7 +122,9 @@ typedef float32x4_t vec;
 #define vset1(s) vdupq_n_f32(s)
 #define vstore(p, v) vst1q_f32(p, v)
 #define vsum(v) vaddvq_f32(v)
+#define vstoreh(p, v) vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v)))
 #define vmax(a, b) vmaxq_f32(a, b)
+#define vmin(a, b) vminq_f32(a, b)
 #define vround(x) vrndnq_f32(x)
 #define vpow2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
 #else
@@ -131,7 +137,9 @@ typedef float vec;
 #define vset1(s) (s)
 #define vstore(p, v) (*(p) = (v))
 #define vsum(v) (v)
+#define vstoreh(p, v) (*(p) = f2h(v))
 #define vmax(a, b) ((a) > (b) ? (a) : (b))
+#define vmin(a, b) ((a) < (b) ? (a) : (b))
 #define vround(x) rintf(x)
 #define vpow2(n) pow2f(n)
 #define sfma(a, b, c) ((a) * (b) + (c))
@@ -143,10 +151,10 @@ typedef float vec;
 enum { BR = 16, NV = BR / VL }; /* matrices are stored in blocks of BR rows: NV vectors */
 #define ROWS16(r) (((uint64_t)(r) + BR - 1) / BR * BR)
 
-/* exp(x) for x <= 0 (Cephes' polynomial): 2^n p(r), n = round(x / ln 2), r = x - n ln 2. */
+/* exp(x) (Cephes' polynomial): 2^n p(r), n = round(x / ln 2), r = x - n ln 2; inf near overflow. */
 static inline float pow2f(float n) { uint32_t u = (uint32_t)((int)n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
 static inline vec vexp(vec x) {
-    x = vmax(x, vset1(-87.0f));
+    x = vmin(vmax(x, vset1(-87.0f)), vset1(88.9f));
     vec n = vround(x * vset1(1.44269504f)), r = vfma(n, vset1(2.12194440e-4f), vfma(n, vset1(-0.693359375f), x));
     vec p = vfma(vset1(1.9875691500e-4f), r, vset1(1.3981999507e-3f));
     p = vfma(p, r, vset1(8.3334519073e-3f));
@@ -386,11 +394,37 @@ static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, in
 #undef TILE
 }
 
+/* g[i] = silu(g[i]) * u[i] for i < n, in whole vectors (a short tail through a copy). */
+static void swiglu(float *g, const float *u, int n) {
+    for (int i = 0; i < n; i += VL) {
+        float a[VL], b[VL], *pa = i + VL <= n ? g + i : a;
+        const float *pb = i + VL <= n ? u + i : b;
+        if (pa == a) memcpy(a, g + i, (size_t)(n - i) * 4), memcpy(b, u + i, (size_t)(n - i) * 4);
+        vec x = vload(pa);
+        vstore(pa, x * vload(pb) / (vset1(1.0f) + vexp(-x)));
+        if (pa == a) memcpy(g + i, a, (size_t)(n - i) * 4);
+    }
+}
+
 static void rmsnorm(float *o, const float *x, const f16 *w, int n, float eps) {
-    float ss = 0;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    float s = 1.0f / sqrtf(ss / n + eps);
-    for (int i = 0; i < n; i++) o[i] = x[i] * s * h2f(w[i]);
+    vec acc = vzero();
+    int i = 0;
+    for (; i + VL <= n; i += VL) acc = vfma(vload(x + i), vload(x + i), acc);
+    float ss = vsum(acc), s;
+    for (int j = i; j < n; j++) ss += x[j] * x[j];
+    s = 1.0f / sqrtf(ss / n + eps);
+    for (i = 0; i + VL <= n; i += VL) vstore(o + i, vload(x + i) * vset1(s) * vloadh(w + i));
+    for (; i < n; i++) o[i] = x[i] * s * h2f(w[i]);
+}
+
+/* o[i * stride] = x[i] rounded to f16, i < n. */
+static void to_f16(f16 *o, size_t stride, const float *x, int n) {
+    int i = 0;
+    for (f16 h[VL]; i + VL <= n; i += VL) {
+        vstoreh(h, vload(x + i));
+        for (int u = 0; u < VL; u++) o[(size_t)(i + u) * stride] = h[u];
+    }
+    for (; i < n; i++) o[(size_t)i * stride] = f2h(x[i]);
 }
 
 /* Rotate-half RoPE: pairs (i, i + hd/2) by the angle in cs = [cos..., sin...]. */
@@ -607,8 +641,7 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
         if (j->op == OP_GATE_UP) { /* up's blocks follow gate's: hb = silu(gate) * up */
             size_t hid = (size_t)j->n_out, r1 = (size_t)b1 * BR < hid ? (size_t)b1 * BR : hid;
             matmul_rows(j->w + ROWS16(hid) * j->n, j->n, j->x, j->T, m->hb2, j->ldy, j->n_out, NULL, 0, b0, b1, wf);
-            for (int t = 0; t < j->T; t++)
-                for (size_t r = (size_t)b0 * BR; r < r1; r++) j->y[t * hid + r] *= m->hb2[t * hid + r] / (1.0f + expf(-j->y[t * hid + r]));
+            for (int t = 0; t < j->T; t++) swiglu(j->y + t * hid + b0 * BR, m->hb2 + t * hid + b0 * BR, (int)(r1 - (size_t)b0 * BR));
         }
     }
 }
@@ -648,10 +681,8 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
                 rope(k + i * hd, m->rope + t * hd, hd);
                 size_t base = ((size_t)l * h->n_kv_heads + i) * m->n_ctx * hd, p = (size_t)(pos + t);
                 f16 *kc = m->k_cache + ((size_t)l * h->n_kv_heads + i) * m->k_head + p / KB * KB * hd + p % KB;
-                for (int e = 0; e < hd; e++) {
-                    kc[e * KB] = f2h(k[i * hd + e]);
-                    m->v_cache[base + p * hd + e] = f2h(v[i * hd + e]);
-                }
+                to_f16(kc, KB, k + i * hd, hd);
+                to_f16(m->v_cache + base + p * hd, 1, v + i * hd, hd);
             }
         }
         int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR, nseg = (pos + T + m->seg - 1) / m->seg;
