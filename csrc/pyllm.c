@@ -650,8 +650,9 @@ static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const 
                    float *y, int n_out, int add) {
     /* ~4 chunks of blocks a thread (prefill: whole panels): long chunks keep decode's streams
        long (16 a thread ran 10% slower), the shared counter still evens out a slow thread */
-    int nb = (n_out + BR - 1) / BR, chunk = T == 1 ? nb / (m->n_threads * 4) : nb / (m->n_threads * 4 * RB) * RB;
-    if (chunk < (T == 1 ? 1 : RB)) chunk = T == 1 ? 1 : RB;
+    int nb = (n_out + BR - 1) / BR, unit = T == 1 ? 4 : RB; /* decode: 4 streams; prefill: whole panels */
+    int chunk = (nb / (m->n_threads * 4) + unit - 1) / unit * unit;
+    if (chunk < unit) chunk = unit;
     job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .chunk = chunk,
                .n_chunks = (nb + chunk - 1) / chunk, .w = w, .bias = bias, .x = x, .y = y};
     pool_run(m->pool, &j);
