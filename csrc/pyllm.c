@@ -720,37 +720,3 @@ int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logi
     }
     return 0;
 }
-
-/* ---- read bandwidth, for the roofline in `pyllm bench --roofline` ---- */
-typedef struct { const float *p; size_t n; int reps; float sum; } bw_arg;
-static void *bw_worker(void *arg) {
-    bw_arg *a = arg;
-    vec acc[8];
-    for (int k = 0; k < 8; k++) acc[k] = vzero();
-    for (int r = 0; r < a->reps; r++)
-        for (size_t i = 0; i + 8 * VL <= a->n; i += 8 * VL)
-            for (int k = 0; k < 8; k++) acc[k] = vfma(vload(a->p + i + k * VL), vset1(1.0f), acc[k]);
-    for (int k = 0; k < 8; k++) a->sum += vsum(acc[k]);
-    return NULL;
-}
-
-double pyllm_read_bandwidth(long long bytes, int nth, int reps) {
-    if (nth < 1 || nth > MAX_THREADS || bytes < 1 << 20 || reps < 1) return -1;
-    size_t n = (size_t)bytes / 4;
-    float *buf = alloc(n * 4);
-    if (!buf) return -1;
-    for (size_t i = 0; i < n; i++) buf[i] = 1.0f;
-    pthread_t th[MAX_THREADS];
-    bw_arg args[MAX_THREADS];
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (int i = 0; i < nth; i++) {
-        args[i] = (bw_arg){buf + n / nth * i, n / nth, reps, 0};
-        pthread_create(&th[i], NULL, bw_worker, &args[i]);
-    }
-    for (int i = 0; i < nth; i++) pthread_join(th[i], NULL);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    free(buf);
-    double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
-    return (double)(n / nth * nth) * 4.0 * reps / s;
-}

@@ -17,5 +17,6 @@ int pyllm_n_threads(const pyllm_model *m);
 const char *pyllm_simd(void);  /* the vector path compiled in: "avx512", "avx2", "neon", "scalar" */
 void pyllm_close(pyllm_model *m);
 
-/* Read bandwidth in bytes/s: n_threads threads each summing its share of `bytes`. */
+/* Read bandwidth in bytes/s: n_threads threads each summing its share of `bytes`
+   (csrc/bandwidth.c: it measures the machine, for `pyllm bench --roofline`). */
 double pyllm_read_bandwidth(long long bytes, int n_threads, int reps);
