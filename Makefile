@@ -9,7 +9,7 @@ THREADS ?=
 ARGS ?=
 PROMPT ?= The capital of France is
 
-.PHONY: install dev weights run chat test test-paths test-asan test-neon fixtures bench compare clean
+.PHONY: install dev weights run chat test test-paths test-clang test-asan test-neon fixtures bench compare clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h csrc/bandwidth.c
@@ -46,7 +46,7 @@ chat: weights
 
 test: dev weights
 	$(PY) -m pytest -q tests --ignore=tests/test_cross.py
-	$(MAKE) test-paths test-asan test-neon
+	$(MAKE) test-paths test-clang test-asan test-neon
 
 # the other vector paths must build and agree with the reference too: the plain C path
 # everywhere, and AVX2 (x86-64-v3) on x86-64 machines that have AVX-512
@@ -58,6 +58,14 @@ test-paths: dev
 	  (cd build/$$arch && ../../$(PY) -c "from pyllm._pyllm import ffi, lib; print('kernel path:', ffi.string(lib.pyllm_simd()).decode())") && \
 	  (cd build/$$arch && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py) || exit 1; \
 	done
+
+# the kernel built by clang (macOS's compiler) must agree too; Debian/Ubuntu hosts install it
+test-clang: dev
+	@command -v clang >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq clang >/dev/null; }
+	rm -rf build/clang && mkdir -p build/clang && cp -r pyllm csrc build/clang/ && rm -f build/clang/pyllm/_pyllm*.so
+	cd build/clang && CC=clang ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)
+	! grep -A3 "csrc/.*warning" build/clang/build.log
+	cd build/clang && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py
 
 # the arm64 NEON path, cross-compiled and run under qemu (Debian/Ubuntu x86-64 hosts; an
 # arm64 machine tests NEON natively in the targets above)

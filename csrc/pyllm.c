@@ -142,6 +142,7 @@ typedef float vec;
 #define vmin(a, b) ((a) < (b) ? (a) : (b))
 #define vround(x) rintf(x)
 #define vpow2(n) pow2f(n)
+static inline float pow2f(float n) { uint32_t u = (uint32_t)((int)n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
 #define sfma(a, b, c) ((a) * (b) + (c))
 #endif
 #ifndef sfma /* scalar twin of one vfma lane, so vector and tail positions round alike */
@@ -152,7 +153,6 @@ enum { BR = 16, NV = BR / VL }; /* matrices are stored in blocks of BR rows: NV 
 #define ROWS16(r) (((uint64_t)(r) + BR - 1) / BR * BR)
 
 /* exp(x) (Cephes' polynomial): 2^n p(r), n = round(x / ln 2), r = x - n ln 2; inf near overflow. */
-static inline float pow2f(float n) { uint32_t u = (uint32_t)((int)n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
 static inline vec vexp(vec x) {
     x = vmin(vmax(x, vset1(-87.0f)), vset1(88.9f));
     vec n = vround(x * vset1(1.44269504f)), r = vfma(n, vset1(2.12194440e-4f), vfma(n, vset1(-0.693359375f), x));
