@@ -335,13 +335,16 @@ const char *pyllm_simd(void) { return SIMD; }
    padded with zeros): one vector holds BR rows at input k, so no horizontal sums, and every
    output is a single FMA chain over k in order, whatever the tile, thread count or ISA.
    y[t][row] (+)= W[row] . x[t] for the blocks' rows < n_out and tokens t < nt: NB blocks
-   bq blocks apart (f16 w; or if NT > 1, an f32 panel wf of adjacent blocks) by NT tokens. */
+   bq blocks apart (f16 w; or if NT > 1, an f32 panel wf of adjacent blocks) by NT tokens.
+   pf: a line every 8 inputs from there is prefetched (the next panel, a slice per tile). */
 static inline __attribute__((always_inline)) void tile(const f16 *w, const float *wf, int n, int bq, const float *x, int nt,
-                                                       float *y, int ldy, int r0, int n_out, const f16 *bias, int add, int NB, int NT) {
+                                                       float *y, int ldy, int r0, int n_out, const f16 *bias, int add,
+                                                       const f16 *pf, int NB, int NT) {
     vec acc[4 * NV][TT];
     for (int v = 0; v < NB * NV; v++)
         for (int t = 0; t < NT; t++) acc[v][t] = vzero();
     for (int k = 0; k < n; k++) {
+        if (pf && k % 8 == 0) __builtin_prefetch(pf + k / 8 * 32, 0, 2);
         vec wv[4 * NV];
         for (int v = 0; v < NB * NV; v++) {
             size_t o = ((size_t)(v / NV) * bq * n + k) * BR + v % NV * VL;
@@ -352,13 +355,19 @@ static inline __attribute__((always_inline)) void tile(const f16 *w, const float
             for (int v = 0; v < NB * NV; v++) acc[v][t] = vfma(wv[v], xt, acc[v][t]);
         }
     }
-    for (int b = 0; b < NB; b++)
+    for (int b = 0, r = r0; b < NB; b++, r += bq * BR)
         for (int t = 0; t < nt; t++) {
             float s[BR], *o = y + (size_t)t * ldy;
-            for (int v = 0; v < NV; v++) vstore(s + v * VL, acc[b * NV + v][t]);
-            for (int i = 0, r = r0 + b * bq * BR; i < BR && r < n_out; i++, r++) {
-                float z = bias ? s[i] + h2f(bias[r]) : s[i];
-                o[r] = add ? o[r] + z : z;
+            for (int v = 0; r + BR <= n_out && v < NV; v++) { /* a whole block as vectors, else lane by lane */
+                vec z = acc[b * NV + v][t];
+                if (bias) z = z + vloadh(bias + r + v * VL);
+                if (add) z = vload(o + r + v * VL) + z;
+                vstore(o + r + v * VL, z);
+            }
+            for (int v = 0; r + BR > n_out && v < NV; v++) vstore(s + v * VL, acc[b * NV + v][t]);
+            for (int i = 0; r + BR > n_out && i < BR && r + i < n_out; i++) {
+                float z = bias ? s[i] + h2f(bias[r + i]) : s[i];
+                o[r + i] = add ? o[r + i] + z : z;
             }
         }
 }
@@ -368,27 +377,26 @@ static inline __attribute__((always_inline)) void tile(const f16 *w, const float
    the range apart, 4 long sequential streams (one reached ~70% of the bandwidth). */
 static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, int n_out, const f16 *bias,
                         int add, int b0, int b1, float *wf) {
-#define TILE(b, t, wf, bq, nt, NB, NT) \
-    tile(w + (size_t)(b) * BR * n, wf, n, bq, x + (size_t)(t) * n, nt, y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, NB, NT)
+#define TILE(b, t, wf, bq, nt, pf, NB, NT) \
+    tile(w + (size_t)(b) * BR * n, wf, n, bq, x + (size_t)(t) * n, nt, y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, pf, NB, NT)
 #define PANEL(b, nb) for (int i = 0; i < (nb) * BR * n; i += VL) vstore(wf + i, vloadh(w + (size_t)(b) * BR * n + i))
     int b = b0, q = (b1 - b0) / 4;
     if (T == 1) {
-        for (; b < b0 + q; b++) TILE(b, 0, NULL, q, 1, 4, 1);
-        for (b = b0 + 4 * q; b < b1; b++) TILE(b, 0, NULL, 1, 1, 1, 1);
+        for (; b < b0 + q; b++) TILE(b, 0, NULL, q, 1, NULL, 4, 1);
+        for (b = b0 + 4 * q; b < b1; b++) TILE(b, 0, NULL, 1, 1, NULL, 1, 1);
         return;
     }
     for (; b + RB <= b1; b += RB) {
         PANEL(b, RB);
-        const f16 *next = w + (size_t)(b + RB) * BR * n; /* fetched a slice per tile while this panel works */
-        int lines = b + RB < b1 ? RB * BR * n / 32 : 0, per = (lines + (T + TT - 1) / TT - 1) / ((T + TT - 1) / TT);
-        for (int t = 0, l = 0; t < T; t += TT) {
-            for (int e = l + per; l < e && l < lines; l++) __builtin_prefetch(next + (size_t)l * 32, 0, 2);
-            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, RB, TT);
+        const f16 *next = w + (size_t)(b + RB) * BR * n; /* n / 8 lines of it a tile */
+        for (int t = 0; t < T; t += TT) {
+            size_t l = (size_t)t / TT * (n / 8); /* lines of the next panel before this tile's slice */
+            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, b + RB < b1 && l < (size_t)RB * BR * n / 32 ? next + l * 32 : NULL, RB, TT);
         }
     }
     for (; b < b1; b++) {
         PANEL(b, 1);
-        for (int t = 0; t < T; t += TT) TILE(b, t, wf, 1, T - t < TT ? T - t : TT, 1, TT);
+        for (int t = 0; t < T; t += TT) TILE(b, t, wf, 1, T - t < TT ? T - t : TT, NULL, 1, TT);
     }
 #undef PANEL
 #undef TILE
