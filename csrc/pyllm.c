@@ -556,7 +556,7 @@ static void merge_segments(pyllm_model *m, int T, int tiles, int nseg) {
 #define relax() ((void)0)
 #endif
 typedef struct {
-    int op, layer, T, pos, add, n, n_out, ldy, chunk, n_chunks;
+    int op, layer, T, pos, add, n, n_out, ldy, n_chunks;
     const f16 *w, *bias;
     const float *x;
     float *y;
@@ -635,15 +635,33 @@ static void pool_free(pool_t *p) {
 /* ---- forward ---- */
 enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND };
 
+/* The next blocks of a matmul for a thread: guided, a 2 * threads'th of what is left in
+   multiples of unit, so chunks are long early (long streams, prefetched panels) and short
+   at the end (the threads finish together; a slow thread delays only a short chunk). */
+static int grab(atomic_int *next, int total, int unit, int nth, int *start) {
+    int b = atomic_load_explicit(next, memory_order_relaxed), n;
+    do {
+        if (b >= total) return 0;
+        n = (total - b) / (2 * nth) / unit * unit;
+        n = n < unit ? unit : n;
+        n = n < total - b ? n : total - b;
+    } while (!atomic_compare_exchange_weak_explicit(next, &b, b + n, memory_order_relaxed, memory_order_relaxed));
+    *start = b;
+    return n;
+}
+
 static void run_job(pyllm_model *m, job_t *j, int tid) {
-    for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n_chunks;) {
-        if (j->op == OP_ATTEND) { /* a chunk: QR query rows of one KV head, one segment */
+    if (j->op == OP_ATTEND) { /* a chunk: QR query rows of one KV head, one segment */
+        for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n_chunks;) {
             int tiles = (j->T * (int)(m->h.n_heads / m->h.n_kv_heads) + QR - 1) / QR, nseg = j->n;
             attend(m, j->layer, c / nseg / tiles, c / nseg % tiles * QR, j->pos, j->T, c % nseg,
                    m->scratch + tid * m->ld_scratch, m->part + (size_t)c * QR * (m->h.head_dim + 2));
-            continue;
         }
-        int nb = (j->n_out + BR - 1) / BR, b0 = c * j->chunk, b1 = b0 + j->chunk < nb ? b0 + j->chunk : nb;
+        return;
+    }
+    /* blocks in groups of 4 for decode's 4 streams, of RB for prefill's panels */
+    for (int b0, nb = (j->n_out + BR - 1) / BR, len; (len = grab(&j->next, nb, j->T == 1 ? 4 : RB, m->n_threads, &b0));) {
+        int b1 = b0 + len;
         float *wf = m->scratch + tid * m->ld_scratch;
         matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->n_out, j->bias, j->add, b0, b1, wf);
         if (j->op == OP_GATE_UP) { /* up's blocks follow gate's: hb = silu(gate) * up */
@@ -656,13 +674,7 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
 
 static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const float *x, int n, int T,
                    float *y, int n_out, int add) {
-    /* ~4 chunks of blocks a thread (prefill: whole panels): long chunks keep decode's streams
-       long (16 a thread ran 10% slower), the shared counter still evens out a slow thread */
-    int nb = (n_out + BR - 1) / BR, unit = T == 1 ? 4 : RB; /* decode: 4 streams; prefill: whole panels */
-    int chunk = (nb / (m->n_threads * 4) + unit - 1) / unit * unit;
-    if (chunk < unit) chunk = unit;
-    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .chunk = chunk,
-               .n_chunks = (nb + chunk - 1) / chunk, .w = w, .bias = bias, .x = x, .y = y};
+    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .w = w, .bias = bias, .x = x, .y = y};
     pool_run(m->pool, &j);
 }
 
