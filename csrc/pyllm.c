@@ -391,7 +391,7 @@ static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, in
         const f16 *next = w + (size_t)(b + RB) * BR * n; /* n / 8 lines of it a tile */
         for (int t = 0; t < T; t += TT) {
             size_t l = (size_t)t / TT * (n / 8); /* lines of the next panel before this tile's slice */
-            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, b + RB < b1 && l < (size_t)RB * BR * n / 32 ? next + l * 32 : NULL, RB, TT);
+            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, (b + RB) * BR < n_out && l < (size_t)RB * BR * n / 32 ? next + l * 32 : NULL, RB, TT);
         }
     }
     for (; b < b1; b++) {
@@ -402,16 +402,12 @@ static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, in
 #undef TILE
 }
 
-/* g[i] = silu(g[i]) * u[i] for i < n, in whole vectors (a short tail through a copy). */
+/* g[i] = silu(g[i]) * u[i] for i < n. A chunk starts on a block, so a row is in the same
+   lane or tail at any chunking: prefill and decode round alike. */
 static void swiglu(float *g, const float *u, int n) {
-    for (int i = 0; i < n; i += VL) {
-        float a[VL], b[VL], *pa = i + VL <= n ? g + i : a;
-        const float *pb = i + VL <= n ? u + i : b;
-        if (pa == a) memcpy(a, g + i, (size_t)(n - i) * 4), memcpy(b, u + i, (size_t)(n - i) * 4);
-        vec x = vload(pa);
-        vstore(pa, x * vload(pb) / (vset1(1.0f) + vexp(-x)));
-        if (pa == a) memcpy(g + i, a, (size_t)(n - i) * 4);
-    }
+    int i = 0;
+    for (vec x; i + VL <= n; i += VL) x = vload(g + i), vstore(g + i, x * vload(u + i) / (vset1(1.0f) + vexp(-x)));
+    for (; i < n; i++) g[i] = g[i] * u[i] / (1.0f + expf(-g[i]));
 }
 
 static void rmsnorm(float *o, const float *x, const f16 *w, int n, float eps) {
