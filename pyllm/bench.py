@@ -84,7 +84,16 @@ def default_threads():
 
 # ---------- what the machine and the file say ----------
 def peak_rss_bytes():
-    """The process's peak resident set: ru_maxrss is kB on Linux, bytes on macOS."""
+    """The process's peak resident set. Linux: VmHWM, this program's own peak (ru_maxrss also
+    keeps the peak of the process it was exec'd from: a big parent inflates a child's);
+    elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024
 

@@ -86,8 +86,13 @@ def t_bytes(t):
 
 
 def test_peak_rss_units(monkeypatch):
+    """Without /proc (macOS), ru_maxrss: kB on Linux, bytes on macOS."""
     class R:
         ru_maxrss = 1000
+
+    def no_proc(path, *a, **k):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(bench, "open", no_proc, raising=False)
     monkeypatch.setattr(bench.resource, "getrusage", lambda who: R)
     monkeypatch.setattr(bench.sys, "platform", "linux")
     assert bench.peak_rss_bytes() == 1000 * 1024  # kB on Linux
@@ -111,3 +116,15 @@ def test_errors(model, capsys):
     assert "nothing to run" in capsys.readouterr().err
     assert cli.main(["bench", model, "-p", "16", "-n", "0", "-d", "100000"]) == 1
     assert "context" in capsys.readouterr().err
+
+
+def test_peak_rss_is_the_process_own():
+    """A worker started by a big process (compare.py's coordinator after writing a GGUF)
+    reports its own peak, not its parent's: ru_maxrss survives exec on Linux."""
+    import subprocess
+
+    import numpy as np
+    big = np.ones((400 << 20) // 8)  # 400 MiB resident in this process
+    code = "from pyllm.bench import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < big.nbytes // 2
