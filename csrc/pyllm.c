@@ -373,10 +373,11 @@ static inline __attribute__((always_inline)) void tile(const f16 *w, const float
 }
 
 /* Blocks [b0, b1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: RB blocks converted to f32 once
-   (wf), then tiles of TT tokens (x has rows to spare past T). Decode: blocks a quarter of
+   (wf), then tiles of TT tokens (x has rows to spare past T); the last panel prefetches
+   `after` (the thread's next one, or NULL). Decode: blocks a quarter of
    the range apart, 4 long sequential streams (one reached ~70% of the bandwidth). */
 static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, int n_out, const f16 *bias,
-                        int add, int b0, int b1, float *wf) {
+                        int add, int b0, int b1, float *wf, const f16 *after) {
 #define TILE(b, t, wf, bq, nt, pf, NB, NT) \
     tile(w + (size_t)(b) * BR * n, wf, n, bq, x + (size_t)(t) * n, nt, y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, pf, NB, NT)
 #define PANEL(b, nb) for (int i = 0; i < (nb) * BR * n; i += VL) vstore(wf + i, vloadh(w + (size_t)(b) * BR * n + i))
@@ -388,10 +389,10 @@ static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, in
     }
     for (; b + RB <= b1; b += RB) {
         PANEL(b, RB);
-        const f16 *next = w + (size_t)(b + RB) * BR * n; /* n / 8 lines of it a tile */
+        const f16 *next = b + 2 * RB <= b1 ? w + (size_t)(b + RB) * BR * n : after; /* n / 8 lines of it a tile */
         for (int t = 0; t < T; t += TT) {
             size_t l = (size_t)t / TT * (n / 8); /* lines of the next panel before this tile's slice */
-            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, (b + RB) * BR < n_out && l < (size_t)RB * BR * n / 32 ? next + l * 32 : NULL, RB, TT);
+            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, next && l < (size_t)RB * BR * n / 32 ? next + l * 32 : NULL, RB, TT);
         }
     }
     for (; b < b1; b++) {
@@ -655,14 +656,19 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
         }
         return;
     }
-    /* blocks in groups of 4 for decode's 4 streams, of RB for prefill's panels */
-    for (int b0, nb = (j->n_out + BR - 1) / BR, len; (len = grab(&j->next, nb, j->T == 1 ? 4 : RB, m->n_threads, &b0));) {
+    /* blocks in groups of 4 for decode's 4 streams, of RB for prefill's panels; the next
+       chunk is taken a chunk early, so its first panel is prefetched by this one's last */
+    int nb = (j->n_out + BR - 1) / BR, unit = j->T == 1 ? 4 : RB, b0, len = grab(&j->next, nb, unit, m->n_threads, &b0);
+    const f16 *up = j->w + ROWS16(j->n_out) * j->n; /* OP_GATE_UP: up's blocks follow gate's */
+    for (int nb0, nlen; len; b0 = nb0, len = nlen) {
         int b1 = b0 + len;
         float *wf = m->scratch + tid * m->ld_scratch;
-        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->n_out, j->bias, j->add, b0, b1, wf);
-        if (j->op == OP_GATE_UP) { /* up's blocks follow gate's: hb = silu(gate) * up */
+        const f16 *after = (nlen = grab(&j->next, nb, unit, m->n_threads, &nb0)) ? j->w + (size_t)nb0 * BR * j->n : NULL;
+        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->n_out, j->bias, j->add, b0, b1, wf,
+                    j->op == OP_GATE_UP ? up + (size_t)b0 * BR * j->n : after);
+        if (j->op == OP_GATE_UP) { /* hb = silu(gate) * up */
             size_t hid = (size_t)j->n_out, r1 = (size_t)b1 * BR < hid ? (size_t)b1 * BR : hid;
-            matmul_rows(j->w + ROWS16(hid) * j->n, j->n, j->x, j->T, m->hb2, j->ldy, j->n_out, NULL, 0, b0, b1, wf);
+            matmul_rows(up, j->n, j->x, j->T, m->hb2, j->ldy, j->n_out, NULL, 0, b0, b1, wf, after);
             for (int t = 0; t < j->T; t++) swiglu(j->y + t * hid + b0 * BR, m->hb2 + t * hid + b0 * BR, (int)(r1 - (size_t)b0 * BR));
         }
     }
