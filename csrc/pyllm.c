@@ -374,8 +374,8 @@ static inline __attribute__((always_inline)) void tile(const f16 *w, const float
 
 /* Blocks [b0, b1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: RB blocks converted to f32 once
    (wf), then tiles of TT tokens (x has rows to spare past T); the last panel prefetches
-   `after` (the thread's next one, or NULL). Decode: blocks a quarter of
-   the range apart, 4 long sequential streams (one reached ~70% of the bandwidth). */
+   `after` (the thread's next one, or NULL). Decode: blocks a quarter of the range apart,
+   4 long sequential streams (one reached ~70% of the bandwidth). */
 static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, int n_out, const f16 *bias,
                         int add, int b0, int b1, float *wf, const f16 *after) {
 #define TILE(b, t, wf, bq, nt, pf, NB, NT) \
