@@ -225,7 +225,8 @@ def read(path, map_tensors=True):
                 raise FormatError(f"{path}: truncated header")
             (_, version, hsize, *rest) = _HEADER.unpack_from(head)
             if version != VERSION:
-                raise FormatError(f"{path}: format version {version}, this pyllm reads version {VERSION}")
+                raise FormatError(f"{path}: format version {version}, this pyllm reads version {VERSION} "
+                                  "(convert the model again with `pyllm convert`)")
             ints, (eps, _r, n_t, t_off, m_off, m_size, f_size) = rest[:10], rest[10:]
             cfg = dict(zip(HEADER_INTS, ints), norm_eps=eps)
             if f_size != size:

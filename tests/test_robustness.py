@@ -43,6 +43,8 @@ def test_missing_foreign_and_truncated_files(tiny, tmp_path, default_gguf):
     one_error_line(run("info", str(tmp_path / "empty.bin")))
     one_error_line(run("convert", str(tmp_path / "empty.bin"), str(tmp_path / "out.bin")))
     assert not (tmp_path / "out.bin").exists()
+    (tmp_path / "v1.bin").write_bytes(data[:8] + (1).to_bytes(4, "little") + data[12:])  # row-major matrices
+    one_error_line(run("generate", str(tmp_path / "v1.bin"), "hi"), "format version 1", "convert the model again")
 
 
 def test_prompt_and_limits(tiny):
