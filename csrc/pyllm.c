@@ -78,7 +78,7 @@ static f16 f2h(float f) { /* round to nearest even */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
-enum { VL = 16, TR = 4, RB = 3, TT = 8 }; /* as registers allow: TR attention o vectors; RB x 16 rows by TT tokens a matmul tile */
+enum { VL = 16, TR = 4, PV = 4, RB = 3, TT = 8 }; /* as registers allow: TR attention o vectors, PV score vectors; RB x 16 rows by TT tokens a matmul tile */
 typedef __m512 vec;
 #define vload(p) _mm512_loadu_ps(p)
 #define vloadh(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
@@ -94,7 +94,7 @@ typedef __m512 vec;
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
-enum { VL = 8, TR = 2, RB = 1, TT = 6 };
+enum { VL = 8, TR = 2, PV = 2, RB = 1, TT = 6 };
 typedef __m256 vec;
 #define vload(p) _mm256_loadu_ps(p)
 #define vloadh(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
@@ -114,7 +114,7 @@ static inline float vsum(__m256 v) {
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define SIMD "neon"
-enum { VL = 4, TR = 4, RB = 1, TT = 6 };
+enum { VL = 4, TR = 4, PV = 4, RB = 1, TT = 6 };
 typedef float32x4_t vec;
 #define vload(p) vld1q_f32(p)
 #define vloadh(p) vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))
@@ -129,7 +129,7 @@ typedef float32x4_t vec;
 #define vpow2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
 #else
 #define SIMD "scalar"
-enum { VL = 1, TR = 4, RB = 1, TT = 4 };
+enum { VL = 1, TR = 4, PV = 4, RB = 1, TT = 4 };
 typedef float vec;
 #define vload(p) (*(p))
 #define vloadh(p) h2f(*(p))
@@ -473,23 +473,33 @@ static inline __attribute__((always_inline)) void weighted_sum(float *const *o, 
 
 /* s[k][j] = q[k] . K[j] for QR rows, j in [j0, j1] from j0's block on, whole vectors (s has
    room). K blocks of KB positions are dimension-major (kt[j / KB][i][j % KB]): one contiguous
-   read each (a [hd][n_ctx] K was hd streams), vectors along positions, no horizontal sums. */
+   read each, vectors along positions, no horizontal sums; PV vectors of positions per step,
+   so each q[k][i] broadcast serves PV FMAs (one per vector: the loop was load-bound). */
+static inline __attribute__((always_inline)) void scores_at(float *s, size_t lds, const f16 *kt, const float *const *q,
+                                                            int hd, int j, int n, int np) {
+    vec a[QR][PV];
+    for (int k = 0; k < n; k++)
+        for (int p = 0; p < np; p++) a[k][p] = vzero();
+    for (int i = 0; i < hd; i++) {
+        vec kv[PV];
+        for (int p = 0; p < np; p++) {
+            const f16 *kb = kt + (size_t)((j + p * VL) / KB) * KB * hd + (j + p * VL) % KB;
+            if (i % 2 == 0) __builtin_prefetch(kb + (size_t)PV * KB * hd + (size_t)i * KB); /* a step on */
+            kv[p] = vloadh(kb + (size_t)i * KB);
+        }
+        for (int k = 0; k < n; k++) {
+            vec qk = vset1(q[k][i]);
+            for (int p = 0; p < np; p++) a[k][p] = vfma(qk, kv[p], a[k][p]);
+        }
+    }
+    for (int k = 0; k < n; k++)
+        for (int p = 0; p < np; p++) vstore(s + k * lds + j + p * VL, a[k][p]);
+}
 static inline __attribute__((always_inline)) void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q,
                                                             int hd, int j0, int j1, int n) {
-    for (int j = j0 / KB * KB; j <= j1; j += VL) {
-        const f16 *kb = kt + (size_t)(j / KB) * KB * hd + j % KB;
-        vec a[QR], b[QR]; /* even and odd dimensions: twice the independent FMA chains */
-        for (int k = 0; k < n; k++) a[k] = b[k] = vzero();
-        for (int i = 0; i < hd; i += 2) {
-            if (j % KB == 0) __builtin_prefetch(kb + (size_t)4 * KB * hd + (size_t)i * KB); /* 4 blocks on */
-            vec ka = vloadh(kb + (size_t)i * KB), kb1 = vloadh(kb + (size_t)(i + 1) * KB);
-            for (int k = 0; k < n; k++) {
-                a[k] = vfma(vset1(q[k][i]), ka, a[k]);
-                b[k] = vfma(vset1(q[k][i + 1]), kb1, b[k]);
-            }
-        }
-        for (int k = 0; k < n; k++) vstore(s + k * lds + j, a[k] + b[k]);
-    }
+    int j = j0 / KB * KB;
+    for (; j1 - j >= PV * VL - 1; j += PV * VL) scores_at(s, lds, kt, q, hd, j, n, PV);
+    for (; j <= j1; j += VL) scores_at(s, lds, kt, q, hd, j, n, 1);
 }
 
 /* Attention for up to QR query rows of the block that share KV head kvh (row r of the
