@@ -15,6 +15,7 @@ PROMPT ?= The capital of France is
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h csrc/bandwidth.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install setuptools cffi wheel
+	rm -f pyllm/_pyllm*.so  # a stale build under another suffix (cffi 2 names it abi3) would shadow the new one
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 install: $(VENV)/.installed
