@@ -15,7 +15,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 /* ---- the file: a 128-byte header, then a table of {offset, nbytes} per tensor ---- */
@@ -28,6 +27,10 @@ typedef struct {
     uint64_t n_tensors, table_offset, meta_offset, meta_size, file_size;
 } header_t;
 enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 128, QR = 4, KB = 16, LIMIT = 1 << 20 };
+#ifndef MIN /* <sys/param.h> has the same two (and some systems' headers include it) */
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#endif
 
 typedef uint16_t f16;
 typedef struct {
@@ -45,7 +48,7 @@ struct pyllm_model {
     const float *rope_freqs;
     layer_t *layers;
     f16 *k_cache, *v_cache; /* [layer][kv_head]: K [n_ctx / KB][head_dim][KB], V [n_ctx][head_dim] */
-    float *act, *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* activations for a block: parts of act */
+    float *act, *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* a block's activations; with scratch and part: aligned parts of act */
     float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
     size_t ld_scratch;
     float *part; /* attention partials per (KV head, row tile, segment, row): o[hd], max, sum */
@@ -55,11 +58,9 @@ struct pyllm_model {
 
 /* ---- f16 <-> f32, scalar (any C11 compiler) and vector paths ---- */
 static float h2f(f16 h) {
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
-    if (e == 0 && m == 0) u = s;
-    else if (e == 0) { float f = (float)m * 0x1p-24f; return s ? -f : f; }
-    else if (e == 31) u = s | 0x7f800000 | (m << 13);
-    else u = s | ((e + 112) << 23) | (m << 13);
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 0) { float f = (float)m * 0x1p-24f; return s ? -f : f; } /* zero or subnormal */
+    uint32_t u = s | (e == 31 ? 0x7f800000 : (e + 112) << 23) | (m << 13); /* inf/nan or normal */
     float f;
     memcpy(&f, &u, 4);
     return f;
@@ -164,31 +165,24 @@ static inline vec vexp(vec x) {
     return vfma(p * r, r, r + vset1(1.0f)) * vpow2(n);
 }
 
-/* The largest of s[j0..j1] (-inf if empty): exact in any order. */
-static float max_of(const float *s, int j0, int j1) {
-    vec m = vset1(-INFINITY);
+/* s[j] = exp(s[j] - mx) for j in [j0, j1], in whole vectors (s has room), mx their largest
+   (exact in any order); out = {mx, the sum of the exponentials}, {-inf, 0} if the range is empty. */
+static void softmax_exp(float *s, int j0, int j1, float *out) {
+    vec m = vset1(-INFINITY), acc = vzero();
+    float o[VL], mx = -INFINITY, tail = 0;
     int j = j0;
     for (; j + VL <= j1 + 1; j += VL) m = vmax(m, vload(s + j));
-    float o[VL], mx = -INFINITY;
     vstore(o, m);
     for (int i = 0; i < VL; i++) mx = o[i] > mx ? o[i] : mx;
-    for (; j <= j1; j++) mx = s[j] > mx ? s[j] : mx;
-    return mx;
-}
-
-/* s[j] = exp(s[j] - mx) for j in [j0, j1], in whole vectors (s has room); returns their sum. */
-static float softmax_exp(float *s, int j0, int j1, float mx) {
-    vec acc = vzero();
-    float tail = 0;
-    int j = j0;
-    for (; j + VL <= j1 + 1; j += VL) {
+    for (int i = j; i <= j1; i++) mx = s[i] > mx ? s[i] : mx;
+    for (j = j0; j + VL <= j1 + 1; j += VL) {
         vec x = vexp(vload(s + j) - vset1(mx));
         vstore(s + j, x);
         acc = acc + x;
     }
     if (j <= j1) vstore(s + j, vexp(vload(s + j) - vset1(mx)));
     for (; j <= j1; j++) tail += s[j];
-    return vsum(acc) + tail;
+    out[0] = mx, out[1] = vsum(acc) + tail;
 }
 
 /* ---- open: validate every size before trusting an offset, then map ---- */
@@ -201,7 +195,7 @@ static int fail(char *err, int len, const char *fmt, ...) {
 }
 
 /* Walks the tensor table in canonical order (format.py tensor_layout): checks each
-   entry's size and bounds and, given a model, points the weights into the map. */
+   entry's size and bounds, and points the model's weights into the map. */
 static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char *err, int el) {
     const header_t *h = &m->h;
     uint64_t d = h->dim, qkv = (uint64_t)m->qkv_dim, end = h->meta_offset + h->meta_size;
@@ -238,77 +232,58 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
 static pool_t *pool_new(pyllm_model *m, int n);
 static void pool_free(pool_t *p);
 
-static void *alloc(size_t n) {
-    void *p = NULL;
-    return posix_memalign(&p, 64, n ? n : 64) ? NULL : p;
-}
+#define FAIL(...) do { fail(err, el, __VA_ARGS__); goto bad; } while (0) /* for pyllm_open */
 
 pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int el) {
     pyllm_model *m = calloc(1, sizeof *m);
     if (!m) { fail(err, el, "out of memory"); return NULL; }
     int fd = open(path, O_RDONLY);
     struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0) { fail(err, el, "%s: %s", path, strerror(errno)); goto bad; }
+    if (fd < 0 || fstat(fd, &st) != 0) FAIL("%s: %s", path, strerror(errno));
     size_t size = (size_t)st.st_size;
     header_t *h = &m->h;
-    if (size < sizeof *h || pread(fd, h, sizeof *h, 0) != (ssize_t)sizeof *h) {
-        fail(err, el, "%s: too short for a pyllm file", path); goto bad;
-    }
-    if (memcmp(h->magic, "PYLLM\0\0\0", 8)) { fail(err, el, "%s: not a pyllm file (bad magic)", path); goto bad; }
-    if (h->version != 2) {
-        fail(err, el, "%s: format version %u, this pyllm reads version 2 (convert the model again)", path, h->version); goto bad;
-    }
-    if (h->file_size != size) {
-        fail(err, el, "%s: file is %zu bytes, header says %llu (truncated?)", path, size,
-             (unsigned long long)h->file_size); goto bad;
-    }
+    if (size < sizeof *h || pread(fd, h, sizeof *h, 0) != (ssize_t)sizeof *h) FAIL("%s: too short for a pyllm file", path);
+    if (memcmp(h->magic, "PYLLM\0\0\0", 8)) FAIL("%s: not a pyllm file (bad magic)", path);
+    if (h->version != 2) FAIL("%s: format version %u, this pyllm reads version 2 (convert the model again)", path, h->version);
+    if (h->file_size != size)
+        FAIL("%s: file is %zu bytes, header says %llu (truncated?)", path, size, (unsigned long long)h->file_size);
     const uint32_t dims[] = {h->dim, h->n_layers, h->n_heads, h->n_kv_heads, h->head_dim,
                              h->hidden_dim, h->vocab, h->max_seq_len};
     for (int i = 0; i < 8; i++)
-        if (dims[i] == 0 || dims[i] >= LIMIT) { fail(err, el, "%s: header field %d out of range", path, i); goto bad; }
+        if (dims[i] == 0 || dims[i] >= LIMIT) FAIL("%s: header field %d out of range", path, i);
     if (h->header_size != 128 || h->n_heads % h->n_kv_heads || h->head_dim % 2 || !(h->norm_eps > 0) ||
         h->sliding_window >= LIMIT || h->n_tensors > 16ull * LIMIT || h->table_offset != 128 ||
-        h->meta_offset < 128 + 16 * h->n_tensors || h->meta_offset > size || h->meta_size > size - h->meta_offset) {
-        fail(err, el, "%s: inconsistent header", path); goto bad;
-    }
+        h->meta_offset < 128 + 16 * h->n_tensors || h->meta_offset > size || h->meta_size > size - h->meta_offset)
+        FAIL("%s: inconsistent header", path);
     m->q_dim = (int)(h->n_heads * h->head_dim);
     m->kv_dim = (int)(h->n_kv_heads * h->head_dim);
     m->qkv_dim = m->q_dim + 2 * m->kv_dim;
     m->n_ctx = n_ctx <= 0 || n_ctx > (int)h->max_seq_len ? (int)h->max_seq_len : n_ctx;
     m->map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-    if (m->map == MAP_FAILED) { m->map = NULL; fail(err, el, "%s: mmap: %s", path, strerror(errno)); goto bad; }
+    if (m->map == MAP_FAILED) { m->map = NULL; FAIL("%s: mmap: %s", path, strerror(errno)); }
     m->map_size = size;
-    close(fd);
-    fd = -1;
-    m->layers = calloc(h->n_layers, sizeof *m->layers);
-    if (!m->layers || bind_tensors(m, (const uint64_t *)((const char *)m->map + 128), size, err, el)) {
-        if (!m->layers) fail(err, el, "out of memory");
-        goto bad;
-    }
+    if (!(m->layers = calloc(h->n_layers, sizeof *m->layers))) FAIL("out of memory");
+    if (bind_tensors(m, (const uint64_t *)((const char *)m->map + 128), size, err, el)) goto bad;
     if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    m->n_threads = n_threads < 1 ? 1 : n_threads > MAX_THREADS ? MAX_THREADS : n_threads;
-    size_t kv = (size_t)h->n_layers * m->n_ctx * m->kv_dim, d = h->dim, hd = h->hidden_dim;
+    m->n_threads = MIN(MAX(n_threads, 1), MAX_THREADS);
     m->k_head = (size_t)(m->n_ctx + KB - 1) / KB * KB * h->head_dim;
     m->k_cache = calloc((size_t)h->n_layers * h->n_kv_heads * m->k_head, sizeof(f16)); /* resident as used */
-    m->v_cache = calloc(kv, sizeof(f16));
-    size_t sizes[] = {d, d, (size_t)m->qkv_dim, (size_t)m->q_dim, hd, hd, h->head_dim}, total = 0;
-    float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope};
-    for (int i = 0; i < 7; i++) total += ((BLOCK + TT) * sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned parts, */
-    m->act = alloc(total * 4); /* zeroed: a tile reads up to TT - 1 rows past a block's last token */
-    if (m->act) memset(m->act, 0, total * 4);
-    for (size_t i = 0, o = 0; m->act && i < 7; o += ((BLOCK + TT) * sizes[i++] + 15) & ~(size_t)15) *bufs[i] = m->act + o;
-    size_t n_in = d > hd ? d : hd; /* the longest matmul input: dim, hidden_dim or q_dim */
-    n_in = n_in > (size_t)m->q_dim ? n_in : (size_t)m->q_dim;
-    size_t panel = RB * BR * n_in, scores = (size_t)QR * (m->n_ctx + 16); /* score rows of whole vectors */
-    m->ld_scratch = panel > scores ? panel : scores;
-    m->scratch = alloc(m->n_threads * m->ld_scratch * 4);
-    m->seg = (m->n_ctx / 16 + KB - 1) / KB * KB; /* ~16 segments: decode attention splits across threads */
-    m->seg = m->seg < 256 ? 256 : m->seg;
-    size_t tiles = (BLOCK * (h->n_heads / h->n_kv_heads) + QR - 1) / QR;
-    m->part = alloc(h->n_kv_heads * tiles * ((m->n_ctx + m->seg - 1) / m->seg) * QR * (h->head_dim + 2) * 4);
-    if (!m->k_cache || !m->v_cache || !m->act || !m->scratch || !m->part || !(m->pool = pool_new(m, m->n_threads))) {
-        fail(err, el, "out of memory for a context of %d tokens", m->n_ctx); goto bad;
-    }
+    m->v_cache = calloc((size_t)h->n_layers * m->n_ctx * m->kv_dim, sizeof(f16));
+    size_t d = h->dim, hd = h->hidden_dim, n_in = MAX(MAX(d, hd), (size_t)m->q_dim); /* the longest matmul input */
+    m->ld_scratch = MAX(RB * BR * n_in, (size_t)QR * (m->n_ctx + 16)); /* a prefill panel or QR score rows (whole vectors) */
+    m->seg = MAX(256, (m->n_ctx / 16 + KB - 1) / KB * KB); /* ~16 segments: decode attention splits across threads */
+    size_t tiles = (BLOCK * (h->n_heads / h->n_kv_heads) + QR - 1) / QR, nseg = (m->n_ctx + m->seg - 1) / m->seg;
+    size_t rows = BLOCK + TT, total = 0; /* zeroed activation rows: a tile reads up to TT - 1 past a block's last token */
+    size_t sizes[] = {rows * d, rows * d, rows * m->qkv_dim, rows * m->q_dim, rows * hd, rows * hd, rows * h->head_dim,
+                      m->n_threads * m->ld_scratch, h->n_kv_heads * tiles * nseg * QR * (h->head_dim + 2)};
+    float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope, &m->scratch, &m->part};
+    for (int i = 0; i < 9; i++) total += (sizes[i] + 15) & ~(size_t)15; /* whole 64-byte lines each, */
+    m->act = calloc(total + 15, 4); /* + 15: room to align the first part (then all are aligned) */
+    if (!m->k_cache || !m->v_cache || !m->act || !(m->pool = pool_new(m, m->n_threads)))
+        FAIL("out of memory for a context of %d tokens", m->n_ctx);
+    float *p = (float *)(((uintptr_t)m->act + 63) & ~(uintptr_t)63);
+    for (int i = 0; i < 9; p += (sizes[i++] + 15) & ~(size_t)15) *bufs[i] = p;
+    close(fd);
     return m;
 bad:
     if (fd >= 0) close(fd);
@@ -320,7 +295,7 @@ void pyllm_close(pyllm_model *m) {
     if (!m) return;
     pool_free(m->pool);
     if (m->map) munmap(m->map, m->map_size);
-    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->act, m->scratch, m->part};
+    void *bufs[] = {m->layers, m->k_cache, m->v_cache, m->act};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(m);
 }
@@ -507,7 +482,7 @@ static inline __attribute__((always_inline)) void scores_kt(float *s, size_t lds
    writes each row's unnormalized o, its max score and its sum of exponentials to part. */
 static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int sg, float *scores, float *part) {
     int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
-    int n = T * g - r0 < QR ? T * g - r0 : QR, a[QR], b[QR], lo = INT32_MAX, hi = -1;
+    int n = MIN(T * g - r0, QR), a[QR], b[QR], lo = INT32_MAX, hi = -1;
     size_t base = ((size_t)l * m->h.n_kv_heads + kvh) * m->n_ctx * hd, lds = (size_t)m->n_ctx + 16;
     const float *q[QR];
     float *o[QR];
@@ -515,21 +490,19 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int s
         int r = r0 + k, t = r / g, h = kvh * g + r % g, p = pos + t;
         q[k] = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd;
         o[k] = part + (size_t)k * (hd + 2);
-        a[k] = sw && p + 1 > sw ? p + 1 - sw : 0; /* the row's positions, within the segment */
-        a[k] = a[k] > sg * m->seg ? a[k] : sg * m->seg;
-        b[k] = p < (sg + 1) * m->seg - 1 ? p : (sg + 1) * m->seg - 1;
-        if (a[k] <= b[k]) lo = a[k] < lo ? a[k] : lo, hi = b[k] > hi ? b[k] : hi;
+        a[k] = MAX(sw ? p + 1 - sw : 0, sg * m->seg); /* the row's positions, within the segment */
+        b[k] = MIN(p, (sg + 1) * m->seg - 1);
+        if (a[k] <= b[k]) lo = MIN(a[k], lo), hi = MAX(b[k], hi);
     }
-    for (int k = 0; k < n; k++) o[k][hd] = -INFINITY, o[k][hd + 1] = 0; /* stays so if no row sees sg */
     const f16 *kt = m->k_cache + ((size_t)l * m->h.n_kv_heads + kvh) * m->k_head;
 #define ROWS(call) (n == 1 ? call(1) : n == 2 ? call(2) : n == 3 ? call(3) : call(QR)) /* n constant inside */
 #define SCORES(nr) scores_kt(scores, lds, kt, q, hd, lo, hi, nr)
     ROWS(SCORES);
     for (int k = 0; k < n; k++) {
-        float *s = scores + k * lds, mx = max_of(s, a[k], b[k]);
-        if (a[k] <= b[k]) o[k][hd] = mx, o[k][hd + 1] = softmax_exp(s, a[k], b[k], mx);
+        float *s = scores + k * lds;
+        softmax_exp(s, a[k], b[k], o[k] + hd); /* o's max and sum: -inf and 0 if the row sees none of sg */
         for (int j = lo; j < a[k] && j <= hi; j++) s[j] = 0; /* zero weights outside the row's range */
-        for (int j = b[k] + 1 > lo ? b[k] + 1 : lo; j <= hi; j++) s[j] = 0;
+        for (int j = MAX(b[k] + 1, lo); j <= hi; j++) s[j] = 0;
     }
 #define WSUM(nr) weighted_sum(o, scores, lds, m->v_cache + base, hd, nr, lo, hi)
     ROWS(WSUM);
@@ -538,21 +511,20 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int s
 /* Each attention row's output from its segments' partials, merged in segment order. */
 static void merge_segments(pyllm_model *m, int T, int tiles, int nseg) {
     int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), ld = QR * (hd + 2);
-    for (int r = 0; r < (int)m->h.n_kv_heads * tiles * QR; r++) {
-        int kvh = r / (tiles * QR), rr = r % (tiles * QR);
-        if (rr >= T * g) continue;
-        float *o = m->att + (size_t)(rr / g) * m->q_dim + (size_t)(kvh * g + rr % g) * hd, mx = -INFINITY, sum = 0;
-        const float *pt = m->part + ((size_t)(kvh * tiles + rr / QR) * nseg * QR + rr % QR) * (hd + 2);
-        for (int s = 0; s < nseg; s++) mx = fmaxf(mx, pt[(size_t)s * ld + hd]);
-        memset(o, 0, (size_t)hd * 4);
-        for (int s = 0; s < nseg; s++) {
-            const float *ps = pt + (size_t)s * ld;
-            float w = ps[hd + 1] > 0 ? expf(ps[hd] - mx) : 0;
-            sum += w * ps[hd + 1];
-            for (int i = 0; i < hd; i++) o[i] += w * ps[i];
+    for (int kvh = 0; kvh < (int)m->h.n_kv_heads; kvh++)
+        for (int r = 0; r < T * g; r++) { /* row r of the group: token r / g, head kvh * g + r % g */
+            float *o = m->att + (size_t)(r / g) * m->q_dim + (size_t)(kvh * g + r % g) * hd, mx = -INFINITY, sum = 0;
+            const float *pt = m->part + ((size_t)(kvh * tiles + r / QR) * nseg * QR + r % QR) * (hd + 2);
+            for (int s = 0; s < nseg; s++) mx = fmaxf(mx, pt[(size_t)s * ld + hd]);
+            memset(o, 0, (size_t)hd * 4);
+            for (int s = 0; s < nseg; s++) {
+                const float *ps = pt + (size_t)s * ld;
+                float w = ps[hd + 1] > 0 ? expf(ps[hd] - mx) : 0;
+                sum += w * ps[hd + 1];
+                for (int i = 0; i < hd; i++) o[i] += w * ps[i];
+            }
+            for (int i = 0; i < hd; i++) o[i] /= sum;
         }
-        for (int i = 0; i < hd; i++) o[i] /= sum;
-    }
 }
 
 /* ---- threads: a persistent pool dealing chunks from a shared counter (a preempted thread
@@ -563,7 +535,7 @@ static void merge_segments(pyllm_model *m, int T, int tiles, int nseg) {
 #define relax() ((void)0)
 #endif
 typedef struct {
-    int op, layer, T, pos, add, n, n_out, ldy, n_chunks;
+    int op, layer, T, pos, add, n, n_out, n_chunks;
     const f16 *w, *bias;
     const float *x;
     float *y;
@@ -571,21 +543,19 @@ typedef struct {
 } job_t;
 static void run_job(pyllm_model *m, job_t *j, int tid);
 
-typedef struct { pool_t *p; int tid; } worker_arg;
 struct pool {
     pyllm_model *m;
-    worker_arg args[MAX_THREADS];
     int n;
     pthread_t th[MAX_THREADS];
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    atomic_int gen, done, quit;
-    job_t *job;
+    atomic_int gen, done, ids;
+    job_t *job; /* NULL: quit */
 };
 
 static void *worker(void *arg) {
-    pool_t *p = ((worker_arg *)arg)->p;
-    int tid = ((worker_arg *)arg)->tid, seen = 0;
+    pool_t *p = arg;
+    int tid = atomic_fetch_add(&p->ids, 1) + 1, seen = 0; /* 1.., as the threads start: a scratch area each */
     for (;;) {
         for (int spin = 0; atomic_load_explicit(&p->gen, memory_order_acquire) == seen; spin++) {
             if (spin < 2000) { relax(); continue; }
@@ -595,19 +565,20 @@ static void *worker(void *arg) {
             pthread_mutex_unlock(&p->mu);
         }
         seen = atomic_load(&p->gen);
-        if (atomic_load(&p->quit)) return NULL;
+        if (!p->job) return NULL;
         run_job(p->m, p->job, tid);
         atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
     }
 }
 
-static void pool_run(pool_t *p, job_t *job) {
+static void pool_run(pool_t *p, job_t *job) { /* job NULL: the workers quit */
     p->job = job;
     atomic_store(&p->done, 0);
     pthread_mutex_lock(&p->mu);
     atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
+    if (!job) return;
     run_job(p->m, job, 0);
     for (int spin = 0; atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1; spin++)
         if (spin < 2000) relax(); else sched_yield();
@@ -619,20 +590,14 @@ static pool_t *pool_new(pyllm_model *m, int n) {
     p->m = m;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    for (p->n = 1; p->n < n; p->n++) {
-        p->args[p->n] = (worker_arg){p, p->n};
-        if (pthread_create(&p->th[p->n], NULL, worker, &p->args[p->n])) break;
-    }
+    for (p->n = 1; p->n < n; p->n++)
+        if (pthread_create(&p->th[p->n], NULL, worker, p)) break;
     return p;
 }
 
 static void pool_free(pool_t *p) {
     if (!p) return;
-    atomic_store(&p->quit, 1);
-    pthread_mutex_lock(&p->mu);
-    atomic_fetch_add(&p->gen, 1);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
+    pool_run(p, NULL);
     for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
@@ -649,9 +614,7 @@ static int grab(atomic_int *next, int total, int unit, int nth, int *start) {
     int b = atomic_load_explicit(next, memory_order_relaxed), n;
     do {
         if (b >= total) return 0;
-        n = (total - b) / (2 * nth) / unit * unit;
-        n = n < unit ? unit : n;
-        n = n < total - b ? n : total - b;
+        n = MIN(MAX((total - b) / (2 * nth) / unit * unit, unit), total - b);
     } while (!atomic_compare_exchange_weak_explicit(next, &b, b + n, memory_order_relaxed, memory_order_relaxed));
     *start = b;
     return n;
@@ -674,11 +637,11 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
         int b1 = b0 + len;
         float *wf = m->scratch + tid * m->ld_scratch;
         const f16 *after = (nlen = grab(&j->next, nb, unit, m->n_threads, &nb0)) ? j->w + (size_t)nb0 * BR * j->n : NULL;
-        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->ldy, j->n_out, j->bias, j->add, b0, b1, wf,
+        matmul_rows(j->w, j->n, j->x, j->T, j->y, j->n_out, j->n_out, j->bias, j->add, b0, b1, wf,
                     j->op == OP_GATE_UP ? up + (size_t)b0 * BR * j->n : after);
         if (j->op == OP_GATE_UP) { /* hb = silu(gate) * up */
-            size_t hid = (size_t)j->n_out, r1 = (size_t)b1 * BR < hid ? (size_t)b1 * BR : hid;
-            matmul_rows(up, j->n, j->x, j->T, m->hb2, j->ldy, j->n_out, NULL, 0, b0, b1, wf, after);
+            size_t hid = (size_t)j->n_out, r1 = MIN((size_t)b1 * BR, hid);
+            matmul_rows(up, j->n, j->x, j->T, m->hb2, j->n_out, j->n_out, NULL, 0, b0, b1, wf, after);
             for (int t = 0; t < j->T; t++) swiglu(j->y + t * hid + b0 * BR, m->hb2 + t * hid + b0 * BR, (int)(r1 - (size_t)b0 * BR));
         }
     }
@@ -686,7 +649,7 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
 
 static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const float *x, int n, int T,
                    float *y, int n_out, int add) {
-    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .ldy = n_out, .w = w, .bias = bias, .x = x, .y = y};
+    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .w = w, .bias = bias, .x = x, .y = y};
     pool_run(m->pool, &j);
 }
 
@@ -711,11 +674,10 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
             for (int i = 0; i < (int)h->n_heads; i++) rope(q + i * hd, m->rope + t * hd, hd);
             for (int i = 0; i < m->q_dim; i++) q[i] *= scale;
             for (int i = 0; i < (int)h->n_kv_heads; i++) {
+                size_t lh = (size_t)l * h->n_kv_heads + i, p = (size_t)(pos + t); /* K: blocks of KB positions */
                 rope(k + i * hd, m->rope + t * hd, hd);
-                size_t base = ((size_t)l * h->n_kv_heads + i) * m->n_ctx * hd, p = (size_t)(pos + t);
-                f16 *kc = m->k_cache + ((size_t)l * h->n_kv_heads + i) * m->k_head + p / KB * KB * hd + p % KB;
-                to_f16(kc, KB, k + i * hd, hd);
-                to_f16(m->v_cache + base + p * hd, 1, v + i * hd, hd);
+                to_f16(m->k_cache + lh * m->k_head + p / KB * KB * hd + p % KB, KB, k + i * hd, hd);
+                to_f16(m->v_cache + (lh * m->n_ctx + p) * hd, 1, v + i * hd, hd);
             }
         }
         int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR, nseg = (pos + T + m->seg - 1) / m->seg;
@@ -746,7 +708,7 @@ int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logi
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || (uint32_t)tokens[i] >= m->h.vocab) return E_TOKEN;
     for (int i = 0; i < n; i += BLOCK) {
-        int T = n - i < BLOCK ? n - i : BLOCK, last = i + T == n;
+        int T = MIN(n - i, BLOCK), last = i + T == n;
         float *out = !logits ? NULL : all ? logits + (size_t)i * m->h.vocab : last ? logits : NULL;
         forward_block(m, tokens + i, T, pos + i, out, all);
     }
