@@ -81,7 +81,7 @@ else
 endif
 
 # the kernel under AddressSanitizer and UBSan: kernel tests, bad files and the loader fuzzer
-ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g
+ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -fno-wrapv  # Python adds -fwrapv, which hides signed overflow from UBSan
 ASAN_ENV := LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0
 test-asan: dev
 	rm -rf build/asan && mkdir -p build/asan && cp -r pyllm csrc build/asan/ && rm -f build/asan/pyllm/_pyllm*.so

@@ -251,6 +251,7 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     for (int i = 0; i < 8; i++)
         if (dims[i] == 0 || dims[i] >= LIMIT) FAIL("%s: header field %d out of range", path, i);
     if (h->header_size != 128 || h->n_heads % h->n_kv_heads || h->head_dim % 2 || !(h->norm_eps > 0) ||
+        (uint64_t)h->n_heads * h->head_dim >= LIMIT || /* q_dim: an int, and a buffer's row */
         h->sliding_window >= LIMIT || h->n_tensors > 16ull * LIMIT || h->table_offset != 128 ||
         h->meta_offset < 128 + 16 * h->n_tensors || h->meta_offset > size || h->meta_size > size - h->meta_offset)
         FAIL("%s: inconsistent header", path);

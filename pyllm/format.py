@@ -119,6 +119,8 @@ def check_config(cfg):
         raise FormatError(f"n_heads={cfg['n_heads']} is not a multiple of n_kv_heads={cfg['n_kv_heads']}")
     if cfg["head_dim"] % 2:
         raise FormatError(f"head_dim={cfg['head_dim']} is odd")
+    if cfg["n_heads"] * cfg["head_dim"] >= LIMIT:
+        raise FormatError(f"n_heads * head_dim = {cfg['n_heads'] * cfg['head_dim']} is out of range")
     if not (cfg["norm_eps"] > 0):
         raise FormatError(f"norm_eps={cfg['norm_eps']!r} must be positive")
 

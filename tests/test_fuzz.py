@@ -87,3 +87,16 @@ def test_recorded_crashers(case):
     if case != "<none recorded>":
         try_file(case)
     assert os.path.isdir(os.path.join(os.path.dirname(__file__), "fuzz_cases"))
+
+
+@pytest.mark.parametrize("n_heads, head_dim", [(1 << 19, 1 << 13), (1 << 12, 1 << 10)])
+def test_head_product_out_of_range_is_refused(seed_file, tmp_path, n_heads, head_dim):
+    # each field alone is in range; the product (an int in the kernel) is not: 2^32 wrapped to 0
+    b = bytearray(open(seed_file, "rb").read())
+    struct.pack_into("<III", b, 24, n_heads, 1, head_dim)  # n_heads, n_kv_heads, head_dim
+    path = tmp_path / "heads.bin"
+    path.write_bytes(bytes(b))
+    with pytest.raises(pyllm.PyllmError, match="inconsistent header"):
+        pyllm._native_open(str(path), 1, 16)
+    with pytest.raises(format.FormatError, match="n_heads \\* head_dim"):
+        format.read(str(path))
