@@ -75,80 +75,56 @@ static f16 f2h(float f) { /* round to nearest even */
     return (f16)(s | ((u + 0xfff + ((u >> 13) & 1) - 0x38000000) >> 13));
 }
 
+/* Vectors are GNU C vector types (gcc, clang): + - * / and comparisons work on them on every
+   path. Per ISA: the register budget, f16 conversion, FMA. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
 enum { VL = 16, TR = 4, PV = 4, RB = 3, TT = 8 }; /* as registers allow: TR attention o vectors, PV score vectors; RB x 16 rows by TT tokens a matmul tile */
-typedef __m512 vec;
-#define vload(p) _mm512_loadu_ps(p)
-#define vloadh(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vset1(s) _mm512_set1_ps(s)
-#define vstore(p, v) _mm512_storeu_ps(p, v)
-#define vsum(v) _mm512_reduce_add_ps(v)
+#define vloadh(p) ((vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
 #define vstoreh(p, v) _mm256_storeu_si256((__m256i *)(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
-#define vmax(a, b) _mm512_max_ps(a, b)
-#define vmin(a, b) _mm512_min_ps(a, b)
-#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT)
-#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define vfma(a, b, c) ((vec)_mm512_fmadd_ps(a, b, c))
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
 enum { VL = 8, TR = 2, PV = 2, RB = 1, TT = 6 };
-typedef __m256 vec;
-#define vload(p) _mm256_loadu_ps(p)
-#define vloadh(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vset1(s) _mm256_set1_ps(s)
-#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vloadh(p) ((vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 #define vstoreh(p, v) _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
-#define vmax(a, b) _mm256_max_ps(a, b)
-#define vmin(a, b) _mm256_min_ps(a, b)
-#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
-static inline float vsum(__m256 v) {
-    __m128 s = _mm256_castps256_ps128(v) + _mm256_extractf128_ps(v, 1);
-    s += _mm_movehl_ps(s, s);
-    return s[0] + s[1];
-}
+#define vfma(a, b, c) ((vec)_mm256_fmadd_ps(a, b, c))
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define SIMD "neon"
 enum { VL = 4, TR = 4, PV = 4, RB = 1, TT = 6 };
-typedef float32x4_t vec;
-#define vload(p) vld1q_f32(p)
-#define vloadh(p) vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))
-#define vfma(a, b, c) vfmaq_f32(c, a, b)
-#define vset1(s) vdupq_n_f32(s)
-#define vstore(p, v) vst1q_f32(p, v)
-#define vsum(v) vaddvq_f32(v)
+#define vloadh(p) ((vec)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))))
 #define vstoreh(p, v) vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v)))
-#define vmax(a, b) vmaxq_f32(a, b)
-#define vmin(a, b) vminq_f32(a, b)
-#define vround(x) vrndnq_f32(x)
-#define vpow2(n) vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23))
+#define vfma(a, b, c) ((vec)vfmaq_f32(c, a, b))
 #else
-#define SIMD "scalar"
+#define SIMD "scalar" /* one-lane vectors: plain scalar code */
 enum { VL = 1, TR = 4, PV = 4, RB = 1, TT = 4 };
-typedef float vec;
-#define vload(p) (*(p))
-#define vloadh(p) h2f(*(p))
+#define vloadh(p) ((vec){h2f(*(p))})
+#define vstoreh(p, v) (*(p) = f2h((v)[0]))
 #define vfma(a, b, c) ((a) * (b) + (c))
-#define vset1(s) (s)
-#define vstore(p, v) (*(p) = (v))
-#define vsum(v) (v)
-#define vstoreh(p, v) (*(p) = f2h(v))
-#define vmax(a, b) ((a) > (b) ? (a) : (b))
-#define vmin(a, b) ((a) < (b) ? (a) : (b))
-#define vround(x) rintf(x)
-#define vpow2(n) pow2f(n)
-static inline float pow2f(float n) { uint32_t u = (uint32_t)((int)n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
 #define sfma(a, b, c) ((a) * (b) + (c))
 #endif
 #ifndef sfma /* scalar twin of one vfma lane, so vector and tail positions round alike */
 #define sfma(a, b, c) fmaf(a, b, c)
 #endif
-#define vzero() vset1(0.0f) /* vec is a compiler vector type: + - * work on it */
+typedef float vec __attribute__((vector_size(4 * VL)));
+typedef int32_t veci __attribute__((vector_size(4 * VL)));
+static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+#define vzero() ((vec){0})
+#define vset1(s) ((s) - vzero()) /* a broadcast (s + 0 would not fold: -0 + 0 is +0) */
+static inline vec vsel(veci m, vec a, vec b) { return (vec)(((veci)a & m) | ((veci)b & ~m)); } /* m ? a : b */
+#define vmax(a, b) vsel((a) > (b), a, b)
+#define vmin(a, b) vsel((a) < (b), a, b)
+static inline float vsum(vec v) { /* halves added pairwise, as the ISAs' own reductions */
+    for (int w = VL / 2; w; w /= 2)
+        for (int i = 0; i < w; i++) v[i] += v[i + w];
+    return v[0];
+}
+static inline vec vround(vec x) { return x + vset1(0x1.8p23f) - vset1(0x1.8p23f); } /* to nearest even, |x| < 2^22 */
+#define vpow2(n) ((vec)((__builtin_convertvector(n, veci) + 127) << 23)) /* 2^n, n whole */
 enum { BR = 16, NV = BR / VL }; /* matrices are stored in blocks of BR rows: NV vectors */
 #define ROWS16(r) (((uint64_t)(r) + BR - 1) / BR * BR)
 
