@@ -37,7 +37,6 @@ typedef struct {
     const f16 *attn_norm, *qkv, *qkv_bias, *wo, *ffn_norm, *gate_up, *down;
 } layer_t;
 
-typedef struct pool pool_t;
 struct pyllm_model {
     header_t h;
     int n_ctx, n_threads, q_dim, kv_dim, qkv_dim;
@@ -52,7 +51,12 @@ struct pyllm_model {
     float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
     size_t ld_scratch;
     float *part; /* attention partials per (KV head, row tile, segment, row): o[hd], max, sum */
-    pool_t *pool;
+    int n_workers; /* the pool: threads taking jobs, the caller's included; a job is posted by moving gen */
+    pthread_t th[MAX_THREADS];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_int gen, done, ids;
+    struct job *job; /* NULL: quit */
 };
 
 /* ---- f16 <-> f32, scalar (any C11 compiler) and vector paths ---- */
@@ -204,8 +208,8 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
     return 0;
 }
 
-static pool_t *pool_new(pyllm_model *m, int n);
-static void pool_free(pool_t *p);
+static void *worker(void *arg);
+static void pool_run(pyllm_model *m, struct job *job);
 
 #define FAIL(...) do { fail(err, el, __VA_ARGS__); goto bad; } while (0) /* for pyllm_open */
 
@@ -261,8 +265,11 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope, &m->scratch, &m->part};
     for (int i = 0; i < 9; i++) total += (sizes[i] + 15) & ~(size_t)15; /* whole 64-byte lines each, */
     m->act = calloc(total + 15, 4); /* + 15: room to align the first part (then all are aligned) */
-    if (!m->act || !(m->pool = pool_new(m, m->n_threads)))
-        FAIL("out of memory for a context of %d tokens", m->n_ctx);
+    if (!m->act) FAIL("out of memory for a context of %d tokens", m->n_ctx);
+    pthread_mutex_init(&m->mu, NULL);
+    pthread_cond_init(&m->cv, NULL);
+    for (m->n_workers = 1; m->n_workers < m->n_threads; m->n_workers++) /* fewer if the system refuses */
+        if (pthread_create(&m->th[m->n_workers], NULL, worker, m)) break;
     float *p = (float *)(((uintptr_t)m->act + 63) & ~(uintptr_t)63);
     for (int i = 0; i < 9; p += (sizes[i++] + 15) & ~(size_t)15) *bufs[i] = p;
     close(fd);
@@ -275,7 +282,12 @@ bad:
 
 void pyllm_close(pyllm_model *m) {
     if (!m) return;
-    pool_free(m->pool);
+    if (m->n_workers) { /* the pool was started */
+        pool_run(m, NULL);
+        for (int i = 1; i < m->n_workers; i++) pthread_join(m->th[i], NULL);
+        pthread_mutex_destroy(&m->mu);
+        pthread_cond_destroy(&m->cv);
+    }
     if (m->map) munmap(m->map, m->map_size);
     if (m->k_cache) munmap(m->k_cache, m->kv_bytes);
     void *bufs[] = {m->layers, m->act};
@@ -517,7 +529,7 @@ static void merge_segments(pyllm_model *m, int T, int tiles, int nseg) {
 #else
 #define relax() ((void)0)
 #endif
-typedef struct {
+typedef struct job {
     int op, layer, T, pos, add, n, n_out, n_chunks;
     const f16 *w, *bias;
     const float *x;
@@ -526,65 +538,35 @@ typedef struct {
 } job_t;
 static void run_job(pyllm_model *m, job_t *j, int tid);
 
-struct pool {
-    pyllm_model *m;
-    int n;
-    pthread_t th[MAX_THREADS];
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    atomic_int gen, done, ids;
-    job_t *job; /* NULL: quit */
-};
-
 static void *worker(void *arg) {
-    pool_t *p = arg;
-    int tid = atomic_fetch_add(&p->ids, 1) + 1, seen = 0; /* 1.., as the threads start: a scratch area each */
+    pyllm_model *m = arg;
+    int tid = atomic_fetch_add(&m->ids, 1) + 1, seen = 0; /* 1.., as the threads start: a scratch area each */
     for (;;) {
-        for (int spin = 0; atomic_load_explicit(&p->gen, memory_order_acquire) == seen; spin++) {
+        for (int spin = 0; atomic_load_explicit(&m->gen, memory_order_acquire) == seen; spin++) {
             if (spin < 2000) { relax(); continue; }
             if (spin < 4000) { sched_yield(); continue; }
-            pthread_mutex_lock(&p->mu);
-            while (atomic_load(&p->gen) == seen) pthread_cond_wait(&p->cv, &p->mu);
-            pthread_mutex_unlock(&p->mu);
+            pthread_mutex_lock(&m->mu);
+            while (atomic_load(&m->gen) == seen) pthread_cond_wait(&m->cv, &m->mu);
+            pthread_mutex_unlock(&m->mu);
         }
-        seen = atomic_load(&p->gen);
-        if (!p->job) return NULL;
-        run_job(p->m, p->job, tid);
-        atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+        seen = atomic_load(&m->gen);
+        if (!m->job) return NULL;
+        run_job(m, m->job, tid);
+        atomic_fetch_add_explicit(&m->done, 1, memory_order_release);
     }
 }
 
-static void pool_run(pool_t *p, job_t *job) { /* job NULL: the workers quit */
-    p->job = job;
-    atomic_store(&p->done, 0);
-    pthread_mutex_lock(&p->mu);
-    atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
+static void pool_run(pyllm_model *m, job_t *job) { /* job NULL: the workers quit */
+    m->job = job;
+    atomic_store(&m->done, 0);
+    pthread_mutex_lock(&m->mu);
+    atomic_fetch_add_explicit(&m->gen, 1, memory_order_release);
+    pthread_cond_broadcast(&m->cv);
+    pthread_mutex_unlock(&m->mu);
     if (!job) return;
-    run_job(p->m, job, 0);
-    for (int spin = 0; atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1; spin++)
+    run_job(m, job, 0);
+    for (int spin = 0; atomic_load_explicit(&m->done, memory_order_acquire) != m->n_workers - 1; spin++)
         if (spin < 2000) relax(); else sched_yield();
-}
-
-static pool_t *pool_new(pyllm_model *m, int n) {
-    pool_t *p = calloc(1, sizeof *p);
-    if (!p) return NULL;
-    p->m = m;
-    pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cv, NULL);
-    for (p->n = 1; p->n < n; p->n++)
-        if (pthread_create(&p->th[p->n], NULL, worker, p)) break;
-    return p;
-}
-
-static void pool_free(pool_t *p) {
-    if (!p) return;
-    pool_run(p, NULL);
-    for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
-    pthread_mutex_destroy(&p->mu);
-    pthread_cond_destroy(&p->cv);
-    free(p);
 }
 
 /* ---- forward ---- */
@@ -634,7 +616,7 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
 static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const float *x, int n, int T,
                    float *y, int n_out, int add) {
     job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .w = w, .bias = bias, .x = x, .y = y};
-    pool_run(m->pool, &j);
+    pool_run(m, &j);
 }
 
 static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float *logits, int all) {
@@ -666,7 +648,7 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
         }
         int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR, nseg = (pos + T + SEG - 1) / SEG;
         job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n = nseg, .n_chunks = (int)h->n_kv_heads * tiles * nseg};
-        pool_run(m->pool, &att);
+        pool_run(m, &att);
         merge_segments(m, T, tiles, nseg);
         matmul(m, OP_MATMUL, L->wo, NULL, m->att, m->q_dim, T, m->x, d, 1);
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->ffn_norm, d, h->norm_eps);
