@@ -12,7 +12,7 @@ PROMPT ?= The capital of France is
 .PHONY: install dev weights run chat test test-paths test-clang test-asan test-neon fixtures bench compare clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
-$(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h csrc/bandwidth.c
+$(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install setuptools cffi wheel
 	rm -f pyllm/_pyllm*.so  # a stale build under another suffix (cffi 2 names it abi3) would shadow the new one

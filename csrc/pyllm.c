@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- the file: a 128-byte header, then a table of {offset, nbytes} per tensor ---- */
@@ -266,12 +267,12 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     for (int i = 0; i < 9; i++) total += (sizes[i] + 15) & ~(size_t)15; /* whole 64-byte lines each, */
     m->act = calloc(total + 15, 4); /* + 15: room to align the first part (then all are aligned) */
     if (!m->act) FAIL("out of memory for a context of %d tokens", m->n_ctx);
+    float *p = (float *)(((uintptr_t)m->act + 63) & ~(uintptr_t)63);
+    for (int i = 0; i < 9; p += (sizes[i++] + 15) & ~(size_t)15) *bufs[i] = p;
     pthread_mutex_init(&m->mu, NULL);
     pthread_cond_init(&m->cv, NULL);
     for (m->n_workers = 1; m->n_workers < m->n_threads; m->n_workers++) /* fewer if the system refuses */
         if (pthread_create(&m->th[m->n_workers], NULL, worker, m)) break;
-    float *p = (float *)(((uintptr_t)m->act + 63) & ~(uintptr_t)63);
-    for (int i = 0; i < 9; p += (sizes[i++] + 15) & ~(size_t)15) *bufs[i] = p;
     close(fd);
     return m;
 bad:
@@ -290,8 +291,8 @@ void pyllm_close(pyllm_model *m) {
     }
     if (m->map) munmap(m->map, m->map_size);
     if (m->k_cache) munmap(m->k_cache, m->kv_bytes);
-    void *bufs[] = {m->layers, m->act};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    free(m->layers);
+    free(m->act);
     free(m);
 }
 
@@ -570,7 +571,7 @@ static void pool_run(pyllm_model *m, job_t *job) { /* job NULL: the workers quit
 }
 
 /* ---- forward ---- */
-enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND };
+enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND, OP_READ };
 
 /* The next blocks of a matmul for a thread: guided, a 2 * threads'th of what is left in
    multiples of unit, so chunks are long early (long streams, prefetched panels) and short
@@ -586,6 +587,14 @@ static int grab(atomic_int *next, int total, int unit, int nth, int *start) {
 }
 
 static void run_job(pyllm_model *m, job_t *j, int tid) {
+    if (j->op == OP_READ) { /* the bandwidth probe: a share each, summed in 64 lanes (8 lines a step) */
+        uint64_t *p = (uint64_t *)j->y + (size_t)tid * j->n_out, acc[64] = {0};
+        for (int r = 0; r < j->n; r++)
+            for (size_t i = 0; i < (size_t)j->n_out; i += 64) /* size_t: Python's -fwrapv makes int i + k a gather */
+                for (int k = 0; k < 64; k++) acc[k] += p[i + k];
+        for (int k = 1; k < 64; k++) p[0] += acc[k]; /* a result stored, so the reads happen */
+        return;
+    }
     if (j->op == OP_ATTEND) { /* a chunk: QR query rows of one KV head, one segment */
         for (int c; (c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n_chunks;) {
             int tiles = (j->T * (int)(m->h.n_heads / m->h.n_kv_heads) + QR - 1) / QR, nseg = j->n;
@@ -679,4 +688,19 @@ int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logi
         forward_block(m, tokens + i, T, pos + i, out, all);
     }
     return 0;
+}
+
+/* The machine's read bandwidth in bytes/s, decode's ceiling (`pyllm bench --roofline`): the
+   model's threads each read their share of a buffer of `bytes`, reps times. */
+double pyllm_read_bandwidth(pyllm_model *m, long long bytes, int reps) {
+    uint64_t *buf;
+    if (!m || bytes < 1 << 20 || bytes / 8 > INT32_MAX || reps < 1 || posix_memalign((void **)&buf, 64, (size_t)bytes)) return -1;
+    for (long long i = 0; i < bytes / 8; i++) buf[i] = (uint64_t)i; /* touched, so every page is really there */
+    job_t j = {.op = OP_READ, .n = reps, .n_out = (int)(bytes / 8 / m->n_workers / 64 * 64), .y = (float *)buf};
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pool_run(m, &j);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    free(buf);
+    return 8.0 * j.n_out * m->n_workers * reps / ((double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
 }

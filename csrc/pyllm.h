@@ -17,6 +17,6 @@ int pyllm_n_threads(const pyllm_model *m);
 const char *pyllm_simd(void);  /* the vector path compiled in: "avx512", "avx2", "neon", "scalar" */
 void pyllm_close(pyllm_model *m);
 
-/* Read bandwidth in bytes/s: n_threads threads each summing its share of `bytes`
-   (csrc/bandwidth.c: it measures the machine, for `pyllm bench --roofline`). */
-double pyllm_read_bandwidth(long long bytes, int n_threads, int reps);
+/* The machine's read bandwidth in bytes/s, the ceiling of decode (`pyllm bench --roofline`):
+   the model's threads each sum their share of a buffer of `bytes`, reps times. -1 on failure. */
+double pyllm_read_bandwidth(pyllm_model *m, long long bytes, int reps);

@@ -239,10 +239,15 @@ def summarize(samples_ns, n_tokens):
             "samples_ns": [int(s) for s in samples_ns], "samples_ts": ts}
 
 
-def read_bandwidth(threads, nbytes=GIB, reps=3, tries=3):
-    """Best of `tries` calls of lib.pyllm_read_bandwidth, in bytes/s."""
-    from ._pyllm import lib
-    best = max(lib.pyllm_read_bandwidth(nbytes, threads, reps) for _ in range(tries))
+def read_bandwidth(path, threads, nbytes=GIB, reps=3, tries=3):
+    """Best of `tries` calls of lib.pyllm_read_bandwidth on the model's threads, in bytes/s."""
+    from ._pyllm import ffi, lib
+    from .model import _native_open
+    m = _native_open(path, threads, 16)
+    try:
+        best = max(lib.pyllm_read_bandwidth(m, nbytes, reps) for _ in range(tries))
+    finally:
+        ffi.release(m)
     if best <= 0:
         raise RuntimeError(f"pyllm_read_bandwidth failed ({nbytes} bytes, {threads} threads)")
     return best
@@ -291,7 +296,7 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
         for nt in sorted({res["n_threads"] for res in results}):
             if progress:
                 progress(f"threads {nt}: read bandwidth ({bw_bytes / MIB:.0f} MiB)")
-            bw[nt] = read_bandwidth(nt, bw_bytes)
+            bw[nt] = read_bandwidth(path, nt, bw_bytes)
         for res in results:
             res["read_bandwidth_gbs"] = bw[res["n_threads"]] / 1e9
             if res["n_gen"]:
