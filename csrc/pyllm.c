@@ -7,7 +7,6 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -41,8 +40,7 @@ typedef struct {
 struct pyllm_model {
     header_t h;
     int n_ctx, n_threads, q_dim, kv_dim, qkv_dim;
-    void *map;
-    size_t map_size;
+    void *map; /* h.file_size bytes */
     const f16 *embd, *out_norm, *output;
     const float *rope_freqs;
     layer_t *layers;
@@ -109,11 +107,8 @@ enum { VL = 1, TR = 4, PV = 4, RB = 1, TT = 4 };
 #define vloadh(p) ((vec){h2f(*(p))})
 #define vstoreh(p, v) (*(p) = f2h((v)[0]))
 #define vfma(a, b, c) ((a) * (b) + (c))
-#define sfma(a, b, c) ((a) * (b) + (c))
 #endif
-#ifndef sfma /* scalar twin of one vfma lane, so vector and tail positions round alike */
-#define sfma(a, b, c) fmaf(a, b, c)
-#endif
+#define sfma(a, b, c) (VL > 1 ? fmaf(a, b, c) : (a) * (b) + (c)) /* one vfma lane: vector and tail positions round alike */
 typedef float vec __attribute__((vector_size(4 * VL)));
 typedef int32_t veci __attribute__((vector_size(4 * VL)));
 static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
@@ -131,6 +126,7 @@ static inline float vsum(vec v) { /* halves added pairwise, as the ISAs' own red
 static inline vec vround(vec x) { return x + vset1(0x1.8p23f) - vset1(0x1.8p23f); } /* to nearest even, |x| < 2^22 */
 #define vpow2(n) ((vec)((__builtin_convertvector(n, veci) + 127) << 23)) /* 2^n, n whole */
 enum { BR = 16, NV = BR / VL }; /* matrices are stored in blocks of BR rows: NV vectors */
+#define INLINE static inline __attribute__((always_inline)) /* kernels specialised by constant tile sizes */
 #define ROWS16(r) (((uint64_t)(r) + BR - 1) / BR * BR)
 
 /* exp(x) (Cephes' polynomial): 2^n p(r), n = round(x / ln 2), r = x - n ln 2; inf near overflow. */
@@ -166,13 +162,7 @@ static void softmax_exp(float *s, int j0, int j1, float *out) {
 }
 
 /* ---- open: validate every size before trusting an offset, then map ---- */
-static int fail(char *err, int len, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && len > 0) vsnprintf(err, (size_t)len, fmt, ap);
-    va_end(ap);
-    return -1;
-}
+#define ERR(...) ({ if (err && el > 0) snprintf(err, (size_t)el, __VA_ARGS__); -1; }) /* the caller's message; -1 */
 
 /* Walks the tensor table in canonical order (format.py tensor_layout): checks each
    entry's size and bounds, and points the model's weights into the map. */
@@ -182,13 +172,13 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
     int idx = 0, per_layer = 6 + !!(h->flags & FLAG_QKV_BIAS);
     uint64_t want_n = 3 + (uint64_t)h->n_layers * per_layer + !(h->flags & FLAG_TIED);
     if (h->n_tensors != want_n)
-        return fail(err, el, "tensor table has %llu entries, the header implies %llu",
-                    (unsigned long long)h->n_tensors, (unsigned long long)want_n);
+        return ERR("tensor table has %llu entries, the header implies %llu",
+                   (unsigned long long)h->n_tensors, (unsigned long long)want_n);
 #define TAKE(dst, type, count) do { \
         uint64_t off = table[2 * idx], nb = table[2 * idx + 1], want = (uint64_t)(count) * sizeof(type); \
         if (nb != want || off % 64 || off < end || off > size || nb > size - off) \
-            return fail(err, el, "tensor %d: offset %llu size %llu is outside the file or wrong", \
-                        idx, (unsigned long long)off, (unsigned long long)nb); \
+            return ERR("tensor %d: offset %llu size %llu is outside the file or wrong", \
+                       idx, (unsigned long long)off, (unsigned long long)nb); \
         end = off + nb; dst = (const type *)((const char *)m->map + off); idx++; } while (0)
     TAKE(m->embd, f16, ROWS16(h->vocab) * d);
     TAKE(m->rope_freqs, float, h->head_dim / 2);
@@ -212,11 +202,11 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
 static void *worker(void *arg);
 static void pool_run(pyllm_model *m, struct job *job);
 
-#define FAIL(...) do { fail(err, el, __VA_ARGS__); goto bad; } while (0) /* for pyllm_open */
+#define FAIL(...) do { ERR(__VA_ARGS__); goto bad; } while (0) /* for pyllm_open */
 
 pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int el) {
     pyllm_model *m = calloc(1, sizeof *m);
-    if (!m) { fail(err, el, "out of memory"); return NULL; }
+    if (!m) { ERR("out of memory"); return NULL; }
     int fd = open(path, O_RDONLY);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) != 0) FAIL("%s: %s", path, strerror(errno));
@@ -242,7 +232,6 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     m->n_ctx = n_ctx <= 0 || n_ctx > (int)h->max_seq_len ? (int)h->max_seq_len : n_ctx;
     m->map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
     if (m->map == MAP_FAILED) { m->map = NULL; FAIL("%s: mmap: %s", path, strerror(errno)); }
-    m->map_size = size;
     if (!(m->layers = calloc(h->n_layers, sizeof *m->layers))) FAIL("out of memory");
     if (bind_tensors(m, (const uint64_t *)((const char *)m->map + 128), size, err, el)) goto bad;
     if (n_threads <= 0) n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
@@ -289,7 +278,7 @@ void pyllm_close(pyllm_model *m) {
         pthread_mutex_destroy(&m->mu);
         pthread_cond_destroy(&m->cv);
     }
-    if (m->map) munmap(m->map, m->map_size);
+    if (m->map) munmap(m->map, m->h.file_size);
     if (m->k_cache) munmap(m->k_cache, m->kv_bytes);
     free(m->layers);
     free(m->act);
@@ -308,9 +297,8 @@ const char *pyllm_simd(void) { return SIMD; }
    y[t][row] (+)= W[row] . x[t] for the blocks' rows < n_out and tokens t < nt: NB blocks
    bq blocks apart (f16 w; or if NT > 1, an f32 panel wf of adjacent blocks) by NT tokens.
    pf: a line every 8 inputs from there is prefetched (the next panel, a slice per tile). */
-static inline __attribute__((always_inline)) void tile(const f16 *w, const float *wf, int n, int bq, const float *x, int nt,
-                                                       float *y, int ldy, int r0, int n_out, const f16 *bias, int add,
-                                                       const f16 *pf, int NB, int NT) {
+INLINE void tile(const f16 *w, const float *wf, int n, int bq, const float *x, int nt, float *y, int ldy, int r0,
+                 int n_out, const f16 *bias, int add, const f16 *pf, int NB, int NT) {
     vec acc[4 * NV][TT];
     for (int v = 0; v < NB * NV; v++)
         for (int t = 0; t < NT; t++) acc[v][t] = vzero();
@@ -415,8 +403,7 @@ static void rope(float *v, const float *cs, int hd) {
 
 /* o[k] = sum_j s[k][j] V[j], j in [j0, j1], for the first n of QR rows (zero weights
    outside a row's range): each V load serves every row. */
-static inline __attribute__((always_inline)) void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v,
-                                                               int hd, int n, int j0, int j1) {
+INLINE void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v, int hd, int n, int j0, int j1) {
     int i = 0;
     for (; i + TR * VL <= hd; i += TR * VL) {
         vec a[QR][TR];
@@ -446,8 +433,7 @@ static inline __attribute__((always_inline)) void weighted_sum(float *const *o, 
    room). K blocks of KB positions are dimension-major (kt[j / KB][i][j % KB]): one contiguous
    read each, vectors along positions, no horizontal sums; PV vectors of positions per step,
    so each q[k][i] broadcast serves PV FMAs (one per vector: the loop was load-bound). */
-static inline __attribute__((always_inline)) void scores_at(float *s, size_t lds, const f16 *kt, const float *const *q,
-                                                            int hd, int j, int n, int np) {
+INLINE void scores_at(float *s, size_t lds, const f16 *kt, const float *const *q, int hd, int j, int n, int np) {
     vec a[QR][PV];
     for (int k = 0; k < n; k++)
         for (int p = 0; p < np; p++) a[k][p] = vzero();
@@ -466,8 +452,7 @@ static inline __attribute__((always_inline)) void scores_at(float *s, size_t lds
     for (int k = 0; k < n; k++)
         for (int p = 0; p < np; p++) vstore(s + k * lds + j + p * VL, a[k][p]);
 }
-static inline __attribute__((always_inline)) void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q,
-                                                            int hd, int j0, int j1, int n) {
+INLINE void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q, int hd, int j0, int j1, int n) {
     int j = j0 / KB * KB;
     for (; j1 - j >= PV * VL - 1; j += PV * VL) scores_at(s, lds, kt, q, hd, j, n, PV);
     for (; j <= j1; j += VL) scores_at(s, lds, kt, q, hd, j, n, 1);
@@ -571,7 +556,7 @@ static void pool_run(pyllm_model *m, job_t *job) { /* job NULL: the workers quit
 }
 
 /* ---- forward ---- */
-enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND, OP_READ };
+enum { OP_MATMUL, OP_GATE_UP, OP_ATTEND, OP_READ }; /* OP_MATMUL is 0: a job's default */
 
 /* The next blocks of a matmul for a thread: guided, a 2 * threads'th of what is left in
    multiples of unit, so chunks are long early (long streams, prefetched panels) and short
@@ -622,12 +607,6 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
     }
 }
 
-static void matmul(pyllm_model *m, int op, const f16 *w, const f16 *bias, const float *x, int n, int T,
-                   float *y, int n_out, int add) {
-    job_t j = {.op = op, .T = T, .add = add, .n = n, .n_out = n_out, .w = w, .bias = bias, .x = x, .y = y};
-    pool_run(m, &j);
-}
-
 static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float *logits, int all) {
     const header_t *h = &m->h;
     int d = (int)h->dim, hd = (int)h->head_dim, half = hd / 2, hid = (int)h->hidden_dim;
@@ -642,15 +621,13 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
     for (int l = 0; l < (int)h->n_layers; l++) {
         const layer_t *L = &m->layers[l];
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->attn_norm, d, h->norm_eps);
-        matmul(m, OP_MATMUL, L->qkv, L->qkv_bias, m->xb, d, T, m->qkv, m->qkv_dim, 0);
-        float scale = 1.0f / sqrtf((float)hd);
-        for (int t = 0; t < T; t++) { /* rope q (scaled) and k; k and v into the cache as f16 */
+        pool_run(m, &(job_t){.w = L->qkv, .bias = L->qkv_bias, .x = m->xb, .n = d, .T = T, .y = m->qkv, .n_out = m->qkv_dim});
+        for (int t = 0; t < T; t++) { /* rope q and k (adjacent heads), scale q; k and v into the cache as f16 */
             float *q = m->qkv + (size_t)t * m->qkv_dim, *k = q + m->q_dim, *v = k + m->kv_dim;
-            for (int i = 0; i < (int)h->n_heads; i++) rope(q + i * hd, m->rope + t * hd, hd);
-            for (int i = 0; i < m->q_dim; i++) q[i] *= scale;
+            for (int i = 0; i < (int)(h->n_heads + h->n_kv_heads); i++) rope(q + i * hd, m->rope + t * hd, hd);
+            for (int i = 0; i < m->q_dim; i++) q[i] *= 1.0f / sqrtf((float)hd);
             for (int i = 0; i < (int)h->n_kv_heads; i++) {
                 size_t p = (size_t)(pos + t), off = ((p / SEG * h->n_layers + l) * h->n_kv_heads + i) * SEG * hd;
-                rope(k + i * hd, m->rope + t * hd, hd);
                 to_f16(m->k_cache + off + p % SEG / KB * KB * hd + p % KB, KB, k + i * hd, hd); /* K: blocks of KB positions */
                 to_f16(m->v_cache + off + p % SEG * hd, 1, v + i * hd, hd);
             }
@@ -659,15 +636,15 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
         job_t att = {.op = OP_ATTEND, .layer = l, .T = T, .pos = pos, .n = nseg, .n_chunks = (int)h->n_kv_heads * tiles * nseg};
         pool_run(m, &att);
         merge_segments(m, T, tiles, nseg);
-        matmul(m, OP_MATMUL, L->wo, NULL, m->att, m->q_dim, T, m->x, d, 1);
+        pool_run(m, &(job_t){.w = L->wo, .x = m->att, .n = m->q_dim, .T = T, .y = m->x, .n_out = d, .add = 1});
         for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * d, m->x + (size_t)t * d, L->ffn_norm, d, h->norm_eps);
-        matmul(m, OP_GATE_UP, L->gate_up, NULL, m->xb, d, T, m->hb, hid, 0);
-        matmul(m, OP_MATMUL, L->down, NULL, m->hb, hid, T, m->x, d, 1);
+        pool_run(m, &(job_t){.op = OP_GATE_UP, .w = L->gate_up, .x = m->xb, .n = d, .T = T, .y = m->hb, .n_out = hid});
+        pool_run(m, &(job_t){.w = L->down, .x = m->hb, .n = hid, .T = T, .y = m->x, .n_out = d, .add = 1});
     }
     if (!logits) return;
     int first = all ? 0 : T - 1, n = T - first;
     for (int t = first; t < T; t++) rmsnorm(m->xb + (size_t)(t - first) * d, m->x + (size_t)t * d, m->out_norm, d, h->norm_eps);
-    matmul(m, OP_MATMUL, m->output, NULL, m->xb, d, n, logits, (int)h->vocab, 0);
+    pool_run(m, &(job_t){.w = m->output, .x = m->xb, .n = d, .T = n, .y = logits, .n_out = (int)h->vocab});
 }
 
 enum { E_ARG = 1, E_TOKEN, E_CONTEXT };
@@ -690,8 +667,6 @@ int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logi
     return 0;
 }
 
-/* The machine's read bandwidth in bytes/s, decode's ceiling (`pyllm bench --roofline`): the
-   model's threads each read their share of a buffer of `bytes`, reps times. */
 double pyllm_read_bandwidth(pyllm_model *m, long long bytes, int reps) {
     uint64_t *buf;
     if (!m || bytes < 1 << 20 || bytes / 8 > INT32_MAX || reps < 1 || posix_memalign((void **)&buf, 64, (size_t)bytes)) return -1;
