@@ -295,10 +295,10 @@ const char *pyllm_simd(void) { return SIMD; }
    padded with zeros): one vector holds BR rows at input k, so no horizontal sums, and every
    output is a single FMA chain over k in order, whatever the tile, thread count or ISA.
    y[t][row] (+)= W[row] . x[t] for the blocks' rows < n_out and tokens t < nt: NB blocks
-   bq blocks apart (f16 w; or if NT > 1, an f32 panel wf of adjacent blocks) by NT tokens.
-   pf: a line every 8 inputs from there is prefetched (the next panel, a slice per tile). */
-INLINE void tile(const f16 *w, const float *wf, int n, int bq, const float *x, int nt, float *y, int ldy, int r0,
-                 int n_out, const f16 *bias, int add, const f16 *pf, int NB, int NT) {
+   bq blocks apart (f16 w; or if NT > 1, an f32 panel wf of adjacent blocks, which conv
+   writes from w) by NT tokens. pf: a line every 8 inputs from there is prefetched. */
+INLINE void tile(const f16 *w, float *wf, int n, int bq, const float *x, int nt, float *y, int ldy, int r0,
+                 int n_out, const f16 *bias, int add, const f16 *pf, int NB, int NT, int conv) {
     vec acc[4 * NV][TT];
     for (int v = 0; v < NB * NV; v++)
         for (int t = 0; t < NT; t++) acc[v][t] = vzero();
@@ -307,7 +307,8 @@ INLINE void tile(const f16 *w, const float *wf, int n, int bq, const float *x, i
         vec wv[4 * NV];
         for (int v = 0; v < NB * NV; v++) {
             size_t o = ((size_t)(v / NV) * bq * n + k) * BR + v % NV * VL;
-            wv[v] = NT > 1 ? vload(wf + o) : vloadh(w + o); /* NT > 1: prefill, from the panel */
+            wv[v] = NT > 1 && !conv ? vload(wf + o) : vloadh(w + o); /* NT > 1: prefill, from the panel */
+            if (conv) vstore(wf + o, wv[v]);
         }
         for (int t = 0; t < NT; t++) {
             vec xt = vset1(x[(size_t)t * n + k]);
@@ -331,34 +332,32 @@ INLINE void tile(const f16 *w, const float *wf, int n, int bq, const float *x, i
         }
 }
 
-/* Blocks [b0, b1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: RB blocks converted to f32 once
-   (wf), then tiles of TT tokens (x has rows to spare past T); the last panel prefetches
-   `after` (the thread's next one, or NULL). Decode: blocks a quarter of the range apart,
-   4 long sequential streams (one reached ~70% of the bandwidth). */
+/* Blocks [b0, b1) of y[T][ldy] (+)= x[T][n] W^T. Prefill: panels of RB blocks, tiles of TT
+   tokens (x has rows to spare past T); a panel's first tile converts it to f32 (wf) as it
+   goes, the others read wf; the last panel prefetches `after` (the thread's next one, or
+   NULL). Decode: blocks a quarter of the range apart, 4 long sequential streams (one
+   reached ~70% of the bandwidth). */
 static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, int n_out, const f16 *bias,
                         int add, int b0, int b1, float *wf, const f16 *after) {
-#define TILE(b, t, wf, bq, nt, pf, NB, NT) \
-    tile(w + (size_t)(b) * BR * n, wf, n, bq, x + (size_t)(t) * n, nt, y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, pf, NB, NT)
-#define PANEL(b, nb) for (int i = 0; i < (nb) * BR * n; i += VL) vstore(wf + i, vloadh(w + (size_t)(b) * BR * n + i))
+#define TILE(b, t, bq, pf, NB, NT, conv) tile(w + (size_t)(b) * BR * n, wf, n, bq, x + (size_t)(t) * n, MIN(T - (t), NT), \
+                                            y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, pf, NB, NT, conv)
+#define PANEL_TILE(b, pf, NB) (t == 0 ? TILE(b, 0, 1, pf, NB, TT, 1) : TILE(b, t, 1, pf, NB, TT, 0))
     int b = b0, q = (b1 - b0) / 4;
     if (T == 1) {
-        for (; b < b0 + q; b++) TILE(b, 0, NULL, q, 1, NULL, 4, 1);
-        for (b = b0 + 4 * q; b < b1; b++) TILE(b, 0, NULL, 1, 1, NULL, 1, 1);
+        for (; b < b0 + q; b++) TILE(b, 0, q, NULL, 4, 1, 0);
+        for (b = b0 + 4 * q; b < b1; b++) TILE(b, 0, 1, NULL, 1, 1, 0);
         return;
     }
     for (; b + RB <= b1; b += RB) {
-        PANEL(b, RB);
         const f16 *next = b + 2 * RB <= b1 ? w + (size_t)(b + RB) * BR * n : after; /* n / 8 lines of it a tile */
         for (int t = 0; t < T; t += TT) {
             size_t l = (size_t)t / TT * (n / 8); /* lines of the next panel before this tile's slice */
-            TILE(b, t, wf, 1, T - t < TT ? T - t : TT, next && l < (size_t)RB * BR * n / 32 ? next + l * 32 : NULL, RB, TT);
+            PANEL_TILE(b, next && l < (size_t)RB * BR * n / 32 ? next + l * 32 : NULL, RB);
         }
     }
-    for (; b < b1; b++) {
-        PANEL(b, 1);
-        for (int t = 0; t < T; t += TT) TILE(b, t, wf, 1, T - t < TT ? T - t : TT, NULL, 1, TT);
-    }
-#undef PANEL
+    for (; b < b1; b++)
+        for (int t = 0; t < T; t += TT) PANEL_TILE(b, NULL, 1);
+#undef PANEL_TILE
 #undef TILE
 }
 
