@@ -58,7 +58,7 @@ struct pyllm_model {
     struct job *job; /* NULL: quit */
 };
 
-/* ---- f16 <-> f32, scalar (any C11 compiler) and vector paths ---- */
+/* ---- f16 <-> f32 one value at a time, and the vector paths ---- */
 static float h2f(f16 h) {
     uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
     if (e == 0) { float f = (float)m * 0x1p-24f; return s ? -f : f; } /* zero or subnormal */
@@ -116,8 +116,8 @@ static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
 #define vzero() ((vec){0})
 #define vset1(s) ((s) - vzero()) /* a broadcast (s + 0 would not fold: -0 + 0 is +0) */
 static inline vec vsel(veci m, vec a, vec b) { return (vec)(((veci)a & m) | ((veci)b & ~m)); } /* m ? a : b */
-#define vmax(a, b) vsel((a) > (b), a, b)
-#define vmin(a, b) vsel((a) < (b), a, b)
+static inline vec vmax(vec a, vec b) { return vsel(a > b, a, b); } /* b if either is NaN, as max_ps */
+static inline vec vmin(vec a, vec b) { return vsel(a < b, a, b); }
 static inline float vsum(vec v) { /* halves added pairwise, as the ISAs' own reductions */
     for (int w = VL / 2; w; w /= 2)
         for (int i = 0; i < w; i++) v[i] += v[i + w];
