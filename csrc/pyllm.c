@@ -202,6 +202,11 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
 static void *worker(void *arg);
 static void pool_run(pyllm_model *m, struct job *job);
 
+#ifdef __SANITIZE_ADDRESS__ /* make test-asan: the gap after each buffer is poisoned, so an overrun into the next shows */
+#include <sanitizer/asan_interface.h>
+#else
+#define ASAN_POISON_MEMORY_REGION(p, n) ((void)(p), (void)(n))
+#endif
 #define FAIL(...) do { ERR(__VA_ARGS__); goto bad; } while (0) /* for pyllm_open */
 
 pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int el) {
@@ -253,11 +258,14 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     size_t sizes[] = {rows * d, rows * d, rows * m->qkv_dim, rows * m->q_dim, rows * hd, rows * hd, rows * h->head_dim,
                       m->n_threads * m->ld_scratch, h->n_kv_heads * tiles * nseg * QR * (h->head_dim + 2)};
     float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope, &m->scratch, &m->part};
-    for (int i = 0; i < 9; i++) total += (sizes[i] + 15) & ~(size_t)15; /* whole 64-byte lines each, */
+    for (int i = 0; i < 9; i++) total += ((sizes[i] + 15) & ~(size_t)15) + 16; /* whole 64-byte lines each, one line apart, */
     m->act = calloc(total + 15, 4); /* + 15: room to align the first part (then all are aligned) */
     if (!m->act) FAIL("out of memory for a context of %d tokens", m->n_ctx);
     float *p = (float *)(((uintptr_t)m->act + 63) & ~(uintptr_t)63);
-    for (int i = 0; i < 9; p += (sizes[i++] + 15) & ~(size_t)15) *bufs[i] = p;
+    for (int i = 0; i < 9; p += ((sizes[i] + 15) & ~(size_t)15) + 16, i++) {
+        *bufs[i] = p;
+        ASAN_POISON_MEMORY_REGION(p + sizes[i], (((sizes[i] + 15) & ~(size_t)15) - sizes[i] + 16) * 4);
+    }
     pthread_mutex_init(&m->mu, NULL);
     pthread_cond_init(&m->cv, NULL);
     for (m->n_workers = 1; m->n_workers < m->n_threads; m->n_workers++) /* fewer if the system refuses */
