@@ -79,7 +79,8 @@ static f16 f2h(float f) { /* round to nearest even */
 }
 
 /* Vectors are GNU C vector types (gcc, clang): + - * / and comparisons work on them on every
-   path. Per ISA: the register budget, f16 conversion, FMA. */
+   path. Per ISA: the register budget, f16 conversion, FMA, rounding (an add-and-subtract
+   trick would fold away under -ffast-math). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
@@ -87,6 +88,7 @@ enum { VL = 16, TR = 4, PV = 4, RB = 3, TT = 8 }; /* as registers allow: TR atte
 #define vloadh(p) ((vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
 #define vstoreh(p, v) _mm256_storeu_si256((__m256i *)(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define vfma(a, b, c) ((vec)_mm512_fmadd_ps(a, b, c))
+#define vround(x) ((vec)_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT))
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
@@ -94,6 +96,7 @@ enum { VL = 8, TR = 2, PV = 2, RB = 1, TT = 6 };
 #define vloadh(p) ((vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 #define vstoreh(p, v) _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define vfma(a, b, c) ((vec)_mm256_fmadd_ps(a, b, c))
+#define vround(x) ((vec)_mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define SIMD "neon"
@@ -101,12 +104,14 @@ enum { VL = 4, TR = 4, PV = 4, RB = 1, TT = 6 };
 #define vloadh(p) ((vec)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))))
 #define vstoreh(p, v) vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v)))
 #define vfma(a, b, c) ((vec)vfmaq_f32(c, a, b))
+#define vround(x) ((vec)vrndnq_f32(x))
 #else
 #define SIMD "scalar" /* one-lane vectors: plain scalar code */
 enum { VL = 1, TR = 4, PV = 4, RB = 1, TT = 4 };
 #define vloadh(p) ((vec){h2f(*(p))})
 #define vstoreh(p, v) (*(p) = f2h((v)[0]))
 #define vfma(a, b, c) ((a) * (b) + (c))
+#define vround(x) ((vec){rintf((x)[0])})
 #endif
 #define sfma(a, b, c) (VL > 1 ? fmaf(a, b, c) : (a) * (b) + (c)) /* one vfma lane: vector and tail positions round alike */
 typedef float vec __attribute__((vector_size(4 * VL)));
@@ -118,12 +123,11 @@ static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
 static inline vec vsel(veci m, vec a, vec b) { return (vec)(((veci)a & m) | ((veci)b & ~m)); } /* m ? a : b */
 static inline vec vmax(vec a, vec b) { return vsel(a > b, a, b); } /* b if either is NaN, as max_ps */
 static inline vec vmin(vec a, vec b) { return vsel(a < b, a, b); }
-static inline float vsum(vec v) { /* halves added pairwise, as the ISAs' own reductions */
+static inline float vsum(vec v) { /* halves added pairwise, as x86's own reductions */
     for (int w = VL / 2; w; w /= 2)
         for (int i = 0; i < w; i++) v[i] += v[i + w];
     return v[0];
 }
-static inline vec vround(vec x) { return x + vset1(0x1.8p23f) - vset1(0x1.8p23f); } /* to nearest even, |x| < 2^22 */
 #define vpow2(n) ((vec)((__builtin_convertvector(n, veci) + 127) << 23)) /* 2^n, n whole */
 enum { BR = 16, NV = BR / VL }; /* matrices are stored in blocks of BR rows: NV vectors */
 #define INLINE static inline __attribute__((always_inline)) /* kernels specialised by constant tile sizes */
@@ -202,7 +206,12 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
 static void *worker(void *arg);
 static void pool_run(pyllm_model *m, struct job *job);
 
-#ifdef __SANITIZE_ADDRESS__ /* make test-asan: the gap after each buffer is poisoned, so an overrun into the next shows */
+#ifdef __has_feature /* clang's way to say ASan */
+#if __has_feature(address_sanitizer)
+#define PYLLM_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(PYLLM_ASAN) /* make test-asan: the gap after each buffer is poisoned, so an overrun into the next shows */
 #include <sanitizer/asan_interface.h>
 #else
 #define ASAN_POISON_MEMORY_REGION(p, n) ((void)(p), (void)(n))
@@ -584,7 +593,7 @@ static void run_job(pyllm_model *m, job_t *j, int tid) {
         for (int r = 0; r < j->n; r++)
             for (size_t i = 0; i < (size_t)j->n_out; i += 64) /* size_t: Python's -fwrapv makes int i + k a gather */
                 for (int k = 0; k < 64; k++) acc[k] += p[i + k];
-        for (int k = 1; k < 64; k++) p[0] += acc[k]; /* a result stored, so the reads happen */
+        for (int k = 0; k < 64; k++) p[0] += acc[k]; /* a result stored, so the reads happen */
         return;
     }
     if (j->op == OP_ATTEND) { /* a chunk: QR query rows of one KV head, one segment */
