@@ -267,13 +267,14 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     size_t sizes[] = {rows * d, rows * d, rows * m->qkv_dim, rows * m->q_dim, rows * hd, rows * hd, rows * h->head_dim,
                       m->n_threads * m->ld_scratch, h->n_kv_heads * tiles * nseg * QR * (h->head_dim + 2)};
     float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope, &m->scratch, &m->part};
-    for (int i = 0; i < 9; i++) total += ((sizes[i] + 15) & ~(size_t)15) + 16; /* whole 64-byte lines each, one line apart, */
+    for (int i = 0; i < 9; i++) total += (sizes[i] + 15) / 16 * 16 + 16; /* whole 64-byte lines each, one line apart, */
     m->act = calloc(total + 15, 4); /* + 15: room to align the first part (then all are aligned) */
     if (!m->act) FAIL("out of memory for a context of %d tokens", m->n_ctx);
     float *p = (float *)(((uintptr_t)m->act + 63) & ~(uintptr_t)63);
-    for (int i = 0; i < 9; p += ((sizes[i] + 15) & ~(size_t)15) + 16, i++) {
+    for (int i = 0; i < 9; i++) {
         *bufs[i] = p;
-        ASAN_POISON_MEMORY_REGION(p + sizes[i], (((sizes[i] + 15) & ~(size_t)15) - sizes[i] + 16) * 4);
+        p += (sizes[i] + 15) / 16 * 16 + 16;
+        ASAN_POISON_MEMORY_REGION(*bufs[i] + sizes[i], ((size_t)(p - *bufs[i]) - sizes[i]) * 4);
     }
     pthread_mutex_init(&m->mu, NULL);
     pthread_cond_init(&m->cv, NULL);
@@ -474,13 +475,18 @@ INLINE void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q
     for (; j <= j1; j += VL) scores_at(s, lds, kt, q, hd, j, n, 1);
 }
 
+/* Where segment sg of layer l, KV head kvh starts in the K and in the V cache (the same offset). */
+static size_t kv_offset(const pyllm_model *m, size_t sg, int l, int kvh) {
+    return ((sg * m->h.n_layers + (size_t)l) * m->h.n_kv_heads + (size_t)kvh) * SEG * m->h.head_dim;
+}
+
 /* Attention for up to QR query rows of the block that share KV head kvh (row r of the
    group is token r / g, head kvh * g + r % g), over the positions of segment sg only:
    writes each row's unnormalized o, its max score and its sum of exponentials to part. */
 static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int sg, float *scores, float *part) {
     int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
     int n = MIN(T * g - r0, QR), a[QR], b[QR], lo = INT32_MAX, hi = -1;
-    size_t lds = SEG + 16, off = (((size_t)sg * m->h.n_layers + l) * m->h.n_kv_heads + kvh) * SEG * hd; /* K and V */
+    size_t lds = SEG + 16, off = kv_offset(m, (size_t)sg, l, kvh);
     const float *q[QR];
     float *o[QR];
     for (int k = 0; k < n; k++) {
@@ -643,7 +649,7 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
             for (int i = 0; i < (int)(h->n_heads + h->n_kv_heads); i++) rope(q + i * hd, m->rope + t * hd, hd);
             for (int i = 0; i < m->q_dim; i++) q[i] *= 1.0f / sqrtf((float)hd);
             for (int i = 0; i < (int)h->n_kv_heads; i++) {
-                size_t p = (size_t)(pos + t), off = ((p / SEG * h->n_layers + l) * h->n_kv_heads + i) * SEG * hd;
+                size_t p = (size_t)(pos + t), off = kv_offset(m, p / SEG, l, i);
                 to_f16(m->k_cache + off + p % SEG / KB * KB * hd + p % KB, KB, k + i * hd, hd); /* K: blocks of KB positions */
                 to_f16(m->v_cache + off + p % SEG * hd, 1, v + i * hd, hd);
             }
