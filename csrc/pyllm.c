@@ -46,10 +46,15 @@ struct pyllm_model {
     layer_t *layers;
     f16 *k_cache, *v_cache; /* one mapping, [segment][layer][kv_head]: K [SEG / KB][head_dim][KB], V [SEG][head_dim] */
     size_t kv_bytes;
-    float *act, *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* a block's activations; with scratch and part: aligned parts of act */
-    float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
+    union { /* each its own allocation, so ASan sees an overrun from one into the next */
+        struct {
+            float *x, *xb, *qkv, *att, *hb, *hb2, *rope; /* a block's activations */
+            float *scratch; /* per thread, ld_scratch floats: attention scores or a prefill weight panel */
+            float *part; /* attention partials per (KV head, row tile, segment, row): o[hd], max, sum */
+        };
+        float *buf[9];
+    };
     size_t ld_scratch;
-    float *part; /* attention partials per (KV head, row tile, segment, row): o[hd], max, sum */
     int n_workers; /* the pool: threads taking jobs, the caller's included; a job is posted by moving gen */
     pthread_t th[MAX_THREADS];
     pthread_mutex_t mu;
@@ -206,16 +211,6 @@ static int bind_tensors(pyllm_model *m, const uint64_t *table, size_t size, char
 static void *worker(void *arg);
 static void pool_run(pyllm_model *m, struct job *job);
 
-#ifdef __has_feature /* clang's way to say ASan */
-#if __has_feature(address_sanitizer)
-#define PYLLM_ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__) || defined(PYLLM_ASAN) /* make test-asan: the gap after each buffer is poisoned, so an overrun into the next shows */
-#include <sanitizer/asan_interface.h>
-#else
-#define ASAN_POISON_MEMORY_REGION(p, n) ((void)(p), (void)(n))
-#endif
 #define FAIL(...) do { ERR(__VA_ARGS__); goto bad; } while (0) /* for pyllm_open */
 
 pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int el) {
@@ -263,18 +258,12 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     size_t d = h->dim, hd = h->hidden_dim, n_in = MAX(MAX(d, hd), (size_t)m->q_dim); /* the longest matmul input */
     m->ld_scratch = MAX(RB * BR * n_in, (size_t)QR * (SEG + 16)); /* a prefill panel or QR score rows (whole vectors) */
     size_t tiles = (BLOCK * (h->n_heads / h->n_kv_heads) + QR - 1) / QR;
-    size_t rows = BLOCK + TT, total = 0; /* zeroed activation rows: a tile reads up to TT - 1 past a block's last token */
+    size_t rows = BLOCK + TT; /* zeroed activation rows: a tile reads up to TT - 1 past a block's last token */
     size_t sizes[] = {rows * d, rows * d, rows * m->qkv_dim, rows * m->q_dim, rows * hd, rows * hd, rows * h->head_dim,
                       m->n_threads * m->ld_scratch, h->n_kv_heads * tiles * nseg * QR * (h->head_dim + 2)};
-    float **bufs[] = {&m->x, &m->xb, &m->qkv, &m->att, &m->hb, &m->hb2, &m->rope, &m->scratch, &m->part};
-    for (int i = 0; i < 9; i++) total += (sizes[i] + 15) / 16 * 16 + 16; /* whole 64-byte lines each, one line apart, */
-    m->act = calloc(total + 15, 4); /* + 15: room to align the first part (then all are aligned) */
-    if (!m->act) FAIL("out of memory for a context of %d tokens", m->n_ctx);
-    float *p = (float *)(((uintptr_t)m->act + 63) & ~(uintptr_t)63);
     for (int i = 0; i < 9; i++) {
-        *bufs[i] = p;
-        p += (sizes[i] + 15) / 16 * 16 + 16;
-        ASAN_POISON_MEMORY_REGION(*bufs[i] + sizes[i], ((size_t)(p - *bufs[i]) - sizes[i]) * 4);
+        if (posix_memalign((void **)&m->buf[i], 64, sizes[i] * 4)) FAIL("out of memory for a context of %d tokens", m->n_ctx);
+        memset(m->buf[i], 0, sizes[i] * 4);
     }
     pthread_mutex_init(&m->mu, NULL);
     pthread_cond_init(&m->cv, NULL);
@@ -299,7 +288,7 @@ void pyllm_close(pyllm_model *m) {
     if (m->map) munmap(m->map, m->h.file_size);
     if (m->k_cache) munmap(m->k_cache, m->kv_bytes);
     free(m->layers);
-    free(m->act);
+    for (int i = 0; i < 9; i++) free(m->buf[i]);
     free(m);
 }
 
