@@ -26,7 +26,7 @@ typedef struct {
     uint32_t reserved;
     uint64_t n_tensors, table_offset, meta_offset, meta_size, file_size;
 } header_t;
-enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 128, QR = 4, KB = 16, SEG = 512, LIMIT = 1 << 20 };
+enum { FLAG_TIED = 1, FLAG_QKV_BIAS = 2, MAX_THREADS = 64, BLOCK = 128, QR = 4, SEG = 512, LIMIT = 1 << 20 };
 #ifndef MIN /* <sys/param.h> has the same two (and some systems' headers include it) */
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
@@ -44,7 +44,7 @@ struct pyllm_model {
     const f16 *embd, *out_norm, *output;
     const float *rope_freqs;
     layer_t *layers;
-    f16 *k_cache, *v_cache; /* one mapping, [segment][layer][kv_head]: K [SEG / KB][head_dim][KB], V [SEG][head_dim] */
+    f16 *k_cache, *v_cache; /* one mapping, [segment][layer][kv_head]: K and V as matrices of SEG rows and head_dim rows */
     size_t kv_bytes;
     union { /* each its own allocation, so ASan sees an overrun from one into the next */
         struct {
@@ -89,7 +89,7 @@ static f16 f2h(float f) { /* round to nearest even */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
-enum { VL = 16, TR = 4, PV = 4, RB = 3, TT = 8 }; /* as registers allow: TR attention o vectors, PV score vectors; RB x 16 rows by TT tokens a matmul tile */
+enum { VL = 16, RB = 3, TT = 8, AB = 4 }; /* as registers allow: tiles of RB x 16 rows by TT tokens (matmul), AB x 16 by QR (attention) */
 #define vloadh(p) ((vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
 #define vstoreh(p, v) _mm256_storeu_si256((__m256i *)(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define vfma(a, b, c) ((vec)_mm512_fmadd_ps(a, b, c))
@@ -97,7 +97,7 @@ enum { VL = 16, TR = 4, PV = 4, RB = 3, TT = 8 }; /* as registers allow: TR atte
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
-enum { VL = 8, TR = 2, PV = 2, RB = 1, TT = 6 };
+enum { VL = 8, RB = 1, TT = 6, AB = 1 };
 #define vloadh(p) ((vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 #define vstoreh(p, v) _mm_storeu_si128((__m128i *)(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #define vfma(a, b, c) ((vec)_mm256_fmadd_ps(a, b, c))
@@ -105,20 +105,19 @@ enum { VL = 8, TR = 2, PV = 2, RB = 1, TT = 6 };
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define SIMD "neon"
-enum { VL = 4, TR = 4, PV = 4, RB = 1, TT = 6 };
+enum { VL = 4, RB = 1, TT = 6, AB = 1 };
 #define vloadh(p) ((vec)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))))
 #define vstoreh(p, v) vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v)))
 #define vfma(a, b, c) ((vec)vfmaq_f32(c, a, b))
 #define vround(x) ((vec)vrndnq_f32(x))
 #else
 #define SIMD "scalar" /* one-lane vectors: plain scalar code */
-enum { VL = 1, TR = 4, PV = 4, RB = 1, TT = 4 };
+enum { VL = 1, RB = 1, TT = 4, AB = 1 };
 #define vloadh(p) ((vec){h2f(*(p))})
 #define vstoreh(p, v) (*(p) = f2h((v)[0]))
 #define vfma(a, b, c) ((a) * (b) + (c))
 #define vround(x) ((vec){rintf((x)[0])})
 #endif
-#define sfma(a, b, c) (VL > 1 ? fmaf(a, b, c) : (a) * (b) + (c)) /* one vfma lane: vector and tail positions round alike */
 typedef float vec __attribute__((vector_size(4 * VL)));
 typedef int32_t veci __attribute__((vector_size(4 * VL)));
 static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
@@ -247,7 +246,7 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     m->n_threads = MIN(MAX(n_threads, 1), MAX_THREADS);
     /* attention segments of SEG positions: decode splits across threads by them; the cache is
        segment-major, so the pages touched grow with the context, even as 2 MiB pages */
-    size_t nseg = (m->n_ctx + SEG - 1) / SEG, kv_seg = (size_t)h->n_layers * m->kv_dim * SEG; /* f16 a segment */
+    size_t nseg = (m->n_ctx + SEG - 1) / SEG, kv_seg = (size_t)h->n_layers * h->n_kv_heads * ROWS16(h->head_dim) * SEG;
     m->kv_bytes = 2 * nseg * kv_seg * sizeof(f16);
     void *kv = mmap(NULL, m->kv_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0); /* zeroed as touched */
     if (kv == MAP_FAILED) FAIL("out of memory for a context of %d tokens", m->n_ctx);
@@ -256,7 +255,7 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
 #endif
     m->k_cache = kv, m->v_cache = m->k_cache + nseg * kv_seg;
     size_t d = h->dim, hd = h->hidden_dim, n_in = MAX(MAX(d, hd), (size_t)m->q_dim); /* the longest matmul input */
-    m->ld_scratch = MAX(RB * BR * n_in, (size_t)QR * (SEG + 16)); /* a prefill panel or QR score rows (whole vectors) */
+    m->ld_scratch = MAX(RB * BR * n_in, (size_t)QR * (SEG + 16 + h->head_dim)); /* a prefill panel, or QR rows of scores and q */
     size_t tiles = (BLOCK * (h->n_heads / h->n_kv_heads) + QR - 1) / QR;
     size_t rows = BLOCK + TT; /* zeroed activation rows: a tile reads up to TT - 1 past a block's last token */
     size_t sizes[] = {rows * d, rows * d, rows * m->qkv_dim, rows * m->q_dim, rows * hd, rows * hd, rows * h->head_dim,
@@ -301,11 +300,13 @@ const char *pyllm_simd(void) { return SIMD; }
 /* Matrices are stored in blocks of BR rows, input-major inside ([rows / BR][n][BR], rows
    padded with zeros): one vector holds BR rows at input k, so no horizontal sums, and every
    output is a single FMA chain over k in order, whatever the tile, thread count or ISA.
-   y[t][row] (+)= W[row] . x[t] for the blocks' rows < n_out and tokens t < nt: NB blocks
-   bq blocks apart (f16 w; or if NT > 1, an f32 panel wf of adjacent blocks, which conv
-   writes from w) by NT tokens. pf: a line every 8 inputs from there is prefetched. */
-INLINE void tile(const f16 *w, float *wf, int n, int bq, const float *x, int nt, float *y, int ldy, int r0,
-                 int n_out, const f16 *bias, int add, const f16 *pf, int NB, int NT, int conv) {
+   The same tile serves attention: K and V in the cache are such matrices too.
+   y[t][row] (+)= W[row] . x[t] over inputs k < n, for the blocks' rows < n_out and tokens
+   t < nt: NB blocks of lw inputs, bq blocks apart, by NT tokens; W read as mode says (an
+   f32 panel wf has w's layout). pf: a line every 8 inputs from there is prefetched. */
+enum { F16, TO_PANEL, PANEL }; /* read f16 w; read it and write the panel; read the panel */
+INLINE void tile(const f16 *w, float *wf, int lw, int bq, int n, const float *x, size_t ldx, int nt, float *y,
+                 size_t ldy, int r0, int n_out, const f16 *bias, int add, const f16 *pf, const f16 *ahead, int NB, int NT, int mode) {
     vec acc[4 * NV][TT];
     for (int v = 0; v < NB * NV; v++)
         for (int t = 0; t < NT; t++) acc[v][t] = vzero();
@@ -313,12 +314,13 @@ INLINE void tile(const f16 *w, float *wf, int n, int bq, const float *x, int nt,
         if (pf && k % 8 == 0) __builtin_prefetch(pf + k / 8 * 32, 0, 2);
         vec wv[4 * NV];
         for (int v = 0; v < NB * NV; v++) {
-            size_t o = ((size_t)(v / NV) * bq * n + k) * BR + v % NV * VL;
-            wv[v] = NT > 1 && !conv ? vload(wf + o) : vloadh(w + o); /* NT > 1: prefill, from the panel */
-            if (conv) vstore(wf + o, wv[v]);
+            size_t o = ((size_t)(v / NV) * bq * lw + k) * BR + v % NV * VL;
+            if (ahead && k % 2 == 0 && v % NV == 0) __builtin_prefetch(ahead + o); /* a line of each block per 2 inputs */
+            wv[v] = mode == PANEL ? vload(wf + o) : vloadh(w + o);
+            if (mode == TO_PANEL) vstore(wf + o, wv[v]);
         }
         for (int t = 0; t < NT; t++) {
-            vec xt = vset1(x[(size_t)t * n + k]);
+            vec xt = vset1(x[(size_t)t * ldx + k]);
             for (int v = 0; v < NB * NV; v++) acc[v][t] = vfma(wv[v], xt, acc[v][t]);
         }
     }
@@ -346,13 +348,13 @@ INLINE void tile(const f16 *w, float *wf, int n, int bq, const float *x, int nt,
    reached ~70% of the bandwidth). */
 static void matmul_rows(const f16 *w, int n, const float *x, int T, float *y, int ldy, int n_out, const f16 *bias,
                         int add, int b0, int b1, float *wf, const f16 *after) {
-#define TILE(b, t, bq, pf, NB, NT, conv) tile(w + (size_t)(b) * BR * n, wf, n, bq, x + (size_t)(t) * n, MIN(T - (t), NT), \
-                                            y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, pf, NB, NT, conv)
-#define PANEL_TILE(b, pf, NB) (t == 0 ? TILE(b, 0, 1, pf, NB, TT, 1) : TILE(b, t, 1, pf, NB, TT, 0))
+#define TILE(b, t, bq, pf, NB, NT, mode) tile(w + (size_t)(b) * BR * n, wf, n, bq, n, x + (size_t)(t) * n, n, MIN(T - (t), NT), \
+                                            y + (size_t)(t) * ldy, ldy, (b) * BR, n_out, bias, add, pf, NULL, NB, NT, mode)
+#define PANEL_TILE(b, pf, NB) (t == 0 ? TILE(b, 0, 1, pf, NB, TT, TO_PANEL) : TILE(b, t, 1, pf, NB, TT, PANEL))
     int b = b0, q = (b1 - b0) / 4;
     if (T == 1) {
-        for (; b < b0 + q; b++) TILE(b, 0, q, NULL, 4, 1, 0);
-        for (b = b0 + 4 * q; b < b1; b++) TILE(b, 0, 1, NULL, 1, 1, 0);
+        for (; b < b0 + q; b++) TILE(b, 0, q, NULL, 4, 1, F16);
+        for (b = b0 + 4 * q; b < b1; b++) TILE(b, 0, 1, NULL, 1, 1, F16);
         return;
     }
     for (; b + RB <= b1; b += RB) {
@@ -407,66 +409,21 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
-/* o[k] = sum_j s[k][j] V[j], j in [j0, j1], for the first n of QR rows (zero weights
-   outside a row's range): each V load serves every row. */
-INLINE void weighted_sum(float *const *o, const float *s, size_t lds, const f16 *v, int hd, int n, int j0, int j1) {
-    int i = 0;
-    for (; i + TR * VL <= hd; i += TR * VL) {
-        vec a[QR][TR];
-        for (int k = 0; k < n; k++)
-            for (int u = 0; u < TR; u++) a[k][u] = vzero();
-        for (int j = j0; j <= j1; j++) {
-            for (int u = 0; u < TR * VL; u += 32) __builtin_prefetch(v + (size_t)(j + 16) * hd + i + u); /* 16 rows on */
-            vec vv[TR];
-            for (int u = 0; u < TR; u++) vv[u] = vloadh(v + (size_t)j * hd + i + u * VL);
-            for (int k = 0; k < n; k++) {
-                vec w = vset1(s[k * lds + j]);
-                for (int u = 0; u < TR; u++) a[k][u] = vfma(w, vv[u], a[k][u]);
-            }
-        }
-        for (int k = 0; k < n; k++)
-            for (int u = 0; u < TR; u++) vstore(o[k] + i + u * VL, a[k][u]);
-    }
-    for (; i < hd; i++)
-        for (int k = 0; k < n; k++) {
-            float a = 0;
-            for (int j = j0; j <= j1; j++) a = sfma(s[k * lds + j], h2f(v[(size_t)j * hd + i]), a);
-            o[k][i] = a;
-        }
-}
-
-/* s[k][j] = q[k] . K[j] for QR rows, j in [j0, j1] from j0's block on, whole vectors (s has
-   room). K blocks of KB positions are dimension-major (kt[j / KB][i][j % KB]): one contiguous
-   read each, vectors along positions, no horizontal sums; PV vectors of positions per step,
-   so each q[k][i] broadcast serves PV FMAs (one per vector: the loop was load-bound). */
-INLINE void scores_at(float *s, size_t lds, const f16 *kt, const float *const *q, int hd, int j, int n, int np) {
-    vec a[QR][PV];
-    for (int k = 0; k < n; k++)
-        for (int p = 0; p < np; p++) a[k][p] = vzero();
-    for (int i = 0; i < hd; i++) {
-        vec kv[PV];
-        for (int p = 0; p < np; p++) {
-            const f16 *kb = kt + (size_t)((j + p * VL) / KB) * KB * hd + (j + p * VL) % KB;
-            if (i % 2 == 0) __builtin_prefetch(kb + (size_t)PV * KB * hd + (size_t)i * KB); /* a step on */
-            kv[p] = vloadh(kb + (size_t)i * KB);
-        }
-        for (int k = 0; k < n; k++) {
-            vec qk = vset1(q[k][i]);
-            for (int p = 0; p < np; p++) a[k][p] = vfma(qk, kv[p], a[k][p]);
-        }
-    }
-    for (int k = 0; k < n; k++)
-        for (int p = 0; p < np; p++) vstore(s + k * lds + j + p * VL, a[k][p]);
-}
-INLINE void scores_kt(float *s, size_t lds, const f16 *kt, const float *const *q, int hd, int j0, int j1, int n) {
-    int j = j0 / KB * KB;
-    for (; j1 - j >= PV * VL - 1; j += PV * VL) scores_at(s, lds, kt, q, hd, j, n, PV);
-    for (; j <= j1; j += VL) scores_at(s, lds, kt, q, hd, j, n, 1);
+/* y[k][r] = W[r] . x[k] for k < NT and the rows r < n_out of blocks [b0, b1) of an f16 matrix
+   with blocks lw inputs long: AB blocks a tile, then one; each block's line pd on is prefetched. */
+INLINE void attn_tiles(const f16 *w, size_t pd, int lw, int n, const float *x, size_t ldx, float *y, size_t ldy,
+                       int b0, int b1, int n_out, int NT) {
+#define ATILE(NB) tile(w + (size_t)b * lw * BR, NULL, lw, 1, n, x, ldx, NT, y, ldy, b * BR, n_out, NULL, 0, NULL, \
+                       w + (size_t)b * lw * BR + pd, NB, NT, F16)
+    int b = b0;
+    for (; b + AB <= b1; b += AB) ATILE(AB);
+    for (; b < b1; b++) ATILE(1);
+#undef ATILE
 }
 
 /* Where segment sg of layer l, KV head kvh starts in the K and in the V cache (the same offset). */
 static size_t kv_offset(const pyllm_model *m, size_t sg, int l, int kvh) {
-    return ((sg * m->h.n_layers + (size_t)l) * m->h.n_kv_heads + (size_t)kvh) * SEG * m->h.head_dim;
+    return ((sg * m->h.n_layers + (size_t)l) * m->h.n_kv_heads + (size_t)kvh) * SEG * ROWS16(m->h.head_dim);
 }
 
 /* Attention for up to QR query rows of the block that share KV head kvh (row r of the
@@ -476,28 +433,28 @@ static void attend(pyllm_model *m, int l, int kvh, int r0, int pos, int T, int s
     int hd = (int)m->h.head_dim, g = (int)(m->h.n_heads / m->h.n_kv_heads), sw = (int)m->h.sliding_window;
     int n = MIN(T * g - r0, QR), a[QR], b[QR], lo = INT32_MAX, hi = -1;
     size_t lds = SEG + 16, off = kv_offset(m, (size_t)sg, l, kvh);
-    const float *q[QR];
-    float *o[QR];
+    float *q = scores + QR * lds; /* the rows' q, gathered: a tile's rows of x are evenly apart */
     for (int k = 0; k < n; k++) {
         int r = r0 + k, t = r / g, h = kvh * g + r % g, p = pos + t;
-        q[k] = m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd;
-        o[k] = part + (size_t)k * (hd + 2);
+        memcpy(q + k * hd, m->qkv + (size_t)t * m->qkv_dim + (size_t)h * hd, (size_t)hd * 4);
         a[k] = MAX(sw ? p + 1 - sw : 0, sg * SEG) - sg * SEG; /* the row's positions in the segment, from its start */
         b[k] = MIN(p, (sg + 1) * SEG - 1) - sg * SEG;
         if (a[k] <= b[k]) lo = MIN(a[k], lo), hi = MAX(b[k], hi);
     }
-    const f16 *kt = m->k_cache + off;
+    lo = MIN(lo, hi + 1); /* no row sees sg: an empty range */
 #define ROWS(call) (n == 1 ? call(1) : n == 2 ? call(2) : n == 3 ? call(3) : call(QR)) /* n constant inside */
-#define SCORES(nr) scores_kt(scores, lds, kt, q, hd, lo, hi, nr)
-    ROWS(SCORES);
+#define SCORES(nr) attn_tiles(m->k_cache + off, (size_t)AB * hd * BR, hd, hd, q, hd, scores, lds, lo / BR, (hi + BR) / BR, \
+                              hi + 1, nr) /* K: SEG rows by hd inputs; a tile prefetches the next */
+    ROWS(SCORES); /* scores[k][j] = q[k] . K[j] */
     for (int k = 0; k < n; k++) {
         float *s = scores + k * lds;
-        softmax_exp(s, a[k], b[k], o[k] + hd); /* o's max and sum: -inf and 0 if the row sees none of sg */
+        softmax_exp(s, a[k], b[k], part + k * (hd + 2) + hd); /* max and sum: -inf and 0 if the row sees none of sg */
         for (int j = lo; j < a[k] && j <= hi; j++) s[j] = 0; /* zero weights outside the row's range */
         for (int j = MAX(b[k] + 1, lo); j <= hi; j++) s[j] = 0;
     }
-#define WSUM(nr) weighted_sum(o, scores, lds, m->v_cache + off, hd, nr, lo, hi)
-    ROWS(WSUM);
+#define WSUM(nr) attn_tiles(m->v_cache + off + (size_t)lo * BR, 16 * BR, SEG, hi + 1 - lo, scores + lo, lds, part, hd + 2, \
+                            0, (hd + BR - 1) / BR, hd, nr) /* V: hd rows by SEG inputs; prefetched 16 inputs on */
+    ROWS(WSUM); /* o[k] = sum_j scores[k][j] V[j] */
 }
 
 /* Each attention row's output from its segments' partials, merged in segment order. */
@@ -639,8 +596,9 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
             for (int i = 0; i < m->q_dim; i++) q[i] *= 1.0f / sqrtf((float)hd);
             for (int i = 0; i < (int)h->n_kv_heads; i++) {
                 size_t p = (size_t)(pos + t), off = kv_offset(m, p / SEG, l, i);
-                to_f16(m->k_cache + off + p % SEG / KB * KB * hd + p % KB, KB, k + i * hd, hd); /* K: blocks of KB positions */
-                to_f16(m->v_cache + off + p % SEG * hd, 1, v + i * hd, hd);
+                to_f16(m->k_cache + off + p % SEG / BR * BR * hd + p % BR, BR, k + i * hd, hd); /* K: row p % SEG */
+                for (int j = 0; j < hd; j += BR) /* V: input p % SEG of each block of rows */
+                    to_f16(m->v_cache + off + (size_t)j * SEG + p % SEG * BR, 1, v + i * hd + j, MIN(BR, hd - j));
             }
         }
         int tiles = (T * (int)(h->n_heads / h->n_kv_heads) + QR - 1) / QR, nseg = (pos + T + SEG - 1) / SEG;
