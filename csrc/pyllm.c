@@ -149,24 +149,21 @@ static inline vec vexp(vec x) {
     return vfma(p * r, r, r + vset1(1.0f)) * vpow2(n);
 }
 
-/* s[j] = exp(s[j] - mx) for j in [j0, j1], in whole vectors (s has room), mx their largest
-   (exact in any order); out = {mx, the sum of the exponentials}, {-inf, 0} if the range is empty. */
+/* s[j] = exp(s[j] - mx) for j in [j0, j1], mx their largest; out = {mx, the sum of the
+   exponentials}, {-inf, 0} if the range is empty. In whole vectors: s has room, -inf past j1. */
 static void softmax_exp(float *s, int j0, int j1, float *out) {
+    int e = j1 < j0 ? j0 : j0 + (j1 - j0 + VL) / VL * VL;
     vec m = vset1(-INFINITY), acc = vzero();
-    float o[VL], mx = -INFINITY, tail = 0;
-    int j = j0;
-    for (; j + VL <= j1 + 1; j += VL) m = vmax(m, vload(s + j));
-    vstore(o, m);
-    for (int i = 0; i < VL; i++) mx = o[i] > mx ? o[i] : mx;
-    for (int i = j; i <= j1; i++) mx = s[i] > mx ? s[i] : mx;
-    for (j = j0; j + VL <= j1 + 1; j += VL) {
+    for (int j = j1 + 1; j < e; j++) s[j] = -INFINITY;
+    for (int j = j0; j < e; j += VL) m = vmax(m, vload(s + j));
+    float mx = -INFINITY;
+    for (int i = 0; i < VL; i++) mx = m[i] > mx ? m[i] : mx; /* exact in any order */
+    for (int j = j0; j < e; j += VL) {
         vec x = vexp(vload(s + j) - vset1(mx));
         vstore(s + j, x);
         acc = acc + x;
     }
-    if (j <= j1) vstore(s + j, vexp(vload(s + j) - vset1(mx)));
-    for (; j <= j1; j++) tail += s[j];
-    out[0] = mx, out[1] = vsum(acc) + tail;
+    out[0] = mx, out[1] = vsum(acc);
 }
 
 /* ---- open: validate every size before trusting an offset, then map ---- */
