@@ -14,7 +14,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 /* ---- the file: a 128-byte header, then a table of {offset, nbytes} per tensor ---- */
@@ -633,15 +632,9 @@ int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logi
     return 0;
 }
 
-double pyllm_read_bandwidth(pyllm_model *m, long long bytes, int reps) {
-    uint64_t *buf;
-    if (!m || bytes < 1 << 20 || bytes / 8 > INT32_MAX || reps < 1 || posix_memalign((void **)&buf, 64, (size_t)bytes)) return -1;
-    for (long long i = 0; i < bytes / 8; i++) buf[i] = (uint64_t)i; /* touched, so every page is really there */
-    job_t j = {.op = OP_READ, .n = reps, .n_out = (int)(bytes / 8 / m->n_workers / 64 * 64), .y = (float *)buf};
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+long long pyllm_read(pyllm_model *m, void *buf, long long bytes, int reps) {
+    if (!m || !buf || (uintptr_t)buf % 64 || bytes < 1 << 20 || bytes / 8 > INT32_MAX || reps < 1) return -1;
+    job_t j = {.op = OP_READ, .n = reps, .n_out = (int)(bytes / 8 / m->n_workers / 64 * 64), .y = buf};
     pool_run(m, &j);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    free(buf);
-    return 8.0 * j.n_out * m->n_workers * reps / ((double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
+    return 8LL * j.n_out * m->n_workers * reps;
 }

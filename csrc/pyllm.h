@@ -17,6 +17,7 @@ int pyllm_n_threads(const pyllm_model *m);
 const char *pyllm_simd(void);  /* the vector path compiled in: "avx512", "avx2", "neon", "scalar" */
 void pyllm_close(pyllm_model *m);
 
-/* The machine's read bandwidth in bytes/s, the ceiling of decode (`pyllm bench --roofline`):
-   the model's threads each sum their share of a buffer of `bytes`, reps times. -1 on failure. */
-double pyllm_read_bandwidth(pyllm_model *m, long long bytes, int reps);
+/* The read of the machine's bandwidth, the ceiling of decode (`pyllm bench --roofline` times it):
+   the model's threads each sum their share of buf (64-byte aligned, 1 MiB or more, written
+   to), reps times. Returns the bytes read, or -1 for bad arguments. */
+long long pyllm_read(pyllm_model *m, void *buf, long long bytes, int reps);

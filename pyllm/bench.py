@@ -12,10 +12,11 @@ repetitions; t/s is the mean ± sample stddev of the per-repetition tokens/s.
 Also reported: load time (open + first touch: pyllm.load and a one-token forward, which
 reads every weight page once), peak RSS, and for tg the weight bytes read per token x t/s
 (effective GB/s). --roofline measures the machine's read bandwidth with
-lib.pyllm_read_bandwidth per thread count and reports tg as a fraction of that ceiling.
+lib.pyllm_read per thread count and reports tg as a fraction of that ceiling.
 """
 import datetime
 import json
+import mmap
 import os
 import platform
 import resource
@@ -240,16 +241,25 @@ def summarize(samples_ns, n_tokens):
 
 
 def read_bandwidth(path, threads, nbytes=GIB, reps=3, tries=3):
-    """Best of `tries` calls of lib.pyllm_read_bandwidth on the model's threads, in bytes/s."""
+    """The machine's read bandwidth in bytes/s, best of `tries` timed lib.pyllm_read calls: the
+    model's threads read an anonymous mapping (4 KiB pages where THP is madvise-only, as the
+    weights' mapping) of nbytes, reps times."""
     from ._pyllm import ffi, lib
-    from .model import _native_open
-    m = _native_open(path, threads, 16)
+    from .model import PyllmError, _native_open
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    np.frombuffer(buf, np.uint64)[:] = 1  # touched, so every page is really there
+    m, best = _native_open(path, threads, 16), 0.0
     try:
-        best = max(lib.pyllm_read_bandwidth(m, nbytes, reps) for _ in range(tries))
+        with ffi.from_buffer(buf) as p:
+            for _ in range(tries):
+                t0 = time.perf_counter()
+                n = lib.pyllm_read(m, p, nbytes, reps)
+                if n < 0:
+                    raise PyllmError(f"pyllm_read refused {nbytes} bytes")
+                best = max(best, n / (time.perf_counter() - t0))
     finally:
         ffi.release(m)
-    if best <= 0:
-        raise RuntimeError(f"pyllm_read_bandwidth failed ({nbytes} bytes, {threads} threads)")
+        buf.close()
     return best
 
 
@@ -379,8 +389,8 @@ def main(a):
     threads = int_list(a.threads, "-t", lo=1) if a.threads is not None else [default_threads()]
     if a.repetitions < 1:
         raise ValueError(f"-r: {a.repetitions} repetitions; at least 1")
-    if a.bw_mib < 1:
-        raise ValueError("--bw-mib: at least 1")
+    if not 1 <= a.bw_mib <= 16384:
+        raise ValueError(f"--bw-mib: {a.bw_mib}; 1 to 16384")
     tests = make_tests(n_prompt, n_gen, depths)
     if not tests:
         raise ValueError("nothing to run: every -p and -n is 0")
