@@ -612,18 +612,11 @@ static void forward_block(pyllm_model *m, const int *tok, int T, int pos, float 
     pool_run(m, &(job_t){.w = m->output, .x = m->xb, .n = d, .T = n, .y = logits, .n_out = (int)h->vocab});
 }
 
-enum { E_ARG = 1, E_TOKEN, E_CONTEXT };
-const char *pyllm_strerror(int code) {
-    static const char *msg[] = {"ok", "invalid argument", "token id out of range",
-                                "context full: positions past the context size"};
-    return code >= 0 && code <= E_CONTEXT ? msg[code] : "unknown error";
-}
-
 int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logits, int all) {
-    if (!m || !tokens || n <= 0 || pos < 0) return E_ARG;
-    if (pos > m->n_ctx - n) return E_CONTEXT;
+    if (!m || !tokens || n <= 0 || pos < 0) return PYLLM_E_ARG;
+    if (pos > m->n_ctx - n) return PYLLM_E_CONTEXT;
     for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || (uint32_t)tokens[i] >= m->h.vocab) return E_TOKEN;
+        if (tokens[i] < 0 || (uint32_t)tokens[i] >= m->h.vocab) return PYLLM_E_TOKEN;
     for (int i = 0; i < n; i += BLOCK) {
         int T = MIN(n - i, BLOCK), last = i + T == n;
         float *out = !logits ? NULL : all ? logits + (size_t)i * m->h.vocab : last ? logits : NULL;

@@ -7,11 +7,10 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
 
 /* Run n_tokens tokens at positions pos.. (the KV cache holds positions < pos).
    logits: vocab floats for the last token, or n_tokens * vocab if all_positions.
-   Returns 0, or an error code for pyllm_strerror. */
+   Returns 0, or one of these codes (nothing is run then). */
 int pyllm_forward(pyllm_model *m, const int *tokens, int n_tokens, int pos, float *logits,
                   int all_positions);
-
-const char *pyllm_strerror(int code);
+enum { PYLLM_E_ARG = 1, PYLLM_E_TOKEN = 2, PYLLM_E_CONTEXT = 3 };  /* bad argument, token id, past the context */
 int pyllm_n_ctx(const pyllm_model *m);
 int pyllm_n_threads(const pyllm_model *m);
 const char *pyllm_simd(void);  /* the vector path compiled in: "avx512", "avx2", "neon", "scalar" */

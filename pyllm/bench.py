@@ -191,8 +191,8 @@ class Runner:
     def _forward(self, ids, n, pos):
         rc = self.lib.pyllm_forward(self.model._m, ids, n, pos, self._out, 0)
         if rc:
-            from .model import PyllmError
-            raise PyllmError(self.ffi.string(self.lib.pyllm_strerror(rc)).decode())
+            from .model import forward_error
+            raise forward_error(rc)
 
     def _fill(self, depth):
         if self.filled < depth:
@@ -221,8 +221,8 @@ class Runner:
                     break
             dt = time.perf_counter_ns() - t0
             if rc:
-                from .model import PyllmError
-                raise PyllmError(self.ffi.string(self.lib.pyllm_strerror(rc)).decode())
+                from .model import forward_error
+                raise forward_error(rc)
         self.filled = min(self.filled, test.depth)  # the test overwrote positions depth..
         return dt
 

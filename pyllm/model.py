@@ -20,6 +20,15 @@ class PyllmError(Exception):
     """A bad file or bad input, with a one-line message for the user."""
 
 
+_FORWARD_ERRORS = {lib.PYLLM_E_ARG: "invalid argument", lib.PYLLM_E_TOKEN: "token id out of range",
+                   lib.PYLLM_E_CONTEXT: "context full: positions past the context size"}
+
+
+def forward_error(rc):
+    """The PyllmError for a non-zero code of lib.pyllm_forward."""
+    return PyllmError(_FORWARD_ERRORS.get(rc, f"pyllm_forward: error {rc}"))
+
+
 def _native_open(path, threads=1, n_ctx=0):
     err = ffi.new("char[]", 512)
     m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
@@ -97,7 +106,7 @@ class Model:
         rc = lib.pyllm_forward(self._m, ffi.new("int[]", ids), len(ids), pos,
                                ffi.cast("float *", ffi.from_buffer(out)), int(all_positions))
         if rc:
-            raise PyllmError(ffi.string(lib.pyllm_strerror(rc)).decode())
+            raise forward_error(rc)
         self.tokens += ids
         return out
 

@@ -14,7 +14,7 @@ int main(int argc, char **argv) {
     float *logits = malloc(sizeof(float) * (size_t)n * vocab);
     for (int i = 0; i < n; i++) ids[i] = atoi(argv[3 + i]);
     int rc = pyllm_forward(m, ids, n, 0, logits, 1);
-    if (rc) { fprintf(stderr, "%s\n", pyllm_strerror(rc)); return 1; }
+    if (rc) { fprintf(stderr, "pyllm_forward: error %d\n", rc); return 1; }
     printf("%s\n", pyllm_simd());
     for (long i = 0; i < (long)n * vocab; i++) printf("%.9g\n", logits[i]);
     pyllm_close(m);

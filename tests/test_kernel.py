@@ -120,6 +120,23 @@ def test_bad_input(tiny_paths):
         pyllm.load(path, n_ctx=10**6)
 
 
+def test_kernel_refuses_bad_forward_arguments(tiny_paths):
+    """The kernel checks its own arguments (Python checks first; this is the backstop)."""
+    from pyllm._pyllm import ffi, lib
+    vocab = pyllm.load(tiny_paths["base"], n_ctx=16).config["vocab_size"]
+    m = pyllm._native_open(str(tiny_paths["base"]), 1, 16)
+    out = np.zeros((17, vocab), np.float32)
+    logits = ffi.cast("float *", ffi.from_buffer(out))
+
+    def fwd(ids, pos=0):
+        return lib.pyllm_forward(m, ffi.new("int[]", ids or [0]), len(ids), pos, logits, 1)
+    assert fwd([vocab]) == fwd([1, -1]) == lib.PYLLM_E_TOKEN
+    assert fwd(list(range(17))) == fwd([1], pos=16) == lib.PYLLM_E_CONTEXT
+    assert fwd([]) == fwd([1], pos=-1) == lib.PYLLM_E_ARG
+    assert fwd([1, 2]) == 0 and np.isfinite(out[:2]).all()
+    assert str(pyllm.model.forward_error(lib.PYLLM_E_CONTEXT)).startswith("context full")
+
+
 def test_generate_greedy_and_seeded(tiny_paths):
     path = tiny_paths["base"]
     m = pyllm.load(path, threads=2)
