@@ -43,7 +43,7 @@ struct pyllm_model {
     const f16 *embd, *out_norm, *output;
     const float *rope_freqs;
     layer_t *layers;
-    f16 *k_cache, *v_cache; /* one mapping, [segment][layer][kv_head]: K and V as matrices of SEG rows and head_dim rows */
+    f16 *k_cache, *v_cache; /* one mapping, [segment][layer][kv_head], blocked matrices: K SEG rows, V head_dim rows */
     size_t kv_bytes;
     union { /* each its own allocation, so ASan sees an overrun from one into the next */
         struct {
