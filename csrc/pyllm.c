@@ -82,9 +82,8 @@ static f16 f2h(float f) { /* round to nearest even */
     return (f16)(s | ((u + 0xfff + ((u >> 13) & 1) - 0x38000000) >> 13));
 }
 
-/* Vectors are GNU C vector types (gcc, clang): + - * / and comparisons work on them on every
-   path. Per ISA: the register budget, f16 conversion, FMA, rounding (an add-and-subtract
-   trick would fold away under -ffast-math). */
+/* Vectors are GNU C vector types (gcc, clang): arithmetic and comparisons on every path. Per
+   ISA: register budget, f16 conversion, FMA, rounding (add-and-subtract folds under -ffast-math). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
@@ -148,10 +147,11 @@ static inline vec vexp(vec x) {
     return vfma(p * r, r, r + vset1(1.0f)) * vpow2(n);
 }
 
-/* s[j] = exp(s[j] - mx) for j in [j0, j1], mx their largest; out = {mx, the sum of the
-   exponentials}, {-inf, 0} if the range is empty. In whole vectors: s has room, -inf past j1. */
+/* s[j] = exp(s[j] - mx), j in [j0, j1], mx their largest; out = {mx, their sum}, {-inf, 0} if
+   none. Whole vectors: s has room, lanes past j1 padded with -inf (vexp: ~1e-38, beside 1+). */
 static void softmax_exp(float *s, int j0, int j1, float *out) {
-    int e = j1 < j0 ? j0 : j0 + (j1 - j0 + VL) / VL * VL;
+    if (j1 < j0) { out[0] = -INFINITY, out[1] = 0; return; }
+    int e = j0 + (j1 - j0 + VL) / VL * VL;
     vec m = vset1(-INFINITY), acc = vzero();
     for (int j = j1 + 1; j < e; j++) s[j] = -INFINITY;
     for (int j = j0; j < e; j += VL) m = vmax(m, vload(s + j));
@@ -226,7 +226,7 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, i
     for (int i = 0; i < 8; i++)
         if (dims[i] == 0 || dims[i] >= LIMIT) FAIL("%s: header field %d out of range", path, i);
     if (h->header_size != 128 || h->n_heads % h->n_kv_heads || h->head_dim % 2 || !(h->norm_eps > 0) ||
-        (uint64_t)h->n_heads * h->head_dim >= LIMIT || /* q_dim: an int, and a buffer's row */
+        (uint64_t)h->n_heads * ROWS16(h->head_dim) >= LIMIT || /* q_dim (an int, a buffer row); the KV cache size */
         h->sliding_window >= LIMIT || h->n_tensors > 16ull * LIMIT || h->table_offset != 128 ||
         h->meta_offset < 128 + 16 * h->n_tensors || h->meta_offset > size || h->meta_size > size - h->meta_offset)
         FAIL("%s: inconsistent header", path);

@@ -214,8 +214,8 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("window", [0, 300])
 def test_long_context_across_attention_segments(tmp_path, window):
-    """Attention is split into segments of >= 256 positions (merged per row afterwards):
-    700 tokens span three, with and without a sliding window that crosses them."""
+    """Attention is split into segments of 512 positions (merged per row afterwards): 700
+    tokens span two, with and without a sliding window that crosses them."""
     path = str(tmp_path / "long.bin")
     make_tiny_model(path, seed=7, max_seq_len=1024, sliding_window=window, n_kv_heads=1)
     ids = random_ids(path, n=700, seed=3)
@@ -227,3 +227,20 @@ def test_long_context_across_attention_segments(tmp_path, window):
     m.eval(ids[:680])
     tail = np.stack([m.eval([t]) for t in ids[680:]])
     assert np.array_equal(tail, block[680:])  # decode = prefill, and 3 threads = 2
+
+
+@pytest.mark.parametrize("window", [0, 8, 300])
+def test_segments_straddled_and_out_of_window(tmp_path, window):
+    """A block that straddles a segment boundary (rows before the last segment see none of it),
+    and segments wholly before the window: empty ranges in attend."""
+    path = str(tmp_path / "long.bin")
+    make_tiny_model(path, seed=7, max_seq_len=1024, sliding_window=window, n_kv_heads=1)
+    ids = random_ids(path, n=900, seed=3)
+    want = reference_logits(format.read(path), ids)
+    for threads in (1, 2):
+        m = pyllm.load(path, threads=threads)
+        got = np.stack([m.eval(ids[:500]), m.eval(ids[500:600]), m.eval(ids[600:601]), m.eval(ids[601:602]),
+                        m.eval(ids[602:900])])
+        diff = np.abs(got - want[[499, 599, 600, 601, 899]])
+        assert diff.max() < MAX_TOL, f"threads {threads}: max {diff.max():.2e}"
+        del m
