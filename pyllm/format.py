@@ -119,8 +119,10 @@ def check_config(cfg):
         raise FormatError(f"n_heads={cfg['n_heads']} is not a multiple of n_kv_heads={cfg['n_kv_heads']}")
     if cfg["head_dim"] % 2:
         raise FormatError(f"head_dim={cfg['head_dim']} is odd")
-    if cfg["n_heads"] * cfg["head_dim"] >= LIMIT:
-        raise FormatError(f"n_heads * head_dim = {cfg['n_heads'] * cfg['head_dim']} is out of range")
+    padded = -(-cfg["head_dim"] // ROW_BLOCK) * ROW_BLOCK  # the KV cache stores head_dim in row blocks
+    if cfg["n_heads"] * padded >= LIMIT:
+        raise FormatError(f"n_heads * head_dim = {cfg['n_heads'] * cfg['head_dim']} is out of range "
+                          f"(with head_dim padded to {ROW_BLOCK}: {cfg['n_heads'] * padded})")
     if not (cfg["norm_eps"] > 0):
         raise FormatError(f"norm_eps={cfg['norm_eps']!r} must be positive")
 

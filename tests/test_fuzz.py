@@ -89,9 +89,10 @@ def test_recorded_crashers(case):
     assert os.path.isdir(os.path.join(os.path.dirname(__file__), "fuzz_cases"))
 
 
-@pytest.mark.parametrize("n_heads, head_dim", [(1 << 19, 1 << 13), (1 << 12, 1 << 10)])
+@pytest.mark.parametrize("n_heads, head_dim", [(1 << 19, 1 << 13), (1 << 12, 1 << 10), (1 << 17, 2)])
 def test_head_product_out_of_range_is_refused(seed_file, tmp_path, n_heads, head_dim):
-    # each field alone is in range; the product (an int in the kernel) is not: 2^32 wrapped to 0
+    # each field alone is in range; the product (an int in the kernel) is not: 2^32 wrapped to 0;
+    # or, head_dim padded to 16 as the KV cache stores it, the cache size would overflow
     b = bytearray(open(seed_file, "rb").read())
     struct.pack_into("<III", b, 24, n_heads, 1, head_dim)  # n_heads, n_kv_heads, head_dim
     path = tmp_path / "heads.bin"
