@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 
 from pyllm import format
-from reference import reference_logits
+from pyllm.reference import reference_logits
 from tiny import VARIANTS, make_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The C kernel against tests/reference.py on tiny random models, and its handling of bad input.
+"""The C kernel against pyllm/reference.py on tiny random models, and its handling of bad input.
 
 Tolerances: the kernel keeps K (after RoPE) and V in an f16 cache and the reference rounds
 them the same way, but the two compute the pre-rounding f32 values in different orders, so
@@ -13,7 +13,7 @@ import pytest
 
 import pyllm
 from pyllm import format
-from reference import reference_logits
+from pyllm.reference import reference_logits
 from tiny import VARIANTS, make_tiny_model
 
 # max: a last-bit difference in a key or value can flip its f16 rounding in the cache; on
@@ -56,8 +56,8 @@ def test_kv_cache_is_f16(tiny_paths):
     ids = random_ids(path, seed=1)
     got = pyllm.load(path, threads=2).logits(ids)
     mf = format.read(path)
-    d16 = np.abs(got - reference_logits(mf, ids, f16_kv=True)).mean()
-    d32 = np.abs(got - reference_logits(mf, ids, f16_kv=False)).mean()
+    d16 = np.abs(got - reference_logits(mf, ids, cache_type="f16")).mean()
+    d32 = np.abs(got - reference_logits(mf, ids, cache_type="f32")).mean()
     assert d16 < 0.3 * d32, (d16, d32)
 
 

@@ -1,11 +1,14 @@
 """The reference forward pass: plain numpy, float32 math over the f16 weights of a ModelFile.
 
-This is the spec the C kernel is checked against (tests/test_kernel.py), and it is checked
-against Hugging Face transformers itself (tests/make_fixtures.py).
+This is the spec the C kernel is checked against (`pyllm check`, tests/test_kernel.py), and
+it is checked against Hugging Face transformers itself (tests/make_fixtures.py). It is meant
+to be read: one formula per line, no tiling, no cache, every position at once.
 """
 import numpy as np
 
-from pyllm import format
+from . import format
+
+CACHE_TYPES = ("f16", "f32")
 
 
 def rmsnorm(x, w, eps):
@@ -29,11 +32,14 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def reference_logits(mf, ids, f16_kv=True):
+def reference_logits(mf, ids, cache_type="f16"):
     """Logits (len(ids), vocab) of token ids at positions 0.. in a fresh context.
 
-    f16_kv: round keys (after RoPE) and values to float16, as the kernel's KV cache does.
+    cache_type: "f16" rounds keys (after RoPE) and values to float16, as the kernel's
+    default KV cache stores them; "f32" keeps them in float32, as its exact mode does.
     """
+    if cache_type not in CACHE_TYPES:
+        raise ValueError(f"cache_type {cache_type!r}: one of {', '.join(CACHE_TYPES)}")
     if isinstance(mf, str):
         mf = format.read(mf)
     c = mf.config
@@ -65,7 +71,7 @@ def reference_logits(mf, ids, f16_kv=True):
         q = rope(qkv[:, :nh * hd].reshape(T, nh, hd), cos, sin)
         k = rope(qkv[:, nh * hd:(nh + nkv) * hd].reshape(T, nkv, hd), cos, sin)
         v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
-        if f16_kv:
+        if cache_type == "f16":
             k = k.astype(np.float16).astype(np.float32)
             v = v.astype(np.float16).astype(np.float32)
         group = nh // nkv  # query head n uses kv head n // group
