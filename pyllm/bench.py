@@ -1,11 +1,12 @@
 """`pyllm bench`: prompt-processing (pp) and generation (tg) speed with llama-bench's conventions.
 
-    pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-r 5] [-o md|json] [--roofline]
+    pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-ctk f16,f32] [-ctv f16,f32] [-r 5] [-o md|json] [--roofline]
 
 Each test is timed on token ids straight through lib.pyllm_forward: no tokenizer, no sampler.
   ppN  one forward of N random tokens at position depth, logits of the last token only
   tgN  N single-token forwards at positions depth, depth+1, ... (logits every step)
 `@ dD` (-d D): D tokens are already in the KV cache before the test (filled, untimed).
+-ctk/-ctv: the KV cache's type for keys and values, f16 (default) or f32; lists run every pair.
 Like llama-bench: one warmup run per test (pp: the same pp; tg: one token), then -r timed
 repetitions; t/s is the mean ± sample stddev of the per-repetition tokens/s.
 
@@ -31,6 +32,7 @@ from . import format
 
 MIB = 1 << 20
 GIB = 1 << 30
+CACHE_TYPES = ("f16", "f32")
 
 
 # ---------- what to run ----------
@@ -65,6 +67,15 @@ def int_list(s, what, lo=0):
     if bad:
         raise ValueError(f"{what}: {bad[0]} is below {lo}")
     return vals
+
+
+def cache_type_list(s, what):
+    """'f16' or 'f16,f32' -> ['f16'] / ['f16', 'f32']."""
+    vals = [v.strip() for v in str(s).split(",") if v.strip()]
+    bad = [v for v in vals if v not in CACHE_TYPES]
+    if bad or not vals:
+        raise ValueError(f"{what}: {bad[0] if bad else s!r} is not a cache type ({', '.join(CACHE_TYPES)})")
+    return list(dict.fromkeys(vals))
 
 
 def make_tests(n_prompt, n_gen, depths):
@@ -169,12 +180,13 @@ def model_info(path):
 class Runner:
     """One opened model at one thread count; runs tests on raw token ids."""
 
-    def __init__(self, path, threads, n_ctx, max_depth, seed=1234):
+    def __init__(self, path, threads, n_ctx, max_depth, seed=1234, cache_type_k="f16", cache_type_v="f16"):
         from ._pyllm import ffi, lib
         from .model import load
         self.ffi, self.lib = ffi, lib
         t0 = time.perf_counter()
-        self.model = load(path, threads=threads, n_ctx=n_ctx)
+        self.model = load(path, threads=threads, n_ctx=n_ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+        self.cache_types = (cache_type_k, cache_type_v)
         self.vocab = self.model.vocab_size
         self.logits = np.empty(self.vocab, dtype=np.float32)
         self._out = ffi.cast("float *", ffi.from_buffer(self.logits))
@@ -264,8 +276,9 @@ def read_bandwidth(path, threads, nbytes=GIB, reps=3, tries=3):
 
 
 def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=GIB,
-          on_result=None, progress=None):
-    """Run every test at every thread count; a list of llama-bench-style result dicts."""
+          on_result=None, progress=None, cache_types=(("f16", "f16"),)):
+    """Run every test at every thread count and (K, V) cache type pair; a list of
+    llama-bench-style result dicts."""
     info = model_info(path)
     need = max(t.depth + t.n for t in tests)
     max_ctx = info.config["max_seq_len"]
@@ -275,19 +288,20 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
     simd = ffi.string(lib.pyllm_simd()).decode()
     build = build_info()
     results = []
-    for nt in threads_list:
-        r = Runner(path, nt, need, max(t.depth for t in tests))
+    for nt, (type_k, type_v) in [(nt, ct) for nt in threads_list for ct in cache_types]:
+        r = Runner(path, nt, need, max(t.depth for t in tests), cache_type_k=type_k, cache_type_v=type_v)
         try:
             for test in tests:
                 if progress:
-                    progress(f"threads {nt}: {test.name}")
+                    progress(f"threads {nt}, cache {type_k}/{type_v}: {test.name}")
                 if warmup:
                     r.run(test, n=1 if test.kind == "tg" else None)
                 samples = [r.run(test) for _ in range(reps)]
                 res = {"model_filename": path, "model_type": info.desc, "model_size": info.size,
                        "model_n_params": info.n_params, "cpu_info": cpu_info(), "simd": simd,
                        "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
-                       "n_threads": r.threads, "n_prompt": test.n_prompt, "n_gen": test.n_gen,
+                       "n_threads": r.threads, "type_k": type_k, "type_v": type_v,
+                       "n_prompt": test.n_prompt, "n_gen": test.n_gen,
                        "n_depth": test.depth, "test_time": datetime.datetime.now(datetime.timezone.utc)
                        .strftime("%Y-%m-%dT%H:%M:%SZ")}
                 res.update(summarize(samples, test.n))
@@ -329,13 +343,14 @@ def fmt_params(n):
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-MD_HEADER = ("| model | size | params | threads | test | t/s |\n"
-             "| --- | ---: | ---: | ---: | ---: | ---: |")
+MD_HEADER = ("| model | size | params | threads | type_k | type_v | test | t/s |\n"
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 def md_row(res):
     return (f"| {res['model_type']} | {fmt_size(res['model_size'])} | {fmt_params(res['model_n_params'])} "
-            f"| {res['n_threads']} | {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+            f"| {res['n_threads']} | {res['type_k']} | {res['type_v']} | {test_name(res)} "
+            f"| {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
 
 
 def md_footer(results):
@@ -345,11 +360,11 @@ def md_footer(results):
         lines.append("")
         lines.append(f"weights read per generated token: {tg[0]['weight_bytes_per_token'] / 1e6:.1f} MB")
         roof = tg[0]["roofline_fraction"] is not None
-        lines.append("| threads | test | weights GB/s" + (" | read GB/s | roofline t/s | fraction |"
-                                                          if roof else " |"))
-        lines.append("| ---: | ---: | ---:" + (" | ---: | ---: | ---: |" if roof else " |"))
+        lines.append("| threads | type_k | type_v | test | weights GB/s" + (" | read GB/s | roofline t/s | fraction |"
+                                                                           if roof else " |"))
+        lines.append("| ---: | ---: | ---: | ---: | ---:" + (" | ---: | ---: | ---: |" if roof else " |"))
         for r in tg:
-            row = f"| {r['n_threads']} | {test_name(r)} | {r['bandwidth_gbs']:.2f}"
+            row = f"| {r['n_threads']} | {r['type_k']} | {r['type_v']} | {test_name(r)} | {r['bandwidth_gbs']:.2f}"
             if roof:
                 row += (f" | {r['read_bandwidth_gbs']:.2f} | {r['roofline_ts']:.1f} "
                         f"| {100 * r['roofline_fraction']:.0f}% |")
@@ -373,6 +388,10 @@ def add_arguments(p):
     p.add_argument("-d", "--n-depth", default="0",
                    help="tokens already in the KV cache before each test, comma-separated (default 0)")
     p.add_argument("-t", "--threads", default=None, help="thread counts, comma-separated (default: all cores)")
+    p.add_argument("-ctk", "--cache-type-k", default="f16",
+                   help="KV cache types for keys, comma-separated: f16 (default), f32")
+    p.add_argument("-ctv", "--cache-type-v", default="f16",
+                   help="KV cache types for values, comma-separated: f16 (default), f32")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
     p.add_argument("--roofline", action="store_true",
@@ -391,6 +410,7 @@ def main(a):
         raise ValueError(f"-r: {a.repetitions} repetitions; at least 1")
     if not 1 <= a.bw_mib < 16384:  # the read job indexes 64-bit words with an int
         raise ValueError(f"--bw-mib: {a.bw_mib}; 1 to 16383")
+    type_k, type_v = cache_type_list(a.cache_type_k, "-ctk"), cache_type_list(a.cache_type_v, "-ctv")
     tests = make_tests(n_prompt, n_gen, depths)
     if not tests:
         raise ValueError("nothing to run: every -p and -n is 0")
@@ -399,7 +419,7 @@ def main(a):
         print(MD_HEADER, flush=True)
     progress = (lambda s: print(s, file=sys.stderr, flush=True)) if a.progress else None
     results = bench(a.model, tests, threads, reps=a.repetitions, warmup=not a.no_warmup,
-                    roofline=a.roofline, bw_bytes=a.bw_mib * MIB,
+                    roofline=a.roofline, bw_bytes=a.bw_mib * MIB, cache_types=[(k, v) for k in type_k for v in type_v],
                     on_result=(lambda r: print(md_row(r), flush=True)) if md else None, progress=progress)
     if md:
         print(md_footer(results))

@@ -248,7 +248,7 @@ def _read_message(prompt="> "):
 
 
 def main(a):
-    from .cli import UsageError, sampling_kwargs
+    from .cli import UsageError, model_kwargs, sampling_kwargs
     from .model import load
     for s, what in ((a.system, "system prompt"), (a.prompt, "prompt")):
         if s is not None:
@@ -265,7 +265,7 @@ def main(a):
             raise UsageError("standard input is not valid UTF-8") from None
     if not os.path.exists(a.model):
         raise UsageError(f"{a.model}: no such file (make weights converts the default model)")
-    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    m = load(a.model, **model_kwargs(a))
     try:
         chat = Chat(m, a.template, a.system, sampling_kwargs(a), a.n_predict)
     except ChatError as e:

@@ -4,10 +4,11 @@ import json
 import os
 import sys
 
-from . import bench, chat, perplexity
+from . import bench, chat, check, perplexity
 from .convert import ConvertError
 
 DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
+CACHE_TYPES = ("f16", "f32")
 
 
 class UsageError(Exception):
@@ -38,6 +39,15 @@ def add_model(p):
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size in tokens (default: min(model's, 4096))")
+    p.add_argument("-ctk", "--cache-type-k", choices=CACHE_TYPES, default="f16",
+                   help="the KV cache's type for keys: f16 (default, as llama.cpp) or f32 (exact)")
+    p.add_argument("-ctv", "--cache-type-v", choices=CACHE_TYPES, default="f16",
+                   help="the KV cache's type for values: f16 (default) or f32")
+
+
+def model_kwargs(a):
+    """pyllm.load's arguments from add_model's flags."""
+    return dict(threads=a.threads, n_ctx=a.ctx_size, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
 
 
 def sampling_kwargs(a):
@@ -55,7 +65,7 @@ def cmd_convert(a):
 def cmd_generate(a):
     from .model import load
     prompt = _text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
-    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    m = load(a.model, **model_kwargs(a))
     for piece in m.generate(prompt, max_tokens=a.n_predict, **sampling_kwargs(a)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -142,6 +152,10 @@ def build_parser():
     pp = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
     perplexity.add_arguments(pp, add_model)
     pp.set_defaults(fn=perplexity.main)
+
+    k = sub.add_parser("check", help="check this build of the kernel against the numpy reference")
+    check.add_arguments(k, DEFAULT_MODEL)
+    k.set_defaults(fn=check.main)
     return p
 
 

@@ -122,7 +122,7 @@ def add_arguments(p, add_model):
 
 
 def main(a):
-    from .cli import UsageError
+    from .cli import UsageError, model_kwargs
     from .model import load
     if a.ctx_size is None:
         a.ctx_size = DEFAULT_CTX
@@ -131,7 +131,7 @@ def main(a):
     if a.chunks == 0:
         raise UsageError("--chunks 0: nothing to evaluate (-1 = every chunk)")
     text = read_text(a.textfile)
-    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    m = load(a.model, **model_kwargs(a))
     err = sys.stderr
     t0 = time.perf_counter()
     tokens = tokenize(m, text)

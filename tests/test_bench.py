@@ -36,14 +36,15 @@ def run(capsys, *argv):
 def test_markdown_table(model, capsys):
     out = run(capsys, model, "-p", "16", "-n", "4", "-r", "2", "-t", "1,2", "-d", "0,8")
     lines = out.splitlines()
-    assert lines[0] == "| model | size | params | threads | test | t/s |"
+    assert lines[0] == "| model | size | params | threads | type_k | type_v | test | t/s |"
     rows = [ln for ln in lines[2:] if ln.startswith("| llama")]
-    assert [r.split("|")[5].strip() for r in rows] == ["pp16", "tg4", "pp16 @ d8", "tg4 @ d8"] * 2
+    assert [r.split("|")[7].strip() for r in rows] == ["pp16", "tg4", "pp16 @ d8", "tg4 @ d8"] * 2
     assert [int(r.split("|")[4]) for r in rows] == [1] * 4 + [2] * 4
+    assert {(r.split("|")[5].strip(), r.split("|")[6].strip()) for r in rows} == {("f16", "f16")}
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert re.fullmatch(r"[\d.]+ MiB", cells[1]) and re.fullmatch(r"[\d.]+ M", cells[2])
-        mean, sd = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[5]).groups()
+        mean, sd = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[7]).groups()
         assert float(mean) > 0 and float(sd) >= 0
     assert "load (open + first touch)" in out and "peak RSS" in out
 
@@ -58,6 +59,7 @@ def test_json_fields(model, capsys):
         for k in LLAMA_BENCH_FIELDS + OURS:
             assert k in r, k
         assert r["model_filename"] == model and r["n_threads"] == 1 and r["n_depth"] == 0
+        assert (r["type_k"], r["type_v"]) == ("f16", "f16")
         assert r["model_size"] == sum(t_bytes(t) for t in format.read(model, False).meta["tensors"])
         for k in ("model_size", "model_n_params", "avg_ns", "avg_ts", "load_s", "peak_rss_bytes"):
             assert r[k] > 0, k
