@@ -39,7 +39,7 @@ def test_passes_on_this_build(default_model):
             assert m and float(m[1]) <= float(m[2]), ln
 
 
-# one constant of the kernel flipped: (what, pattern, replacement); each must match once
+# one constant of the kernel flipped: what -> (pattern, replacement), matching once in csrc/*.c
 BREAKS = {
     "exp polynomial": (r"5\.0000001201e-1f", "5.5000001201e-1f"),  # exp's r^2/2 term: the softmax and silu
     "rope sign": (r"(v\[i \+ half\] = a \* s )\+( b \* c)", r"\1-\2"),
@@ -52,10 +52,12 @@ def test_fails_on_a_broken_build(tmp_path, what):
     for d in ("pyllm", "csrc"):
         shutil.copytree(os.path.join(ROOT, d), tmp_path / d,
                         ignore=shutil.ignore_patterns("_pyllm*.so", "*.o", "__pycache__"))
-    src = tmp_path / "csrc" / "pyllm.c"
-    text, n = re.subn(pattern, replacement, src.read_text())
-    assert n == 1, f"{what}: {pattern!r} matches {n} times in csrc/pyllm.c"
-    src.write_text(text)
+    found = 0
+    for src in (tmp_path / "csrc").glob("*.c"):
+        text, n = re.subn(pattern, replacement, src.read_text())
+        found += n
+        src.write_text(text)
+    assert found == 1, f"{what}: {pattern!r} matches {found} times in csrc/*.c"
     build = subprocess.run([sys.executable, "pyllm/_build.py"], cwd=tmp_path, capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     rc, out, err = pyllm_check("-t", "2", cwd=tmp_path)  # no MODEL there: the tiny models
