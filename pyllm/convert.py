@@ -318,8 +318,8 @@ def _gguf_prescan(path, data):
 
     def need(n, what):
         if n > size - pos:
-            raise ConvertError(f"{path}: truncated GGUF file: {what} of {where[0]} needs {n} bytes, "
-                               f"{size - pos} are left")
+            raise ConvertError(f"{path}: truncated GGUF file: reading {what} of {where[0]}, {n} bytes needed, "
+                               f"{size - pos} left")
 
     def u(fmt, what):
         nonlocal pos
