@@ -390,8 +390,9 @@ class Chat:
                 f.write(data)
         except outfile.OutputError as e:
             raise ChatError(str(e)) from None
-        except outfile.Interrupted:
-            raise KeyboardInterrupt from None
+        except outfile.Interrupted as e:  # SIGTERM/SIGHUP: end the chat, but in one line
+            done = "was saved" if outfile.committed(path) else "was not written"
+            raise SystemExit(f"pyllm: {e}; {path} {done}") from None
 
     def load(self, path):
         """Replace the conversation with one saved by save(); the whole file is checked first,

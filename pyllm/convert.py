@@ -1180,7 +1180,18 @@ def _check_loadable(src, m, meta):
 
 def convert(src, out, progress=True, tokenizer=None):
     """Convert SRC (a .gguf file, a Hugging Face directory or a llama2.c checkpoint) into the
-    pyllm file OUT. tokenizer: a llama2.c checkpoint's tokenizer.bin (default: the one next to it)."""
+    pyllm file OUT. tokenizer: a llama2.c checkpoint's tokenizer.bin (default: the one next to it).
+    SIGTERM and SIGHUP end it with a ConvertError (and no OUT), as Ctrl-C does with KeyboardInterrupt."""
+    try:
+        with outfile.signals_raise():
+            return _convert(src, out, progress, tokenizer)
+    except outfile.Interrupted as e:
+        if outfile.committed(out):
+            raise ConvertError(f"{e} just after {os.fspath(out)} was written (it is complete)") from None
+        raise ConvertError(f"{e}; {os.fspath(out)} was not written") from None
+
+
+def _convert(src, out, progress, tokenizer):
     t0 = time.time()
     src, out = os.fspath(src), os.fspath(out)
     kind, where = _inputs_of(src)
@@ -1225,8 +1236,6 @@ def convert(src, out, progress=True, tokenizer=None):
             size = format.write(out, m.cfg, meta, specs, progress=lambda s: bar.update(s.nbytes), inputs=inputs)
         except (format.FormatError, outfile.OutputError) as e:
             raise ConvertError(str(e)) from None
-        except outfile.Interrupted as e:
-            raise ConvertError(f"{e}; {out} was not written") from None
         except OSError as e:
             raise ConvertError(f"writing {out}: {e.strerror or e}") from e
     return {"out": out, "tensors": len(specs), "parameters": int(sum(np.prod(s.shape) for s in specs.values())),

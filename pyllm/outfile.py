@@ -16,7 +16,8 @@ import stat
 import tempfile
 import threading
 
-__all__ = ["Interrupted", "OutputError", "atomic_output", "check_output", "read_regular"]
+__all__ = ["Interrupted", "OutputError", "atomic_output", "check_output", "committed", "read_regular",
+           "signals_raise"]
 
 _SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s))
 
@@ -32,6 +33,14 @@ class Interrupted(BaseException):
     def __init__(self, signum):
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+_committed = set()  # outputs atomic_output has put in place
+
+
+def committed(path):
+    """Whether atomic_output has put PATH in place (e.g. before a late signal arrived)."""
+    return os.path.abspath(os.fspath(path)) in _committed
 
 
 def _same(a, b):
@@ -71,7 +80,7 @@ def _umask():
 
 
 @contextlib.contextmanager
-def _signals_raise():
+def signals_raise():
     """While the block runs, SIGTERM and SIGHUP raise Interrupted (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -107,7 +116,7 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
     path = os.fspath(path)
     check_output(path, inputs)
     d, base = os.path.split(os.path.abspath(path))
-    with _signals_raise():
+    with signals_raise():
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)  # O_EXCL|O_NOFOLLOW, 0600
         try:
             with open(fd, mode, encoding=encoding) as f:
@@ -116,7 +125,9 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
                 os.fchmod(f.fileno(), 0o666 & ~_umask())
                 os.fsync(f.fileno())
             check_output(path, inputs)  # it may have changed while we wrote
-            os.replace(tmp, path)
+            with _signals_blocked():  # a signal now is handled after the rename, and knows of it
+                os.replace(tmp, path)
+                _committed.add(os.path.abspath(path))
         except BaseException:
             with _signals_blocked():
                 try:

@@ -476,3 +476,21 @@ def test_format_write_also_uses_the_safe_temporary_file(tmp_path):
         format.write(str(tmp_path / "fifo"), cfg, {}, specs)
     format.write(str(tmp_path / "ok.bin"), cfg, {}, specs)
     assert sorted(os.listdir(tmp_path)) == ["fifo", "ok.bin"]
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
+def test_signal_at_any_moment_leaves_nothing_or_a_whole_file(tmp_path, delay):
+    g = big_gguf(str(tmp_path / "big.gguf"))
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.Popen([PY, "-m", "pyllm", "convert", "-q", g, str(out / "m.bin")], stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) <= 1 and "Traceback" not in err, err
+    if p.returncode == 0 or "(it is complete)" in err:  # it finished first: the file is whole
+        pyllm.load(str(out / "m.bin"), threads=1)
+    else:
+        assert p.returncode != 0 and os.listdir(out) == []
