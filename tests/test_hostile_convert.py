@@ -15,11 +15,11 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tiny import tiny_tokenizer
 
 import pyllm
 from pyllm import format, outfile
 from pyllm.convert import HF_NAMES, ConvertError, convert
-from tiny import tiny_tokenizer
 
 PY = sys.executable
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -404,7 +404,7 @@ def big_gguf(path):
     w.add_token_list(TOK["tokens"])
     w.add_token_merges(TOK["merges"])
     rng = np.random.default_rng(0)
-    m = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.05  # noqa: E731
+    m = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.05
     w.add_tensor("token_embd.weight", m(300, d))
     w.add_tensor("output_norm.weight", m(d) + 1)
     for i in range(L):
