@@ -176,6 +176,19 @@ def _show(v):
     return _REPR.repr(v.item() if isinstance(v, np.generic) else v)
 
 
+def _name(s):
+    """A name from a file (tensor, key) as it reads in an error: as is if short and printable."""
+    return s if isinstance(s, str) and len(s) <= 96 and s.isprintable() else _show(s)
+
+
+def _msg(e):
+    """An exception's message as one short printable line (it may quote the file)."""
+    text = str(e)
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _check_cfg(where, cfg):
     try:
         format.check_config(cfg)
@@ -261,7 +274,7 @@ def _source_names(where, cfg, names, shapes, groups, ignored=()):
     used = set(out.values())
     extra = sorted(n for n in shapes if n not in used and n not in ignored)
     if extra:
-        raise ConvertError(f"{where}: unsupported tensor {extra[0]} ({len(extra)} not understood)")
+        raise ConvertError(f"{where}: unsupported tensor {_name(extra[0])} ({len(extra)} not understood)")
     return out
 
 
@@ -365,7 +378,7 @@ def _gguf_prescan(path, data):
             key = string("a key").decode("utf-8")
         except UnicodeDecodeError:
             raise ConvertError(f"{path}: GGUF key-value pair {k}: the key is not UTF-8") from None
-        where[0] = key
+        where[0] = _name(key)
         t = u("I", "the value type")
         start = pos
         value(t)
@@ -378,7 +391,7 @@ def _gguf_prescan(path, data):
     tensors = []
     for k in range(n_tensors):
         where[0] = f"tensor info {k}"
-        name = string("a tensor name").decode("utf-8", "replace")
+        name = _name(string("a tensor name").decode("utf-8", "replace"))
         where[0] = f"tensor {name}"
         n_dims = u("I", "the number of dimensions")
         if not 1 <= n_dims <= 4:
@@ -399,37 +412,41 @@ def _gguf_prescan(path, data):
             raise ConvertError(f"{path}: GGUF tensor {name} lies past the end of the file (truncated?)")
 
 
-def _read_gguf(path):
+def _gguf_open(path):
+    """(the gguf-py reader, its key-value fields, the architecture), the header walked first."""
     import gguf
     from gguf import GGMLQuantizationType as QT
 
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot map the file ({e})") from None
+        raise ConvertError(f"{path}: cannot map the file ({_msg(e)})") from None
     _gguf_prescan(path, data)
     del data
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/struct errors on a damaged file
-        raise ConvertError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise ConvertError(f"{path}: not a readable GGUF file ({type(e).__name__}: {_msg(e)})") from None
     fields = {}
     for k, f in reader.fields.items():
         if not k.startswith("GGUF."):
             try:
                 fields[k] = f.contents()
             except Exception as e:
-                raise ConvertError(f"{path}: cannot read GGUF key {k} ({type(e).__name__}: {e})") from None
+                raise ConvertError(f"{path}: cannot read GGUF key {_name(k)} ({type(e).__name__}: {_msg(e)})") from None
     arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ConvertError(f"unsupported GGUF architecture {_show(arch)} (supported: {', '.join(GGUF_ARCHS)})")
-
     traits = getattr(gguf.quants, "_type_traits", None)  # the types gguf-py can dequantize
     supported = {QT.F32, QT.F16} | set(traits or ())
     for t in reader.tensors:
         if traits is not None and t.tensor_type not in supported:
-            raise ConvertError(f"tensor {t.name}: unsupported GGUF tensor type {t.tensor_type.name}")
+            raise ConvertError(f"{path}: tensor {_name(t.name)}: unsupported GGUF tensor type {t.tensor_type.name}")
+    return reader, fields, arch
 
+
+def _gguf_cfg(path, fields, arch):
+    """The header cfg (without vocab_size and flags) and rope theta from {arch}.* keys."""
     def kv(key, default=KeyError, check=_int):
         v = fields.get(f"{arch}.{key}", default)
         if v is KeyError:
@@ -438,9 +455,7 @@ def _read_gguf(path):
             raise ConvertError(f"{path}: GGUF key {arch}.{key} is per-layer ({_show(v[:4])}...), not supported")
         return check(path, f"GGUF key {arch}.{key}", v)
 
-    dim, n_layers = kv("embedding_length"), kv("block_count")
-    n_heads = kv("attention.head_count")
-    n_kv = kv("attention.head_count_kv", n_heads)
+    dim, n_heads = kv("embedding_length"), kv("attention.head_count")
     head_dim = kv("attention.key_length", dim // n_heads)
     if kv("attention.value_length", head_dim) != head_dim:
         raise ConvertError(f"{path}: key_length != value_length is not supported")
@@ -448,40 +463,17 @@ def _read_gguf(path):
     if rope_dim != head_dim:
         raise ConvertError(f"partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
                            f"{head_dim}) are not supported")
-    hidden = kv("feed_forward_length")
-    theta = kv("rope.freq_base", 10000.0, _num)
-    ctx = kv("context_length")
-    eps = kv("attention.layer_norm_rms_epsilon", check=_num)
-    window = kv("attention.sliding_window", 0, lambda p, k, v: _int(p, k, v or 0, 0))
+    cfg = dict(dim=dim, n_layers=kv("block_count"), n_heads=n_heads,
+               n_kv_heads=kv("attention.head_count_kv", n_heads), head_dim=head_dim,
+               hidden_dim=kv("feed_forward_length"), max_seq_len=kv("context_length"),
+               sliding_window=kv("attention.sliding_window", 0, lambda p, k, v: _int(p, k, v or 0, 0)),
+               norm_eps=kv("attention.layer_norm_rms_epsilon", check=_num))
+    return cfg, kv("rope.freq_base", 10000.0, _num)
 
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in tensors.items()}
-    if "token_embd.weight" not in shapes:
-        raise ConvertError(f"{path}: missing tensor token_embd.weight")
-    vocab = _int(path, "the rows of token_embd.weight", shapes["token_embd.weight"][0])
-    tied = "output.weight" not in tensors
-    qkv_bias = "blk.0.attn_q.bias" in tensors
-    factors = "rope_freqs.weight" in tensors
 
-    m = _Model()
-    m.source_format, m.inputs = "gguf", [path]
-    m.cfg = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-                 hidden_dim=hidden, vocab_size=vocab, max_seq_len=ctx,
-                 flags=(FLAG_TIED_OUTPUT if tied else 0) | (FLAG_QKV_BIAS if qkv_bias else 0),
-                 sliding_window=window, norm_eps=eps)
-    _check_cfg(path, m.cfg)
-    names = _source_names(path, m.cfg, GGUF_NAMES, shapes, _groups(m.cfg, factors))
-
-    def deq(name):
-        t = tensors[name]
-        try:
-            a = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ConvertError(f"tensor {name}: unsupported GGUF tensor type {t.tensor_type.name}") from None
-        return a.reshape(shapes[name])
-
-    # RoPE: llama.cpp divides each base frequency by rope_freqs.weight (Llama 3 factors),
-    # and multiplies positions by 1/factor for linear scaling
+def _gguf_rope_scaling(path, fields, arch, factors):
+    """RoPE scaling as meta["config"] records it. llama.cpp divides each base frequency by
+    rope_freqs.weight (Llama 3 factors), and multiplies positions by 1/factor for linear scaling."""
     scaling = None
     stype = fields.get(f"{arch}.rope.scaling.type")
     if stype not in (None, "none"):
@@ -500,19 +492,12 @@ def _read_gguf(path):
         if orig:
             scaling["original_max_position_embeddings"] = _int(
                 path, f"GGUF key {arch}.rope.scaling.original_context_length", orig)
+    return scaling
 
-    def rope():
-        inv = rope_freqs(theta, head_dim, scaling if scaling and scaling["rope_type"] == "linear" else None)
-        if factors:
-            f = deq("rope_freqs.weight").astype(np.float64)
-            if not (np.isfinite(f).all() and (f > 0).all()):
-                raise ConvertError("rope_freqs.weight holds non-positive or non-finite factors")
-            inv = (inv.astype(np.float64) / f).astype(np.float32)
-        return inv
 
-    # llama.cpp's convert permutes Q/K only for NORM-rope architectures
-    m.load = _fused_loaders(m.cfg, lambda key, i=None: deq(names[key, i]), rope, interleaved=arch == "llama")
-
+def _gguf_meta(path, fields, arch, m, theta, scaling):
+    """meta's config (name, provenance-ish general.* keys), tokenizer and chat template."""
+    import gguf
     ftype = fields.get("general.file_type")
     try:
         ftype = gguf.LlamaFileType(ftype).name if ftype is not None else None
@@ -520,7 +505,7 @@ def _read_gguf(path):
         ftype = None
     name = fields.get("general.name")
     m.config = {"architecture": arch, "name": name if isinstance(name, str) and name else os.path.basename(path),
-                "rope_theta": theta, "rope_scaling": scaling, "context_length": ctx}
+                "rope_theta": theta, "rope_scaling": scaling, "context_length": m.cfg["max_seq_len"]}
     m.config.update({k.split(".", 1)[1]: v for k, v in fields.items()
                      if k in ("general.basename", "general.organization", "general.finetune",
                               "general.size_label", "general.license") and isinstance(v, str)})
@@ -534,9 +519,52 @@ def _read_gguf(path):
         raise ConvertError(f"{path}: the GGUF file has no tokenizer.ggml.tokens")
     _check_tokens(path, "GGUF key tokenizer.ggml", tok)
     _add_turn_ids(tok)
-    m.tokenizer = _pad_vocab(tok, vocab)
+    m.tokenizer = _pad_vocab(tok, m.cfg["vocab_size"])
     m.chat_template = fields.get("tokenizer.chat_template")
     m.template_key = f"{path}: GGUF key tokenizer.chat_template"
+
+
+def _read_gguf(path):
+    import gguf
+    reader, fields, arch = _gguf_open(path)
+    cfg, theta = _gguf_cfg(path, fields, arch)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in tensors.items()}
+    if "token_embd.weight" not in shapes:
+        raise ConvertError(f"{path}: missing tensor token_embd.weight")
+    factors = "rope_freqs.weight" in tensors
+    flags = (FLAG_TIED_OUTPUT if "output.weight" not in tensors else 0) | \
+        (FLAG_QKV_BIAS if "blk.0.attn_q.bias" in tensors else 0)
+
+    m = _Model()
+    m.source_format, m.inputs = "gguf", [path]
+    m.cfg = dict(cfg, vocab_size=_int(path, "the rows of token_embd.weight", shapes["token_embd.weight"][0]),
+                 flags=flags)
+    m.cfg = {k: m.cfg[k] for k in format.HEADER_INTS + ("norm_eps",)}
+    _check_cfg(path, m.cfg)
+    names = _source_names(path, m.cfg, GGUF_NAMES, shapes, _groups(m.cfg, factors))
+    scaling = _gguf_rope_scaling(path, fields, arch, factors)
+
+    def deq(name):
+        t = tensors[name]
+        try:
+            a = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ConvertError(f"tensor {name}: unsupported GGUF tensor type {t.tensor_type.name}") from None
+        return a.reshape(shapes[name])
+
+    def rope():
+        inv = rope_freqs(theta, cfg["head_dim"], scaling if scaling and scaling["rope_type"] == "linear" else None)
+        if factors:
+            f = deq("rope_freqs.weight").astype(np.float64)
+            if not (np.isfinite(f).all() and (f > 0).all()):
+                raise ConvertError("rope_freqs.weight holds non-positive or non-finite factors")
+            inv = (inv.astype(np.float64) / f).astype(np.float32)
+        return inv
+
+    # llama.cpp's convert permutes Q/K only for NORM-rope architectures
+    m.load = _fused_loaders(m.cfg, lambda key, i=None: deq(names[key, i]), rope, interleaved=arch == "llama")
+    _gguf_meta(path, fields, arch, m, theta, scaling)
     return m
 
 
@@ -586,7 +614,7 @@ def _json_file(path, limit=JSON_LIMIT, kind=dict):
     except outfile.OutputError as e:
         raise ConvertError(str(e)) from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
-        raise ConvertError(f"{path}: cannot read ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ConvertError(f"{path}: cannot read ({type(e).__name__}: {_msg(e)})") from None
     if not isinstance(v, kind):
         raise ConvertError(f"{path}: not a JSON {'object' if kind is dict else kind.__name__}")
     return v
@@ -604,33 +632,34 @@ def _st_header(path):
                 raise ValueError(f"header length {n} is larger than the file or 100 MiB")
             head = json.loads(f.read(n))
     except (OSError, ValueError, RecursionError, struct.error) as e:
-        raise ConvertError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise ConvertError(f"{path}: not a readable safetensors file ({type(e).__name__}: {_msg(e)})") from None
     if not isinstance(head, dict):
         raise ConvertError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
     out, spans = {}, []
     for name, info in head.items():
         if name == "__metadata__":
             continue
+        shown = _name(name)
         try:
             dtype, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
             if not isinstance(dtype, str) or not isinstance(shape, list) or not all(
                     isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape + [b, e]):
                 raise TypeError
         except (TypeError, KeyError, ValueError):
-            raise ConvertError(f"{path}: tensor {name}: the header entry is not "
+            raise ConvertError(f"{path}: tensor {shown}: the header entry is not "
                                f"{{dtype, shape, data_offsets}} ({_show(info)})") from None
         if dtype not in _ST_SIZES:
-            raise ConvertError(f"{path}: tensor {name}: unknown safetensors dtype {_show(dtype)}")
+            raise ConvertError(f"{path}: tensor {shown}: unknown safetensors dtype {_show(dtype)}")
         if not b <= e or 8 + n + e > size:
-            raise ConvertError(f"{path}: tensor {name} lies past the end of the file (truncated?)")
+            raise ConvertError(f"{path}: tensor {shown} lies past the end of the file (truncated?)")
         if e - b != math.prod(shape) * _ST_SIZES[dtype]:
-            raise ConvertError(f"{path}: tensor {name}: {e - b} bytes do not hold {dtype}{tuple(shape)}")
+            raise ConvertError(f"{path}: tensor {shown}: {e - b} bytes do not hold {dtype}{tuple(shape)}")
         out[name] = (dtype, tuple(shape), 8 + n + b, 8 + n + e)
         spans.append((b, e, name))
     spans.sort()
     for (b1, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
         if b2 < e1:
-            raise ConvertError(f"{path}: tensors {n1} and {n2} overlap")
+            raise ConvertError(f"{path}: tensors {_name(n1)} and {_name(n2)} overlap")
     return out
 
 
@@ -757,7 +786,7 @@ def _read_hf(d):
     for p in files:
         for name, (dt, shape, b, _) in _st_header(p).items():
             if name in where:
-                raise ConvertError(f"{p}: tensor {name} is also in {where[name][0]}")
+                raise ConvertError(f"{p}: tensor {_name(name)} is also in {where[name][0]}")
             where[name] = (p, dt, shape, b)
     shapes = {n: w[2] for n, w in where.items()}
 
@@ -977,7 +1006,7 @@ def _hf_tokenizer(d, hc):
             try:
                 template = outfile.read_regular(jinja, JSON_LIMIT, "chat template").decode("utf-8")
             except (outfile.OutputError, UnicodeDecodeError) as e:
-                raise ConvertError(f"{jinja}: cannot read the chat template ({e})") from None
+                raise ConvertError(f"{jinja}: cannot read the chat template ({_msg(e)})") from None
         elif os.path.isfile(cj):
             files.append(cj)
             template, key = _json_file(cj).get("chat_template"), f"{cj}: chat_template"
@@ -1165,7 +1194,7 @@ def _check_loadable(src, m, meta):
         tok = Tokenizer(m.tokenizer)
         tok.decode(tok.encode("Hello, world! 12345 \u00e9\u4e16 \n\n"))
     except Exception as e:  # ValueError, TypeError, KeyError: the tokenizer's own refusals
-        raise ConvertError(f"{src}: the tokenizer would not load ({type(e).__name__}: {e})") from None
+        raise ConvertError(f"{src}: the tokenizer would not load ({type(e).__name__}: {_msg(e)})") from None
     if m.chat_template is not None:
         try:
             Template(m.chat_template)
