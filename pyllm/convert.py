@@ -103,7 +103,7 @@ def rope_freqs(theta, head_dim, scaling=None):
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled)
     elif kind is not None:
-        raise ConvertError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        raise ConvertError(f"unsupported rope scaling type {_show(kind)} (supported: linear, llama3)")
     return inv.astype(np.float32)
 
 
@@ -126,11 +126,12 @@ def _sha256(paths):
     return h.hexdigest()
 
 
-def _pad_vocab(tok, rows):
+def _pad_vocab(tok, rows, where=""):
     """Make the token lists as long as the embedding (llama.cpp's [PAD{i}] unused tokens)."""
     n = len(tok["tokens"])
     if n > rows:
-        raise ConvertError(f"the tokenizer has {n} tokens but the embedding only {rows} rows")
+        raise ConvertError(f"{where}{': ' if where else ''}the tokenizer has {n} tokens but the embedding "
+                           f"only {rows} rows")
     if n < rows:
         tok["tokens"] = tok["tokens"] + [f"[PAD{i}]" for i in range(n, rows)]
         if tok.get("token_type") is not None:
@@ -519,7 +520,7 @@ def _gguf_meta(path, fields, arch, m, theta, scaling):
         raise ConvertError(f"{path}: the GGUF file has no tokenizer.ggml.tokens")
     _check_tokens(path, "GGUF key tokenizer.ggml", tok)
     _add_turn_ids(tok)
-    m.tokenizer = _pad_vocab(tok, m.cfg["vocab_size"])
+    m.tokenizer = _pad_vocab(tok, m.cfg["vocab_size"], path)
     m.chat_template = fields.get("tokenizer.chat_template")
     m.template_key = f"{path}: GGUF key tokenizer.chat_template"
 
@@ -819,7 +820,7 @@ def _read_hf(d):
                 "name": name if isinstance(name, str) and name else os.path.basename(os.path.abspath(d)),
                 "rope_theta": theta, "rope_scaling": scaling, "context_length": cfg["max_seq_len"]}
     tok, template, tok_files, template_key = _hf_tokenizer(d, hc)
-    m.tokenizer = _pad_vocab(tok, vocab)
+    m.tokenizer = _pad_vocab(tok, vocab, os.path.join(d, "tokenizer.json"))
     m.chat_template = template
     m.template_key = template_key
     m.tok_files = read[1:] + tok_files
@@ -938,7 +939,7 @@ def _hf_tokenizer(d, hc):
 
     tok = {"model": "llama" if spm else "gpt2", "tokens": tokens, "token_type": types}
     if spm:
-        if model.get("unk_token") in to_id:
+        if _token_id(model.get("unk_token"), to_id) is not None:
             types[to_id[model["unk_token"]]] = UNKNOWN
         for i, t in enumerate(tokens):
             if types[i] == NORMAL and _BYTE_TOKEN.match(t):
@@ -973,7 +974,7 @@ def _hf_tokenizer(d, hc):
                 v = v[0] if v else None
             i = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n else None
         if i is None and typ == "unk" and spm:
-            i = to_id.get(model.get("unk_token")) if isinstance(model.get("unk_token"), str) else None
+            i = _token_id(model.get("unk_token"), to_id)
         if i is not None:
             tok[key] = i
     _add_turn_ids(tok)

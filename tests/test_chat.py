@@ -332,3 +332,21 @@ def test_unknown_commands_are_not_sent(tmp_path):
     c.close()
     assert c.exitstatus == 0
     assert json.loads((tmp_path / "c.json").read_text())["messages"] == []
+
+
+def test_ctrl_c_during_load_keeps_the_chat(tmp_path):
+    make_tiny_model(tmp_path / "tiny.bin")
+    big = tmp_path / "big.json"  # about 50 MB: parsing and checking it takes a moment
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 8} for i in range(400000)]
+    big.write_text(json.dumps({"format": "pyllm-chat", "version": 1, "system": None, "messages": msgs}))
+    c = spawn(str(tmp_path / "tiny.bin"), "--temp", "0", "-n", "4")
+    c.sendline(f"/load {big}")
+    c.expect_exact(f"/load {big}")
+    c.sendintr()
+    c.expect(r"\(load cancelled|\(loaded", timeout=60)
+    c.sendline("/stats")
+    c.expect("no reply yet")  # still the same chat, not quit
+    c.sendcontrol("d")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
