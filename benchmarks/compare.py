@@ -6,7 +6,7 @@
 
 Engines (each in its own worker process, so peak RSS, thread pools and OpenMP runtimes
 stay apart; the idle ones block on a pipe):
-  pyllm         lib.pyllm_forward on token ids (pyllm/bench.py's Runner, exactly `pyllm bench`)
+  pyllm         Model.forward_at on token ids (pyllm/bench.py's Runner, exactly `pyllm bench`)
   llama.cpp     llama-cpp-python's low-level API on an F16 GGUF written from MODEL (the same
                 f16 weights; Q/K rows permuted back to llama.cpp's interleaved RoPE order), timed
                 as llama-bench times: pp = llama_decode of one batch of n tokens (n_batch 2048,
@@ -172,10 +172,7 @@ class PyllmEngine:
         return self.r.run(test, n)
 
     def logits(self, ids):
-        r = self.r
-        r._forward(r.ffi.new("int[]", ids), len(ids), 0)
-        r.filled = 0
-        return r.logits.copy()
+        return self.r.logits(ids)
 
 
 class LlamaCppEngine:

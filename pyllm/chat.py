@@ -9,6 +9,8 @@ from datetime import datetime
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_kwargs, text_arg
+
 # Templates for files that carry none (--template NAME), in each family's own format.
 TEMPLATES = {
     "chatml": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -223,12 +225,11 @@ class Chat:
         self.messages = msgs
 
 
-def add_arguments(p, add_model, add_sampling):
-    from .cli import DEFAULT_MODEL
+def add_arguments(p):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     add_model(p)
-    add_sampling(p)
-    p.set_defaults(n_predict=-1)
+    add_sampling(p, n_predict=-1,
+                 n_predict_help="most tokens per reply (default -1: until it ends or fills the context)")
     p.add_argument("-sys", "--system", default=None, help="system prompt")
     p.add_argument("-p", "--prompt", default=None, help="ask this once, print the reply, exit")
     p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
@@ -248,14 +249,10 @@ def _read_message(prompt="> "):
 
 
 def main(a):
-    from .cli import UsageError, sampling_kwargs
     from .model import load
     for s, what in ((a.system, "system prompt"), (a.prompt, "prompt")):
         if s is not None:
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UsageError(f"the {what} is not valid UTF-8") from None
+            text_arg(s, what)
     interactive = a.prompt is None and sys.stdin.isatty()
     if not interactive and a.prompt is None:
         data = sys.stdin.buffer.read()
