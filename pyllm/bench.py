@@ -116,6 +116,7 @@ def build_info():
     (llama-bench's build_commit; '-dirty' when csrc/ or pyllm/ differ from it)."""
     import hashlib
     import subprocess
+
     from . import _pyllm
     so = _pyllm.__file__
     with open(so, "rb") as f:
@@ -328,8 +329,9 @@ MD_HEADER = ("| model | size | params | threads | test | t/s |\n"
 
 
 def md_row(res):
-    return (f"| {res['model_type']} | {fmt_size(res['model_size'])} | {fmt_params(res['model_n_params'])} "
-            f"| {res['n_threads']} | {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+    return (f"| {res['model_type']} | {fmt_size(res['model_size'])} "
+            f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {test_name(res)} "
+            f"| {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
 
 
 def md_footer(results):

@@ -13,23 +13,29 @@ from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_k
 
 # Templates for files that carry none (--template NAME), in each family's own format.
 TEMPLATES = {
-    "chatml": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "llama2": "{% if messages and messages[0].role == 'system' %}{% set sys = messages[0].content %}"
-              "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
-              "{% if m.role == 'user' %}{{ bos_token }}[INST] {% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n"
-              "{% endif %}{{ m.content | trim }} [/INST]{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}"
-              "{% endfor %}",
-    "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-              "{{ m.content | trim }}<|eot_id|>{% endfor %}"
-              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-    "zephyr": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
-              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
-    "gemma": "{{ bos_token }}{% set sys = '' %}{% if messages and messages[0].role == 'system' %}"
-             "{% set sys = messages[0].content + '\\n\\n' %}{% set messages = messages[1:] %}{% endif %}"
-             "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
-             "{{ (sys if loop.first else '') + (m.content | trim) }}<end_of_turn>\n{% endfor %}"
-             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "llama2": ("{% if messages and messages[0].role == 'system' %}"
+               "{% set sys = messages[0].content %}"
+               "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
+               "{% if m.role == 'user' %}{{ bos_token }}[INST] "
+               "{% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n"
+               "{% endif %}{{ m.content | trim }} [/INST]"
+               "{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}"
+               "{% endfor %}"),
+    "llama3": ("{{ bos_token }}{% for m in messages %}"
+               "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+               "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+               "{% endif %}"),
+    "zephyr": ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n"
+               "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+    "gemma": ("{{ bos_token }}{% set sys = '' %}{% if messages and messages[0].role == 'system' %}"
+              "{% set sys = messages[0].content + '\\n\\n' %}{% set messages = messages[1:] %}"
+              "{% endif %}{% for m in messages %}"
+              "<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+              "{{ (sys if loop.first else '') + (m.content | trim) }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
 }
 MAX_TEMPLATE_OUTPUT = 1 << 20  # characters
 TEMPLATE_SECONDS = 2
@@ -191,8 +197,9 @@ class Chat:
         pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0
         tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0
         ft = f"{s['first_token_s'] * 1000:.0f} ms" if s.get("first_token_s") is not None else "-"
-        return (f"context {s['context_tokens']}/{s['n_ctx']} tokens | prefill {s['prefill_tokens']} tokens "
-                f"{pp:.1f} tok/s | reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft}")
+        return (f"context {s['context_tokens']}/{s['n_ctx']} tokens "
+                f"| prefill {s['prefill_tokens']} tokens {pp:.1f} tok/s "
+                f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft}")
 
     def save(self, path):
         data = json.dumps({"format": "pyllm-chat", "version": 1, "system": self.system,

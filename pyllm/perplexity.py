@@ -1,4 +1,4 @@
-"""`pyllm perplexity MODEL TEXTFILE`: the perplexity of a text, as llama.cpp's llama-perplexity computes it.
+"""`pyllm perplexity MODEL TEXTFILE`: a text's perplexity, as llama.cpp's llama-perplexity has it.
 
     pyllm perplexity MODEL TEXTFILE [-c 512] [--chunks N] [-t THREADS]
 
@@ -137,10 +137,10 @@ def main(a):
                          f"{a.ctx_size} needs at least {2 * a.ctx_size}")
     n_max = len(tokens) // a.ctx_size
     n = n_max if a.chunks < 0 else min(a.chunks, n_max)
-    print(f"perplexity: tokenized {len(text)} characters into {len(tokens)} tokens in {1e3 * t_tok:.1f} ms",
-          file=err)
-    print(f"perplexity: calculating perplexity over {n} chunks, n_ctx={a.ctx_size}, {m.threads} threads",
-          file=err)
+    print(f"perplexity: tokenized {len(text)} characters into {len(tokens)} tokens "
+          f"in {1e3 * t_tok:.1f} ms", file=err)
+    print(f"perplexity: calculating perplexity over {n} chunks, n_ctx={a.ctx_size}, "
+          f"{m.threads} threads", file=err)
 
     def on_chunk(i, ppl, seconds):
         if i == 1:
