@@ -13,7 +13,8 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 
 def pyllm_imports(path):
-    """The pyllm modules a source file imports, as dotted names ('pyllm.cli', ...)."""
+    """The pyllm modules a source file imports anywhere in it, as dotted names: `from .args
+    import x` and `from . import args` are both 'pyllm.args'; `import pyllm` is 'pyllm'."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
     found = set()
@@ -21,13 +22,14 @@ def pyllm_imports(path):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "pyllm"}
         elif isinstance(node, ast.ImportFrom):
-            base = "pyllm" if node.level else node.module or ""
-            if node.level and node.module:
-                base += "." + node.module
-            elif not node.level and base.split(".")[0] != "pyllm":
+            if node.level == 0 and (node.module or "").split(".")[0] != "pyllm":
                 continue
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # from . import cli
+            base = "pyllm" + (f".{node.module}" if node.level and node.module else "")
+            base = node.module if node.level == 0 else base
+            if base == "pyllm":  # from . import args, chat: the submodules
+                found |= {f"pyllm.{a.name}" for a in node.names}
+            else:
+                found.add(base)
     return found
 
 
@@ -35,20 +37,48 @@ def modules():
     return sorted(n for n in os.listdir(PKG) if n.endswith(".py"))
 
 
+def import_graph():
+    """pyllm module -> the pyllm modules it imports ('pyllm' is __init__.py)."""
+    graph = {}
+    for name in modules():
+        mod = "pyllm" if name == "__init__.py" else f"pyllm.{name[:-3]}"
+        graph[mod] = pyllm_imports(os.path.join(PKG, name))
+    return graph
+
+
 def test_the_import_graph_is_read():
-    assert "pyllm.args" in pyllm_imports(os.path.join(PKG, "chat.py"))
-    assert {"pyllm.chat", "pyllm.bench", "pyllm.perplexity"} <= pyllm_imports(os.path.join(PKG, "cli.py"))
+    g = import_graph()
+    assert "pyllm.args" in g["pyllm.chat"] and "pyllm.model" in g["pyllm"]
+    assert {"pyllm.chat", "pyllm.bench", "pyllm.perplexity", "pyllm.args"} <= g["pyllm.cli"]
 
 
-@pytest.mark.parametrize("name", modules())
-def test_nothing_imports_cli(name):
-    if name in ("cli.py", "__main__.py"):  # cli itself; `python -m pyllm` runs cli.main
-        return
-    assert "pyllm.cli" not in pyllm_imports(os.path.join(PKG, name))
+def test_nothing_imports_cli():
+    importers = [m for m, deps in import_graph().items() if "pyllm.cli" in deps]
+    assert importers == ["pyllm.__main__"]  # `python -m pyllm` runs cli.main
 
 
-def test_args_imports_nothing_of_pyllm():
-    assert pyllm_imports(os.path.join(PKG, "args.py")) == set()
+def test_imports_flow_one_way():
+    """No cycle among pyllm's modules, counting imports inside functions too."""
+    graph = import_graph()
+    state = {}  # module -> "open" while on the path, "done" after
+
+    def visit(mod, path):
+        if state.get(mod) == "open":
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(mod):] + [mod]))
+        if state.get(mod) == "done":
+            return
+        state[mod] = "open"
+        for dep in sorted(graph.get(mod, ())):
+            visit(dep, path + [mod])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        visit(mod, [])
+
+
+def test_args_imports_no_command():
+    assert not import_graph()["pyllm.args"] & {"pyllm.cli", "pyllm.chat", "pyllm.bench",
+                                               "pyllm.perplexity", "pyllm.convert"}
 
 
 def test_commands_import_without_cli():
