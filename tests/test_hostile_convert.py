@@ -434,7 +434,10 @@ def test_signal_during_conversion_leaves_nothing(tmp_path, sig):
     _, err = p.communicate(timeout=60)
     lines = [x for x in err.splitlines() if x.strip()]
     assert p.returncode != 0 and len(lines) == 1 and "Traceback" not in err, err
-    assert os.listdir(out) == []
+    if "(it is complete)" in err:  # on a busy machine the rename may win the race: then it is whole
+        pyllm.load(str(out / "m.bin"), threads=1)
+    else:
+        assert os.listdir(out) == []
 
 
 def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
