@@ -1215,6 +1215,10 @@ def convert(src, out, progress=True, tokenizer=None):
     try:
         with outfile.signals_raise():
             return _convert(src, out, progress, tokenizer)
+    except KeyboardInterrupt:
+        if outfile.committed(out):
+            raise ConvertError(f"interrupted just after {os.fspath(out)} was written (it is complete)") from None
+        raise
     except outfile.Interrupted as e:
         if outfile.committed(out):
             raise ConvertError(f"{e} just after {os.fspath(out)} was written (it is complete)") from None

@@ -115,6 +115,7 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
     """A new file that replaces PATH when the block ends without an exception."""
     path = os.fspath(path)
     check_output(path, inputs)
+    _committed.discard(os.path.abspath(path))
     d, base = os.path.split(os.path.abspath(path))
     with signals_raise():
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)  # O_EXCL|O_NOFOLLOW, 0600
