@@ -1,4 +1,5 @@
 """Chat: sandboxed template rendering, the REPL, history, slash commands."""
+
 import contextlib
 import json
 import os
@@ -16,29 +17,39 @@ from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_k
 
 # Templates for files that carry none (--template NAME), in each family's own format.
 TEMPLATES = {
-    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-    "llama2": ("{% if messages and messages[0].role == 'system' %}"
-               "{% set sys = messages[0].content %}"
-               "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
-               "{% if m.role == 'user' %}{{ bos_token }}[INST] "
-               "{% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n"
-               "{% endif %}{{ m.content | trim }} [/INST]"
-               "{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}"
-               "{% endfor %}"),
-    "llama3": ("{{ bos_token }}{% for m in messages %}"
-               "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-               "{{ m.content | trim }}<|eot_id|>{% endfor %}"
-               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-               "{% endif %}"),
-    "zephyr": ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n"
-               "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
-    "gemma": ("{{ bos_token }}{% set sys = '' %}{% if messages and messages[0].role == 'system' %}"
-              "{% set sys = messages[0].content + '\\n\\n' %}{% set messages = messages[1:] %}"
-              "{% endif %}{% for m in messages %}"
-              "<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
-              "{{ (sys if loop.first else '') + (m.content | trim) }}<end_of_turn>\n{% endfor %}"
-              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama2": (
+        "{% if messages and messages[0].role == 'system' %}"
+        "{% set sys = messages[0].content %}"
+        "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
+        "{% if m.role == 'user' %}{{ bos_token }}[INST] "
+        "{% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n"
+        "{% endif %}{{ m.content | trim }} [/INST]"
+        "{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}"
+        "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+        "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "{% endif %}"
+    ),
+    "zephyr": (
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{% set sys = '' %}{% if messages and messages[0].role == 'system' %}"
+        "{% set sys = messages[0].content + '\\n\\n' %}{% set messages = messages[1:] %}"
+        "{% endif %}{% for m in messages %}"
+        "<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+        "{{ (sys if loop.first else '') + (m.content | trim) }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
 }
 MAX_TEMPLATE_OUTPUT = 1 << 20  # characters
 MAX_TEMPLATE_SOURCE = 128 << 10  # characters; real chat templates are a few KB
@@ -71,7 +82,9 @@ class TemplateTooLarge(ChatError):
 
 
 def _too_large(what):
-    return TemplateTooLarge(f"chat template rejected: {what} exceeds {MAX_TEMPLATE_VALUE} characters or items")
+    return TemplateTooLarge(
+        f"chat template rejected: {what} exceeds {MAX_TEMPLATE_VALUE} characters or items"
+    )
 
 
 def _size(v):
@@ -98,8 +111,13 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (left, right))
-        if operator == "**" and ints and right > 0 and abs(left) > 1 \
-                and right * abs(left).bit_length() > MAX_TEMPLATE_INT_BITS:
+        if (
+            operator == "**"
+            and ints
+            and right > 0
+            and abs(left) > 1
+            and right * abs(left).bit_length() > MAX_TEMPLATE_INT_BITS
+        ):
             raise TemplateError(f"{left} ** {right} is over {MAX_TEMPLATE_INT_BITS} bits")
         if operator == "*":
             if ints and left.bit_length() + right.bit_length() > MAX_TEMPLATE_INT_BITS:
@@ -118,27 +136,41 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_TEMPLATE_VALUE:
                 raise TemplateError(f"an argument of {v} is too large")
         name = getattr(obj, "__name__", "")
-        if name in ("format", "format_map") and isinstance(getattr(obj, "__self__", None), str) \
-                and re.search(r"\d{7,}", obj.__self__):
+        if (
+            name in ("format", "format_map")
+            and isinstance(getattr(obj, "__self__", None), str)
+            and re.search(r"\d{7,}", obj.__self__)
+        ):
             raise TemplateError("a format with a huge width")
-        if name == "join" and isinstance(getattr(obj, "__self__", None), str) and args \
-                and isinstance(args[0], (list, tuple)) \
-                and sum(map(_size, args[0])) + len(obj.__self__) * len(args[0]) > MAX_TEMPLATE_VALUE:
+        if (
+            name == "join"
+            and isinstance(getattr(obj, "__self__", None), str)
+            and args
+            and isinstance(args[0], (list, tuple))
+            and sum(map(_size, args[0])) + len(obj.__self__) * len(args[0]) > MAX_TEMPLATE_VALUE
+        ):
             raise _too_large("a join")
-        if name == "replace" and isinstance(getattr(obj, "__self__", None), str) and len(args) >= 2 \
-                and all(isinstance(x, str) for x in args[:2]) and args[0] \
-                and len(obj.__self__) + obj.__self__.count(args[0]) * len(args[1]) > MAX_TEMPLATE_VALUE:
+        if (
+            name == "replace"
+            and isinstance(getattr(obj, "__self__", None), str)
+            and len(args) >= 2
+            and all(isinstance(x, str) for x in args[:2])
+            and args[0]
+            and len(obj.__self__) + obj.__self__.count(args[0]) * len(args[1]) > MAX_TEMPLATE_VALUE
+        ):
             raise _too_large("a replace")
         return _check_value(super().call(context, obj, *args, **kwargs))
 
 
 def _bounded_filter(f):
     """A filter whose numeric arguments are bounded and whose result is checked."""
+
     def bounded(*args, **kwargs):
         for v in (*args[1:], *kwargs.values()):
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_TEMPLATE_VALUE:
                 raise TemplateError(f"a filter argument of {v} is too large")
         return _check_value(f(*args, **kwargs))
+
     for attr in ("jinja_pass_arg",):  # pass_context / pass_environment markers
         if hasattr(f, attr):
             setattr(bounded, attr, getattr(f, attr))
@@ -151,6 +183,7 @@ def _bounded_join(join):
         if sum(_size(x) if isinstance(x, str) else 0 for x in seq) > MAX_TEMPLATE_VALUE:
             raise _too_large("a ~ concatenation")
         return join(seq)
+
     return bounded
 
 
@@ -166,7 +199,9 @@ def _check_nesting(env, source):
         if (kind == "operator" and value in "([{") or (block and value in blocks):
             depth += 1
             if depth > MAX_TEMPLATE_NESTING:
-                raise ChatError(f"chat template rejected: nested deeper than {MAX_TEMPLATE_NESTING} levels")
+                raise ChatError(
+                    f"chat template rejected: nested deeper than {MAX_TEMPLATE_NESTING} levels"
+                )
         elif (kind == "operator" and value in ")]}") or (block and value.startswith("end")):
             depth = max(depth - 1, 0)
         after_block = kind == "block_begin"
@@ -176,8 +211,10 @@ def _check_nesting(env, source):
 def _bounded(what, seconds=TEMPLATE_SECONDS):
     """At most SECONDS (SIGALRM: Unix, main thread) and TEMPLATE_MEMORY more address
     space (RLIMIT_AS: Linux) for the block; every failure becomes a one-line ChatError."""
+
     def timeout(*_):
         raise TimeoutError
+
     try:
         old = signal.signal(signal.SIGALRM, timeout)
         signal.alarm(seconds)
@@ -186,6 +223,7 @@ def _bounded(what, seconds=TEMPLATE_SECONDS):
     limit = None
     try:
         import resource
+
         with open("/proc/self/statm") as f:
             used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         limit = resource.getrlimit(resource.RLIMIT_AS)
@@ -201,15 +239,21 @@ def _bounded(what, seconds=TEMPLATE_SECONDS):
     except TimeoutError:
         raise ChatError(f"chat template rejected: {what} took over {seconds} s") from None
     except MemoryError:
-        raise ChatError(f"chat template rejected: {what} needs over {TEMPLATE_MEMORY >> 20} MiB") from None
+        raise ChatError(
+            f"chat template rejected: {what} needs over {TEMPLATE_MEMORY >> 20} MiB"
+        ) from None
     except ChatError:
         raise
-    except (Exception, RecursionError) as e:  # SecurityError, TemplateError, SyntaxError, the template's own
+    except (
+        Exception,
+        RecursionError,
+    ) as e:  # SecurityError, TemplateError, SyntaxError, the template's own
         msg = " ".join(str(e).split())[:200]
         raise ChatError(f"chat template rejected: {type(e).__name__}: {msg}") from None
     finally:
         if limit is not None:
             import resource
+
             resource.setrlimit(resource.RLIMIT_AS, limit)
         if old is not None:
             signal.alarm(0)
@@ -224,15 +268,21 @@ class Template:
         if not isinstance(source, str):
             raise ChatError(f"chat template rejected: not text but {type(source).__name__}")
         if len(source) > MAX_TEMPLATE_SOURCE:
-            raise ChatError(f"chat template rejected: {len(source)} characters, over {MAX_TEMPLATE_SOURCE}")
+            raise ChatError(
+                f"chat template rejected: {len(source)} characters, over {MAX_TEMPLATE_SOURCE}"
+            )
 
         def raise_exception(msg):
             raise TemplateError(msg)
+
         # optimized=False: no constant folding while compiling ({{ 9 ** 9 ** 9 }} would run there)
         env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, optimized=False)
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+        env.globals.update(
+            raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt)
+        )
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(
+            v, ensure_ascii=False, indent=indent
+        )
         env.filters = {k: _bounded_filter(f) for k, f in env.filters.items()}
         with _bounded("compiling it", COMPILE_SECONDS):
             _check_nesting(env, source)
@@ -246,8 +296,12 @@ class Template:
     def render(self, messages, add_generation_prompt=True):
         out, n = [], 0
         with _bounded("rendering"):
-            for chunk in self.t.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos, eos_token=self.eos):
+            for chunk in self.t.generate(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos,
+                eos_token=self.eos,
+            ):
                 n += len(chunk)
                 if n > MAX_TEMPLATE_OUTPUT:
                     raise TemplateTooLarge("chat template rejected: its output exceeds 1 MiB")
@@ -267,8 +321,9 @@ class Chat:
         eos = names[tok.eos_id] if tok.eos_id is not None else ""
         source = TEMPLATES[template] if template else model.chat_template
         if not source:
-            raise ChatError("this file has no chat template: choose one with --template "
-                            + "|".join(TEMPLATES))
+            raise ChatError(
+                "this file has no chat template: choose one with --template " + "|".join(TEMPLATES)
+            )
         self.template = Template(source, bos, eos)
         self.system = system
         self.sampling = sampling or {}
@@ -286,7 +341,9 @@ class Chat:
         text = self.template.render(messages)
         tok = self.m.tokenizer
         bos = self.template.bos
-        add_bos = bool(self.m.meta["tokenizer"].get("add_bos_token")) and not (bos and text.startswith(bos))
+        add_bos = bool(self.m.meta["tokenizer"].get("add_bos_token")) and not (
+            bos and text.startswith(bos)
+        )
         ids = tok.encode(text, add_bos=add_bos)
         if not ids:
             raise ChatError("chat template rejected: it rendered no text for this conversation")
@@ -311,7 +368,7 @@ class Chat:
         def encode(cut):
             if cut not in rendered:
                 try:
-                    rendered[cut] = self._encode(msgs[:first] + msgs[first + cut:])
+                    rendered[cut] = self._encode(msgs[:first] + msgs[first + cut :])
                 except TemplateTooLarge as e:
                     rendered[cut] = None  # longer than any context: drop more
                     errors[cut] = e
@@ -320,6 +377,7 @@ class Chat:
         def fits(cut):
             ids = encode(cut)
             return ids is not None and len(ids) + reserve <= self.m.n_ctx
+
         if fits(0):
             return encode(0)
         best = len(cuts) - 1  # only the newest message left
@@ -332,14 +390,16 @@ class Chat:
         else:
             ids = encode(cuts[best])
             if ids is None or len(ids) >= self.m.n_ctx:  # it does not fit even without a reply
-                chars = sum(len(x["content"]) for x in msgs[:first] + msgs[first + cuts[best]:])
+                chars = sum(len(x["content"]) for x in msgs[:first] + msgs[first + cuts[best] :])
                 if ids is None and chars <= MAX_TEMPLATE_OUTPUT // 2:
                     msgs.pop()
                     raise errors[cuts[best]]  # the template, not the message, makes it this long
                 text = msgs.pop()["content"]
                 size = f"{len(ids)} tokens" if ids is not None else f"{len(text)} characters"
-                raise ChatError(f"this message is {size}; the context holds {self.m.n_ctx} tokens (-c)")
-        del msgs[first:first + cuts[best]]
+                raise ChatError(
+                    f"this message is {size}; the context holds {self.m.n_ctx} tokens (-c)"
+                )
+        del msgs[first : first + cuts[best]]
         if cuts[best]:
             self.notes.append(f"context full: dropped the {cuts[best]} oldest messages")
         return rendered[cuts[best]]
@@ -352,8 +412,11 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         ids = self._fit()
         reply, first = [], None
-        gen = self.m.generate(ids, max_tokens=self.max_tokens if self.max_tokens >= 0 else self.m.n_ctx,
-                              **self.sampling)
+        gen = self.m.generate(
+            ids,
+            max_tokens=self.max_tokens if self.max_tokens >= 0 else self.m.n_ctx,
+            **self.sampling,
+        )
         try:
             for piece in gen:
                 if first is None:
@@ -380,14 +443,21 @@ class Chat:
         pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0
         tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0
         ft = f"{s['first_token_s'] * 1000:.0f} ms" if s.get("first_token_s") is not None else "-"
-        return (f"context {s['context_tokens']}/{s['n_ctx']} tokens "
-                f"| prefill {s['prefill_tokens']} tokens {pp:.1f} tok/s "
-                f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft}")
+        return (
+            f"context {s['context_tokens']}/{s['n_ctx']} tokens "
+            f"| prefill {s['prefill_tokens']} tokens {pp:.1f} tok/s "
+            f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft}"
+        )
 
     def save(self, path):
         """Write the conversation as JSON, atomically (outfile.atomic_output). Text that is
         not valid Unicode (a lone surrogate) is written \\u-escaped, so nothing is lost."""
-        doc = {"format": "pyllm-chat", "version": 1, "system": self.system, "messages": self.messages}
+        doc = {
+            "format": "pyllm-chat",
+            "version": 1,
+            "system": self.system,
+            "messages": self.messages,
+        }
         try:
             data = json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
         except UnicodeEncodeError:
@@ -406,13 +476,18 @@ class Chat:
         """Replace the conversation with one saved by save(); the whole file is checked first,
         so a bad file leaves the conversation as it was."""
         try:
-            data = json.loads(outfile.read_regular(path, MAX_CONVERSATION_FILE, "conversation").decode("utf-8"))
+            data = json.loads(
+                outfile.read_regular(path, MAX_CONVERSATION_FILE, "conversation").decode("utf-8")
+            )
             if not isinstance(data, dict) or data.get("format") != "pyllm-chat":
                 raise ValueError("not a pyllm conversation")
             msgs, system = data.get("messages"), data.get("system")
             if not isinstance(msgs, list) or not all(
-                    isinstance(x, dict) and x.get("role") in ("system", "user", "assistant")
-                    and isinstance(x.get("content"), str) for x in msgs):
+                isinstance(x, dict)
+                and x.get("role") in ("system", "user", "assistant")
+                and isinstance(x.get("content"), str)
+                for x in msgs
+            ):
                 raise ValueError("not a pyllm conversation (messages)")
             if system is not None and not isinstance(system, str):
                 raise ValueError("not a pyllm conversation (system)")
@@ -420,7 +495,9 @@ class Chat:
                 try:
                     x["content"].encode("utf-8")
                 except UnicodeEncodeError:
-                    raise ValueError(f"message {i + 1} is not valid Unicode (a lone surrogate)") from None
+                    raise ValueError(
+                        f"message {i + 1} is not valid Unicode (a lone surrogate)"
+                    ) from None
             msgs = [{"role": x["role"], "content": x["content"]} for x in msgs]
         except outfile.OutputError as e:
             raise ChatError(f"cannot load: {e}") from None
@@ -437,12 +514,19 @@ class Chat:
 def add_arguments(p):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     add_model(p)
-    add_sampling(p, n_predict=-1,
-                 n_predict_help="most tokens per reply (default -1: until it ends or fills the context)")
+    add_sampling(
+        p,
+        n_predict=-1,
+        n_predict_help="most tokens per reply (default -1: until it ends or fills the context)",
+    )
     p.add_argument("-sys", "--system", default=None, help="system prompt")
     p.add_argument("-p", "--prompt", default=None, help="ask this once, print the reply, exit")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                   help="use this chat template instead of the file's")
+    p.add_argument(
+        "--template",
+        choices=sorted(TEMPLATES),
+        default=None,
+        help="use this chat template instead of the file's",
+    )
     p.add_argument("--timings", action="store_true", help="a dim line of speed after each reply")
 
 
@@ -459,6 +543,7 @@ def _read_message(prompt="> "):
 
 def main(a):
     from .model import load
+
     for s, what in ((a.system, "system prompt"), (a.prompt, "prompt")):
         if s is not None:
             text_arg(s, what)
@@ -502,8 +587,13 @@ def main(a):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    print(dim(f"pyllm chat: {os.path.basename(a.model)}, {m.n_ctx} tokens of context, "
-              f"{m.threads} threads. /help for commands, Ctrl-D to quit."), file=sys.stderr)
+    print(
+        dim(
+            f"pyllm chat: {os.path.basename(a.model)}, {m.n_ctx} tokens of context, "
+            f"{m.threads} threads. /help for commands, Ctrl-D to quit."
+        ),
+        file=sys.stderr,
+    )
     while True:
         try:
             text = _read_message()
@@ -543,10 +633,18 @@ def main(a):
                 continue
             try:
                 (chat.save if cmd == "/save" else chat.load)(arg.strip())
-                print(dim(f"({'saved to' if cmd == '/save' else 'loaded'} {arg.strip()})"), file=sys.stderr)
+                print(
+                    dim(f"({'saved to' if cmd == '/save' else 'loaded'} {arg.strip()})"),
+                    file=sys.stderr,
+                )
             except (ChatError, OSError) as e:
                 print(f"{cmd[1:]} failed: {e}", file=sys.stderr)
             except KeyboardInterrupt:
-                print(dim(f"\n({cmd[1:]} cancelled; the conversation is as it was)"), file=sys.stderr)
+                print(
+                    dim(f"\n({cmd[1:]} cancelled; the conversation is as it was)"), file=sys.stderr
+                )
         else:
-            print(f"unknown command {cmd[:40]!r}; /help lists them (start with // to send it)", file=sys.stderr)
+            print(
+                f"unknown command {cmd[:40]!r}; /help lists them (start with // to send it)",
+                file=sys.stderr,
+            )

@@ -1,6 +1,8 @@
-"""Convert a GGUF file, a Hugging Face directory or a llama2.c checkpoint into a pyllm parameters file.
+"""Convert a GGUF file, a Hugging Face directory or a llama2.c checkpoint into a pyllm
+parameters file.
 
-    convert(src, out, progress=True, tokenizer=None) -> {"tensors", "parameters", "file_size", "seconds", ...}
+    convert(src, out, progress=True, tokenizer=None)
+        -> {"tensors", "parameters", "file_size", "seconds", ...}
 
 Sources:
   * GGUF, architectures "llama" (Llama 1/2/3, TinyLlama, Mistral, SmolLM2) and "qwen2".
@@ -21,6 +23,7 @@ and gate, up into ffn_gate_up as format.tensor_layout says. The tensors are prod
 at a time while the file is written, so memory stays near the size of the largest one.
 The write is atomic (format.write): a failed or interrupted conversion leaves no OUT.
 """
+
 import datetime
 import hashlib
 import json
@@ -41,16 +44,24 @@ from .format import FLAG_QKV_BIAS, FLAG_TIED_OUTPUT, TensorSpec
 __all__ = ["convert", "ConvertError"]
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+HF_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
 GGUF_ARCHS = ("llama", "qwen2")
 # tokens that end a turn in chat models: written as eot/eom_token_id when the vocabulary has them
 EOT_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofturn|>")
 EOM_TOKENS = ("<|eom_id|>",)
 # pre-tokenizer regexes as tokenizer.json spells them
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 48
 _REPR.maxlevel = 2
@@ -67,15 +78,21 @@ def _f16(name, a):
     b = np.asarray(a).astype(np.float16)
     if not np.isfinite(b).all():
         bad = np.asarray(a, dtype=np.float32)
-        raise ConvertError(f"tensor {name}: values do not fit float16 "
-                           f"(max |x| = {float(np.nanmax(np.abs(bad))):.4g}, or NaN/inf in the source)")
+        raise ConvertError(
+            f"tensor {name}: values do not fit float16 "
+            f"(max |x| = {float(np.nanmax(np.abs(bad))):.4g}, or NaN/inf in the source)"
+        )
     return b
 
 
 def _unpermute(w, n_head):
     """Undo llama.cpp's Q/K row permutation: within each head, GGUF row 2j+s holds the
     Hugging Face row s*(head_dim/2)+j (s = 0, 1). Works on weights (rows, cols) and biases."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def rope_freqs(theta, head_dim, scaling=None):
@@ -103,7 +120,9 @@ def rope_freqs(theta, head_dim, scaling=None):
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled)
     elif kind is not None:
-        raise ConvertError(f"unsupported rope scaling type {_show(kind)} (supported: linear, llama3)")
+        raise ConvertError(
+            f"unsupported rope scaling type {_show(kind)} (supported: linear, llama3)"
+        )
     return inv.astype(np.float32)
 
 
@@ -130,8 +149,10 @@ def _pad_vocab(tok, rows, where=""):
     """Make the token lists as long as the embedding (llama.cpp's [PAD{i}] unused tokens)."""
     n = len(tok["tokens"])
     if n > rows:
-        raise ConvertError(f"{where}{': ' if where else ''}the tokenizer has {n} tokens but the embedding "
-                           f"only {rows} rows")
+        raise ConvertError(
+            f"{where}{': ' if where else ''}the tokenizer has {n} tokens but the embedding "
+            f"only {rows} rows"
+        )
     if n < rows:
         tok["tokens"] = tok["tokens"] + [f"[PAD{i}]" for i in range(n, rows)]
         if tok.get("token_type") is not None:
@@ -145,13 +166,13 @@ class _Model:
     """What a reader produces: header cfg, metadata and lazy source tensors."""
 
     def __init__(self):
-        self.cfg = {}            # header ints + norm_eps
-        self.config = {}         # meta["config"]
+        self.cfg = {}  # header ints + norm_eps
+        self.config = {}  # meta["config"]
         self.tokenizer = {}
         self.chat_template = None
-        self.load = {}           # our tensor name -> callable returning a float array
-        self.inputs = []         # files hashed for provenance
-        self.tok_files = []      # other files read (index, tokenizer, chat template)
+        self.load = {}  # our tensor name -> callable returning a float array
+        self.inputs = []  # files hashed for provenance
+        self.tok_files = []  # other files read (index, tokenizer, chat template)
         self.template_key = None  # where the chat template came from, for errors
         self.source_format = None
 
@@ -166,9 +187,15 @@ def _int(where, key, v, lo=1, hi=format.LIMIT - 1):
 
 def _num(where, key, v, positive=True):
     """v as a finite float (positive unless told otherwise)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(v)) or (positive and not float(v) > 0):
-        raise ConvertError(f"{where}: {key} = {_show(v)} is not a finite{' positive' if positive else ''} number")
+    if (
+        isinstance(v, (bool, np.bool_))
+        or not isinstance(v, (int, float, np.integer, np.floating))
+        or not math.isfinite(float(v))
+        or (positive and not float(v) > 0)
+    ):
+        raise ConvertError(
+            f"{where}: {key} = {_show(v)} is not a finite{' positive' if positive else ''} number"
+        )
     return float(v)
 
 
@@ -221,22 +248,39 @@ _TENSORS = (
     ("ffn_down", lambda c: (c["dim"], c["hidden_dim"]), True, None),
 )
 GGUF_NAMES = {
-    "tok_embd": "token_embd.weight", "output_norm": "output_norm.weight", "output": "output.weight",
-    "rope_factors": "rope_freqs.weight", "attn_norm": "blk.{i}.attn_norm.weight",
-    "attn_q": "blk.{i}.attn_q.weight", "attn_k": "blk.{i}.attn_k.weight", "attn_v": "blk.{i}.attn_v.weight",
-    "attn_q_bias": "blk.{i}.attn_q.bias", "attn_k_bias": "blk.{i}.attn_k.bias", "attn_v_bias": "blk.{i}.attn_v.bias",
-    "attn_out": "blk.{i}.attn_output.weight", "ffn_norm": "blk.{i}.ffn_norm.weight",
-    "ffn_gate": "blk.{i}.ffn_gate.weight", "ffn_up": "blk.{i}.ffn_up.weight", "ffn_down": "blk.{i}.ffn_down.weight",
+    "tok_embd": "token_embd.weight",
+    "output_norm": "output_norm.weight",
+    "output": "output.weight",
+    "rope_factors": "rope_freqs.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "attn_q": "blk.{i}.attn_q.weight",
+    "attn_k": "blk.{i}.attn_k.weight",
+    "attn_v": "blk.{i}.attn_v.weight",
+    "attn_q_bias": "blk.{i}.attn_q.bias",
+    "attn_k_bias": "blk.{i}.attn_k.bias",
+    "attn_v_bias": "blk.{i}.attn_v.bias",
+    "attn_out": "blk.{i}.attn_output.weight",
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "ffn_gate": "blk.{i}.ffn_gate.weight",
+    "ffn_up": "blk.{i}.ffn_up.weight",
+    "ffn_down": "blk.{i}.ffn_down.weight",
 }
 _HF_LAYER = "model.layers.{i}."
 HF_NAMES = {
-    "tok_embd": "model.embed_tokens.weight", "output_norm": "model.norm.weight", "output": "lm_head.weight",
+    "tok_embd": "model.embed_tokens.weight",
+    "output_norm": "model.norm.weight",
+    "output": "lm_head.weight",
     "attn_norm": _HF_LAYER + "input_layernorm.weight",
-    "attn_q": _HF_LAYER + "self_attn.q_proj.weight", "attn_k": _HF_LAYER + "self_attn.k_proj.weight",
-    "attn_v": _HF_LAYER + "self_attn.v_proj.weight", "attn_q_bias": _HF_LAYER + "self_attn.q_proj.bias",
-    "attn_k_bias": _HF_LAYER + "self_attn.k_proj.bias", "attn_v_bias": _HF_LAYER + "self_attn.v_proj.bias",
-    "attn_out": _HF_LAYER + "self_attn.o_proj.weight", "ffn_norm": _HF_LAYER + "post_attention_layernorm.weight",
-    "ffn_gate": _HF_LAYER + "mlp.gate_proj.weight", "ffn_up": _HF_LAYER + "mlp.up_proj.weight",
+    "attn_q": _HF_LAYER + "self_attn.q_proj.weight",
+    "attn_k": _HF_LAYER + "self_attn.k_proj.weight",
+    "attn_v": _HF_LAYER + "self_attn.v_proj.weight",
+    "attn_q_bias": _HF_LAYER + "self_attn.q_proj.bias",
+    "attn_k_bias": _HF_LAYER + "self_attn.k_proj.bias",
+    "attn_v_bias": _HF_LAYER + "self_attn.v_proj.bias",
+    "attn_out": _HF_LAYER + "self_attn.o_proj.weight",
+    "ffn_norm": _HF_LAYER + "post_attention_layernorm.weight",
+    "ffn_gate": _HF_LAYER + "mlp.gate_proj.weight",
+    "ffn_up": _HF_LAYER + "mlp.up_proj.weight",
     "ffn_down": _HF_LAYER + "mlp.down_proj.weight",
 }
 
@@ -258,8 +302,10 @@ def _source_names(where, cfg, names, shapes, groups, ignored=()):
     over). shapes: {source name: shape}."""
     per_layer = sum(1 for _, _, layer, when in _TENSORS if layer and when in groups)
     if per_layer * cfg["n_layers"] > len(shapes):  # before a table as long as the claim is built
-        raise ConvertError(f"{where}: {cfg['n_layers']} layers claimed, but the file holds only "
-                           f"{len(shapes)} tensors")
+        raise ConvertError(
+            f"{where}: {cfg['n_layers']} layers claimed, but the file holds only "
+            f"{len(shapes)} tensors"
+        )
     out = {}
     for key, shape_of, layer, when in _TENSORS:
         if when not in groups:
@@ -270,12 +316,17 @@ def _source_names(where, cfg, names, shapes, groups, ignored=()):
             if name not in shapes:
                 raise ConvertError(f"{where}: missing tensor {name}")
             if tuple(shapes[name]) != tuple(shape):
-                raise ConvertError(f"{where}: tensor {name} has shape {tuple(shapes[name])}, expected {tuple(shape)}")
+                raise ConvertError(
+                    f"{where}: tensor {name} has shape {tuple(shapes[name])}, "
+                    f"expected {tuple(shape)}"
+                )
             out[key, i] = name
     used = set(out.values())
     extra = sorted(n for n in shapes if n not in used and n not in ignored)
     if extra:
-        raise ConvertError(f"{where}: unsupported tensor {_name(extra[0])} ({len(extra)} not understood)")
+        raise ConvertError(
+            f"{where}: unsupported tensor {_name(extra[0])} ({len(extra)} not understood)"
+        )
     return out
 
 
@@ -283,23 +334,34 @@ def _fused_loaders(cfg, get, rope, interleaved=False):
     """Our tensor name -> a callable producing it, from get(key, layer) over the canonical
     source tensors. interleaved: Q/K rows are in Meta's/llama.cpp's RoPE pair order and are
     put back into rotate-half order."""
-    heads = {"attn_q": cfg["n_heads"], "attn_k": cfg["n_kv_heads"],
-             "attn_q_bias": cfg["n_heads"], "attn_k_bias": cfg["n_kv_heads"]}
+    heads = {
+        "attn_q": cfg["n_heads"],
+        "attn_k": cfg["n_kv_heads"],
+        "attn_q_bias": cfg["n_heads"],
+        "attn_k_bias": cfg["n_kv_heads"],
+    }
 
     def src(key, i=None):
         a = get(key, i)
         return _unpermute(a, heads[key]) if interleaved and key in heads else a
 
-    L = {"tok_embd": lambda: src("tok_embd"), "rope_freqs": rope, "output_norm": lambda: src("output_norm")}
+    L = {
+        "tok_embd": lambda: src("tok_embd"),
+        "rope_freqs": rope,
+        "output_norm": lambda: src("output_norm"),
+    }
     if not cfg["flags"] & FLAG_TIED_OUTPUT:
         L["output"] = lambda: src("output")
     for i in range(cfg["n_layers"]):
         p = f"blk.{i}."
         L[p + "attn_norm"] = lambda i=i: src("attn_norm", i)
-        L[p + "attn_qkv"] = lambda i=i: np.concatenate([src("attn_q", i), src("attn_k", i), src("attn_v", i)])
+        L[p + "attn_qkv"] = lambda i=i: np.concatenate(
+            [src("attn_q", i), src("attn_k", i), src("attn_v", i)]
+        )
         if cfg["flags"] & FLAG_QKV_BIAS:
             L[p + "attn_qkv_bias"] = lambda i=i: np.concatenate(
-                [src("attn_q_bias", i), src("attn_k_bias", i), src("attn_v_bias", i)])
+                [src("attn_q_bias", i), src("attn_k_bias", i), src("attn_v_bias", i)]
+            )
         L[p + "attn_out"] = lambda i=i: src("attn_out", i)
         L[p + "ffn_norm"] = lambda i=i: src("ffn_norm", i)
         L[p + "ffn_gate_up"] = lambda i=i: np.concatenate([src("ffn_gate", i), src("ffn_up", i)])
@@ -332,8 +394,10 @@ def _gguf_prescan(path, data):
 
     def need(n, what):
         if n > size - pos:
-            raise ConvertError(f"{path}: truncated GGUF file: reading {what} of {where[0]}, {n} bytes needed, "
-                               f"{size - pos} left")
+            raise ConvertError(
+                f"{path}: truncated GGUF file: reading {what} of {where[0]}, {n} bytes needed, "
+                f"{size - pos} left"
+            )
 
     def u(fmt, what):
         nonlocal pos
@@ -346,7 +410,7 @@ def _gguf_prescan(path, data):
         nonlocal pos
         n = u("Q", what + " length")
         need(n, what)
-        s = bytes(data[pos:pos + n])
+        s = bytes(data[pos : pos + n])
         pos += n
         return s
 
@@ -386,9 +450,12 @@ def _gguf_prescan(path, data):
         if key == "general.alignment":
             alignment = struct.unpack_from(e + "I", data, start)[0] if t == 4 else 0
             if not (alignment and alignment & (alignment - 1) == 0 and alignment <= 1 << 16):
-                raise ConvertError(f"{path}: GGUF key general.alignment is not a power of two up to 65536")
+                raise ConvertError(
+                    f"{path}: GGUF key general.alignment is not a power of two up to 65536"
+                )
     need(n_tensors * 24, f"{n_tensors} tensor infos")
     import gguf
+
     tensors = []
     for k in range(n_tensors):
         where[0] = f"tensor info {k}"
@@ -408,9 +475,13 @@ def _gguf_prescan(path, data):
             raise ConvertError(f"{path}: GGUF tensor {name}: unknown tensor type {t}") from None
         n = math.prod(dims)
         if dims[0] % block:
-            raise ConvertError(f"{path}: GGUF tensor {name}: {dims[0]} columns are not whole blocks of {block}")
+            raise ConvertError(
+                f"{path}: GGUF tensor {name}: {dims[0]} columns are not whole blocks of {block}"
+            )
         if data_start + offset + n // block * type_size > size:
-            raise ConvertError(f"{path}: GGUF tensor {name} lies past the end of the file (truncated?)")
+            raise ConvertError(
+                f"{path}: GGUF tensor {name} lies past the end of the file (truncated?)"
+            )
 
 
 def _gguf_open(path):
@@ -427,33 +498,44 @@ def _gguf_open(path):
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/struct errors on a damaged file
-        raise ConvertError(f"{path}: not a readable GGUF file ({type(e).__name__}: {_msg(e)})") from None
+        raise ConvertError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {_msg(e)})"
+        ) from None
     fields = {}
     for k, f in reader.fields.items():
         if not k.startswith("GGUF."):
             try:
                 fields[k] = f.contents()
             except Exception as e:
-                raise ConvertError(f"{path}: cannot read GGUF key {_name(k)} ({type(e).__name__}: {_msg(e)})") from None
+                raise ConvertError(
+                    f"{path}: cannot read GGUF key {_name(k)} ({type(e).__name__}: {_msg(e)})"
+                ) from None
     arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHS:
-        raise ConvertError(f"unsupported GGUF architecture {_show(arch)} (supported: {', '.join(GGUF_ARCHS)})")
+        raise ConvertError(
+            f"unsupported GGUF architecture {_show(arch)} (supported: {', '.join(GGUF_ARCHS)})"
+        )
     traits = getattr(gguf.quants, "_type_traits", None)  # the types gguf-py can dequantize
     supported = {QT.F32, QT.F16} | set(traits or ())
     for t in reader.tensors:
         if traits is not None and t.tensor_type not in supported:
-            raise ConvertError(f"{path}: tensor {_name(t.name)}: unsupported GGUF tensor type {t.tensor_type.name}")
+            raise ConvertError(
+                f"{path}: tensor {_name(t.name)}: unsupported GGUF tensor type {t.tensor_type.name}"
+            )
     return reader, fields, arch
 
 
 def _gguf_cfg(path, fields, arch):
     """The header cfg (without vocab_size and flags) and rope theta from {arch}.* keys."""
+
     def kv(key, default=KeyError, check=_int):
         v = fields.get(f"{arch}.{key}", default)
         if v is KeyError:
             raise ConvertError(f"{path}: GGUF key {arch}.{key} is missing")
         if isinstance(v, list):
-            raise ConvertError(f"{path}: GGUF key {arch}.{key} is per-layer ({_show(v[:4])}...), not supported")
+            raise ConvertError(
+                f"{path}: GGUF key {arch}.{key} is per-layer ({_show(v[:4])}...), not supported"
+            )
         return check(path, f"GGUF key {arch}.{key}", v)
 
     dim, n_heads = kv("embedding_length"), kv("attention.head_count")
@@ -462,13 +544,21 @@ def _gguf_cfg(path, fields, arch):
         raise ConvertError(f"{path}: key_length != value_length is not supported")
     rope_dim = kv("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
-        raise ConvertError(f"partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
-                           f"{head_dim}) are not supported")
-    cfg = dict(dim=dim, n_layers=kv("block_count"), n_heads=n_heads,
-               n_kv_heads=kv("attention.head_count_kv", n_heads), head_dim=head_dim,
-               hidden_dim=kv("feed_forward_length"), max_seq_len=kv("context_length"),
-               sliding_window=kv("attention.sliding_window", 0, lambda p, k, v: _int(p, k, v or 0, 0)),
-               norm_eps=kv("attention.layer_norm_rms_epsilon", check=_num))
+        raise ConvertError(
+            f"partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
+            f"{head_dim}) are not supported"
+        )
+    cfg = dict(
+        dim=dim,
+        n_layers=kv("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=kv("attention.head_count_kv", n_heads),
+        head_dim=head_dim,
+        hidden_dim=kv("feed_forward_length"),
+        max_seq_len=kv("context_length"),
+        sliding_window=kv("attention.sliding_window", 0, lambda p, k, v: _int(p, k, v or 0, 0)),
+        norm_eps=kv("attention.layer_norm_rms_epsilon", check=_num),
+    )
     return cfg, kv("rope.freq_base", 10000.0, _num)
 
 
@@ -480,42 +570,76 @@ def _gguf_rope_scaling(path, fields, arch, factors):
     if stype not in (None, "none"):
         factor = fields.get(f"{arch}.rope.scaling.factor")
         if stype != "linear" or not factor:
-            raise ConvertError(f"unsupported rope scaling type {_show(stype)} (supported: linear, llama3)")
-        scaling = {"rope_type": "linear", "factor": _num(path, f"GGUF key {arch}.rope.scaling.factor", factor)}
+            raise ConvertError(
+                f"unsupported rope scaling type {_show(stype)} (supported: linear, llama3)"
+            )
+        scaling = {
+            "rope_type": "linear",
+            "factor": _num(path, f"GGUF key {arch}.rope.scaling.factor", factor),
+        }
     elif fields.get(f"{arch}.rope.scale_linear"):
-        scaling = {"rope_type": "linear",
-                   "factor": _num(path, f"GGUF key {arch}.rope.scale_linear", fields[f"{arch}.rope.scale_linear"])}
+        scaling = {
+            "rope_type": "linear",
+            "factor": _num(
+                path, f"GGUF key {arch}.rope.scale_linear", fields[f"{arch}.rope.scale_linear"]
+            ),
+        }
     if factors:
         if scaling:
-            raise ConvertError("a rope_freqs.weight tensor together with linear rope scaling is not supported")
+            raise ConvertError(
+                "a rope_freqs.weight tensor together with linear rope scaling is not supported"
+            )
         scaling = {"rope_type": "llama3", "freq_factors": "rope_freqs.weight"}
         orig = fields.get(f"{arch}.rope.scaling.original_context_length")
         if orig:
             scaling["original_max_position_embeddings"] = _int(
-                path, f"GGUF key {arch}.rope.scaling.original_context_length", orig)
+                path, f"GGUF key {arch}.rope.scaling.original_context_length", orig
+            )
     return scaling
 
 
 def _gguf_meta(path, fields, arch, m, theta, scaling):
     """meta's config (name, provenance-ish general.* keys), tokenizer and chat template."""
     import gguf
+
     ftype = fields.get("general.file_type")
     try:
         ftype = gguf.LlamaFileType(ftype).name if ftype is not None else None
     except (ValueError, TypeError):
         ftype = None
     name = fields.get("general.name")
-    m.config = {"architecture": arch, "name": name if isinstance(name, str) and name else os.path.basename(path),
-                "rope_theta": theta, "rope_scaling": scaling, "context_length": m.cfg["max_seq_len"]}
-    m.config.update({k.split(".", 1)[1]: v for k, v in fields.items()
-                     if k in ("general.basename", "general.organization", "general.finetune",
-                              "general.size_label", "general.license") and isinstance(v, str)})
+    m.config = {
+        "architecture": arch,
+        "name": name if isinstance(name, str) and name else os.path.basename(path),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "context_length": m.cfg["max_seq_len"],
+    }
+    m.config.update(
+        {
+            k.split(".", 1)[1]: v
+            for k, v in fields.items()
+            if k
+            in (
+                "general.basename",
+                "general.organization",
+                "general.finetune",
+                "general.size_label",
+                "general.license",
+            )
+            and isinstance(v, str)
+        }
+    )
     if ftype is not None:
         m.config["gguf_file_type"] = ftype
 
-    tok = {k[len("tokenizer.ggml."):]: v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
+    tok = {
+        k[len("tokenizer.ggml.") :]: v for k, v in fields.items() if k.startswith("tokenizer.ggml.")
+    }
     if tok.get("model") not in ("gpt2", "llama"):
-        raise ConvertError(f"unsupported tokenizer model {_show(tok.get('model'))} (supported: gpt2, llama)")
+        raise ConvertError(
+            f"unsupported tokenizer model {_show(tok.get('model'))} (supported: gpt2, llama)"
+        )
     if not tok.get("tokens"):
         raise ConvertError(f"{path}: the GGUF file has no tokenizer.ggml.tokens")
     _check_tokens(path, "GGUF key tokenizer.ggml", tok)
@@ -527,6 +651,7 @@ def _gguf_meta(path, fields, arch, m, theta, scaling):
 
 def _read_gguf(path):
     import gguf
+
     reader, fields, arch = _gguf_open(path)
     cfg, theta = _gguf_cfg(path, fields, arch)
     tensors = {t.name: t for t in reader.tensors}
@@ -534,13 +659,17 @@ def _read_gguf(path):
     if "token_embd.weight" not in shapes:
         raise ConvertError(f"{path}: missing tensor token_embd.weight")
     factors = "rope_freqs.weight" in tensors
-    flags = (FLAG_TIED_OUTPUT if "output.weight" not in tensors else 0) | \
-        (FLAG_QKV_BIAS if "blk.0.attn_q.bias" in tensors else 0)
+    flags = (FLAG_TIED_OUTPUT if "output.weight" not in tensors else 0) | (
+        FLAG_QKV_BIAS if "blk.0.attn_q.bias" in tensors else 0
+    )
 
     m = _Model()
     m.source_format, m.inputs = "gguf", [path]
-    m.cfg = dict(cfg, vocab_size=_int(path, "the rows of token_embd.weight", shapes["token_embd.weight"][0]),
-                 flags=flags)
+    m.cfg = dict(
+        cfg,
+        vocab_size=_int(path, "the rows of token_embd.weight", shapes["token_embd.weight"][0]),
+        flags=flags,
+    )
     m.cfg = {k: m.cfg[k] for k in format.HEADER_INTS + ("norm_eps",)}
     _check_cfg(path, m.cfg)
     names = _source_names(path, m.cfg, GGUF_NAMES, shapes, _groups(m.cfg, factors))
@@ -551,11 +680,17 @@ def _read_gguf(path):
         try:
             a = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise ConvertError(f"tensor {name}: unsupported GGUF tensor type {t.tensor_type.name}") from None
+            raise ConvertError(
+                f"tensor {name}: unsupported GGUF tensor type {t.tensor_type.name}"
+            ) from None
         return a.reshape(shapes[name])
 
     def rope():
-        inv = rope_freqs(theta, cfg["head_dim"], scaling if scaling and scaling["rope_type"] == "linear" else None)
+        inv = rope_freqs(
+            theta,
+            cfg["head_dim"],
+            scaling if scaling and scaling["rope_type"] == "linear" else None,
+        )
         if factors:
             f = deq("rope_freqs.weight").astype(np.float64)
             if not (np.isfinite(f).all() and (f > 0).all()):
@@ -564,7 +699,9 @@ def _read_gguf(path):
         return inv
 
     # llama.cpp's convert permutes Q/K only for NORM-rope architectures
-    m.load = _fused_loaders(m.cfg, lambda key, i=None: deq(names[key, i]), rope, interleaved=arch == "llama")
+    m.load = _fused_loaders(
+        m.cfg, lambda key, i=None: deq(names[key, i]), rope, interleaved=arch == "llama"
+    )
     _gguf_meta(path, fields, arch, m, theta, scaling)
     return m
 
@@ -578,11 +715,16 @@ def _check_tokens(where, prefix, tok):
     n = len(tokens)
     for key, kind in (("scores", (int, float)), ("token_type", int)):
         v = tok.get(key)
-        if v is not None and (not isinstance(v, list) or len(v) != n
-                              or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v)):
+        if v is not None and (
+            not isinstance(v, list)
+            or len(v) != n
+            or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
+        ):
             raise ConvertError(f"{where}: {prefix}.{key} is not a list of {n} numbers")
     merges = tok.get("merges")
-    if merges is not None and (not isinstance(merges, list) or not all(isinstance(x, str) for x in merges)):
+    if merges is not None and (
+        not isinstance(merges, list) or not all(isinstance(x, str) for x in merges)
+    ):
         raise ConvertError(f"{where}: {prefix}.merges is not a list of strings")
     for key, v in list(tok.items()):
         if key.endswith("_token_id"):
@@ -601,14 +743,29 @@ def _add_turn_ids(tok):
 
 # --- Hugging Face ---------------------------------------------------------------------------
 _ST_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16: the top half of a float32
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-             "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 JSON_LIMIT = 64 << 20  # config.json, index, tokenizer_config.json
 TOKENIZER_LIMIT = 512 << 20  # tokenizer.json
 
 
 def _json_file(path, limit=JSON_LIMIT, kind=dict):
-    """A JSON file's value (of type KIND), refusing non-regular files, huge files and deep nesting."""
+    """A JSON file's value (of type KIND); non-regular files, huge files, deep nesting refused."""
     try:
         data = outfile.read_regular(path, limit, "JSON file")
         v = json.loads(data.decode("utf-8"))
@@ -633,9 +790,13 @@ def _st_header(path):
                 raise ValueError(f"header length {n} is larger than the file or 100 MiB")
             head = json.loads(f.read(n))
     except (OSError, ValueError, RecursionError, struct.error) as e:
-        raise ConvertError(f"{path}: not a readable safetensors file ({type(e).__name__}: {_msg(e)})") from None
+        raise ConvertError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {_msg(e)})"
+        ) from None
     if not isinstance(head, dict):
-        raise ConvertError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
+        raise ConvertError(
+            f"{path}: not a readable safetensors file (the header is not a JSON object)"
+        )
     out, spans = {}, []
     for name, info in head.items():
         if name == "__metadata__":
@@ -643,29 +804,41 @@ def _st_header(path):
         shown = _name(name)
         try:
             dtype, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
-            if not isinstance(dtype, str) or not isinstance(shape, list) or not all(
-                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape + [b, e]):
+            if (
+                not isinstance(dtype, str)
+                or not isinstance(shape, list)
+                or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                    for x in shape + [b, e]
+                )
+            ):
                 raise TypeError
         except (TypeError, KeyError, ValueError):
-            raise ConvertError(f"{path}: tensor {shown}: the header entry is not "
-                               f"{{dtype, shape, data_offsets}} ({_show(info)})") from None
+            raise ConvertError(
+                f"{path}: tensor {shown}: the header entry is not "
+                f"{{dtype, shape, data_offsets}} ({_show(info)})"
+            ) from None
         if dtype not in _ST_SIZES:
             raise ConvertError(f"{path}: tensor {shown}: unknown safetensors dtype {_show(dtype)}")
         if not b <= e or 8 + n + e > size:
             raise ConvertError(f"{path}: tensor {shown} lies past the end of the file (truncated?)")
         if e - b != math.prod(shape) * _ST_SIZES[dtype]:
-            raise ConvertError(f"{path}: tensor {shown}: {e - b} bytes do not hold {dtype}{tuple(shape)}")
+            raise ConvertError(
+                f"{path}: tensor {shown}: {e - b} bytes do not hold {dtype}{tuple(shape)}"
+            )
         out[name] = (dtype, tuple(shape), 8 + n + b, 8 + n + e)
         spans.append((b, e, name))
     spans.sort()
-    for (b1, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
+    for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
         if b2 < e1:
             raise ConvertError(f"{path}: tensors {_name(n1)} and {_name(n2)} overlap")
     return out
 
 
 def _st_load(path, name, dtype, shape, begin):
-    raw = np.fromfile(path, dtype=_ST_DTYPES[dtype], count=math.prod(shape), offset=begin).reshape(shape)
+    raw = np.fromfile(path, dtype=_ST_DTYPES[dtype], count=math.prod(shape), offset=begin).reshape(
+        shape
+    )
     if dtype == "BF16":  # numpy has no bfloat16: its bits are the top half of a float32
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw
@@ -673,6 +846,7 @@ def _st_load(path, name, dtype, shape, begin):
 
 def _hf_config(cfg_path, hc):
     """The header cfg and RoPE of a config.json, every value's type and range checked."""
+
     def get(key, default=KeyError, check=_int, **kw):
         v = hc.get(key)
         if v is None:
@@ -715,14 +889,33 @@ def _hf_config(cfg_path, hc):
         if _rope_type(scaling) == "llama3":
             scaling.setdefault("original_max_position_embeddings", ctx)
         for k, v in scaling.items():
-            if k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if k in (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ):
                 _num(cfg_path, f"rope_scaling.{k}", v)
     partial = rp.get("partial_rotary_factor", hc.get("partial_rotary_factor", 1.0))
     if _num(cfg_path, "partial_rotary_factor", partial) != 1.0:
         raise ConvertError("partial_rotary_factor != 1 is not supported")
     rope_freqs(theta, head_dim, scaling)  # unsupported scaling types fail here, before any work
-    return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-                hidden_dim=hidden, max_seq_len=ctx, norm_eps=eps), theta, scaling, get, flag
+    return (
+        dict(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            hidden_dim=hidden,
+            max_seq_len=ctx,
+            norm_eps=eps,
+        ),
+        theta,
+        scaling,
+        get,
+        flag,
+    )
 
 
 def _read_hf(d):
@@ -733,7 +926,9 @@ def _read_hf(d):
     archs = hc.get("architectures") or [hc.get("model_type")]
     arch_name = archs[0] if isinstance(archs, list) and archs else None
     if not isinstance(arch_name, str) or arch_name not in HF_ARCHS:
-        raise ConvertError(f"unsupported architecture {_show(arch_name)} (supported: {', '.join(HF_ARCHS)})")
+        raise ConvertError(
+            f"unsupported architecture {_show(arch_name)} (supported: {', '.join(HF_ARCHS)})"
+        )
     arch = HF_ARCHS[arch_name]
     if hc.get("hidden_act", "silu") != "silu":
         raise ConvertError(f"unsupported hidden_act {_show(hc.get('hidden_act'))} (only silu)")
@@ -752,14 +947,18 @@ def _read_hf(d):
         if types is None and flag("use_sliding_window"):
             mwl = get("max_window_layers", n_layers, lo=0)
             types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(n_layers)]
-        if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+        if types is not None and (
+            not isinstance(types, list) or not all(isinstance(t, str) for t in types)
+        ):
             raise ConvertError(f"{cfg_path}: layer_types is not a list of strings")
         kinds = set(types or ["full_attention"])
         if kinds == {"sliding_attention"}:
             window = get("sliding_window", 0, lo=0)
         elif kinds != {"full_attention"}:
-            raise ConvertError(f"mixed sliding-window and full-attention layers are not supported "
-                               f"({_show(sorted(kinds))})")
+            raise ConvertError(
+                f"mixed sliding-window and full-attention layers are not supported "
+                f"({_show(sorted(kinds))})"
+            )
 
     # weights
     index = os.path.join(d, "model.safetensors.index.json")
@@ -776,13 +975,20 @@ def _read_hf(d):
         files = [os.path.join(d, x) for x in files]
         for p in files:
             if not os.path.isfile(p):
-                raise ConvertError(f"missing weights file {p} (listed in model.safetensors.index.json)")
+                raise ConvertError(
+                    f"missing weights file {p} (listed in model.safetensors.index.json)"
+                )
     else:
-        files = sorted(os.path.join(d, x) for x in os.listdir(d) if x.endswith(".safetensors")
-                       and os.path.isfile(os.path.join(d, x)))
+        files = sorted(
+            os.path.join(d, x)
+            for x in os.listdir(d)
+            if x.endswith(".safetensors") and os.path.isfile(os.path.join(d, x))
+        )
     if not files:
         other = [x for x in os.listdir(d) if x.endswith((".bin", ".pt", ".pth"))]
-        raise ConvertError(f"{d}: no *.safetensors weights" + (f" ({other[0]} is not supported)" if other else ""))
+        raise ConvertError(
+            f"{d}: no *.safetensors weights" + (f" ({other[0]} is not supported)" if other else "")
+        )
     where = {}
     for p in files:
         for name, (dt, shape, b, _) in _st_header(p).items():
@@ -800,15 +1006,24 @@ def _read_hf(d):
     m = _Model()
     m.source_format = "hf"
     m.inputs = [cfg_path] + files
-    m.cfg = dict(cfg, vocab_size=vocab, sliding_window=window,
-                 flags=(FLAG_TIED_OUTPUT if tied else 0) | (FLAG_QKV_BIAS if qkv_bias else 0))
+    m.cfg = dict(
+        cfg,
+        vocab_size=vocab,
+        sliding_window=window,
+        flags=(FLAG_TIED_OUTPUT if tied else 0) | (FLAG_QKV_BIAS if qkv_bias else 0),
+    )
     m.cfg = {k: m.cfg[k] for k in format.HEADER_INTS + ("norm_eps",)}
     _check_cfg(cfg_path, m.cfg)
-    ignored = {n for n in shapes if n.endswith("rotary_emb.inv_freq")} | ({"lm_head.weight"} if tied else set())
+    ignored = {n for n in shapes if n.endswith("rotary_emb.inv_freq")} | (
+        {"lm_head.weight"} if tied else set()
+    )
     names = _source_names(d, m.cfg, HF_NAMES, shapes, _groups(m.cfg), ignored)
     for n in names.values():
         if where[n][1] not in _ST_DTYPES:
-            raise ConvertError(f"tensor {n}: unsupported safetensors dtype {where[n][1]} (supported: F32, F16, BF16)")
+            raise ConvertError(
+                f"tensor {n}: unsupported safetensors dtype {where[n][1]} "
+                "(supported: F32, F16, BF16)"
+            )
 
     def src(key, i=None):
         p, dt, shape, b = where[names[key, i]]
@@ -816,9 +1031,14 @@ def _read_hf(d):
 
     m.load = _fused_loaders(m.cfg, src, lambda: rope_freqs(theta, cfg["head_dim"], scaling))
     name = hc.get("_name_or_path")
-    m.config = {"architecture": arch, "hf_architecture": arch_name,
-                "name": name if isinstance(name, str) and name else os.path.basename(os.path.abspath(d)),
-                "rope_theta": theta, "rope_scaling": scaling, "context_length": cfg["max_seq_len"]}
+    m.config = {
+        "architecture": arch,
+        "hf_architecture": arch_name,
+        "name": name if isinstance(name, str) and name else os.path.basename(os.path.abspath(d)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "context_length": cfg["max_seq_len"],
+    }
     tok, template, tok_files, template_key = _hf_tokenizer(d, hc)
     m.tokenizer = _pad_vocab(tok, vocab, os.path.join(d, "tokenizer.json"))
     m.chat_template = template
@@ -843,7 +1063,11 @@ def _detect_pre(pre_tokenizer):
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and parts[0].get("individual_digits")
+        and parts[1].get("use_regex", True)
+    ):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         pattern = parts[0].get("pattern")
@@ -873,7 +1097,9 @@ def _hf_vocab(path, model, added):
     for t, i in vocab.items():
         i = _int(path, f"model.vocab[{_show(t)}]", i, 0)
         if i in by_id:
-            raise ConvertError(f"{path}: model.vocab gives id {i} to both {_show(by_id[i])} and {_show(t)}")
+            raise ConvertError(
+                f"{path}: model.vocab gives id {i} to both {_show(by_id[i])} and {_show(t)}"
+            )
         by_id[i] = t
     special = {}
     for k, a in enumerate(added):
@@ -882,7 +1108,9 @@ def _hf_vocab(path, model, added):
         if not isinstance(t, str):
             raise ConvertError(f"{path}: added_tokens[{k}].content = {_show(t)} is not a string")
         if by_id.get(i, t) != t:
-            raise ConvertError(f"{path}: added_tokens[{k}] gives id {i} to {_show(t)}, already {_show(by_id[i])}")
+            raise ConvertError(
+                f"{path}: added_tokens[{k}] gives id {i} to {_show(t)}, already {_show(by_id[i])}"
+            )
         by_id[i] = t
         special[i] = bool(a.get("special"))
     n = max(by_id, default=-1) + 1
@@ -915,7 +1143,9 @@ def _hf_tokenizer(d, hc):
     model = tj.get("model") or {}
     if not isinstance(model, dict) or model.get("type") != "BPE":
         t = model.get("type") if isinstance(model, dict) else model
-        raise ConvertError(f"unsupported tokenizer model type {_show(t)} in tokenizer.json (only BPE)")
+        raise ConvertError(
+            f"unsupported tokenizer model type {_show(t)} in tokenizer.json (only BPE)"
+        )
     spm = bool(model.get("byte_fallback"))
     tokens, types = _hf_vocab(path, model, tj.get("added_tokens") or [])
     n = len(tokens)
@@ -955,9 +1185,13 @@ def _hf_tokenizer(d, hc):
         tok["scores"] = scores
         norm = _flatten(tj.get("normalizer"), "normalizers")
         pre = _flatten(tj.get("pre_tokenizer"), "pretokenizers")
-        prefix = any(x.get("type") == "Prepend" and x.get("prepend") == "\u2581" for x in norm) or any(
-            x.get("type") == "Metaspace" and (x.get("prepend_scheme") in ("first", "always")
-                                               or x.get("add_prefix_space")) for x in pre)
+        prefix = any(
+            x.get("type") == "Prepend" and x.get("prepend") == "\u2581" for x in norm
+        ) or any(
+            x.get("type") == "Metaspace"
+            and (x.get("prepend_scheme") in ("first", "always") or x.get("add_prefix_space"))
+            for x in pre
+        )
         tok["add_space_prefix"] = bool(prefix)
     else:
         tok["pre"] = _detect_pre(tj.get("pre_tokenizer"))
@@ -965,8 +1199,12 @@ def _hf_tokenizer(d, hc):
     tok["merges"] = merges
 
     # special tokens: tokenizer_config.json's *_token, else config.json's *_token_id
-    for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                     ("pad", "padding_token_id")):
+    for typ, key in (
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unk", "unknown_token_id"),
+        ("pad", "padding_token_id"),
+    ):
         i = _token_id(tc.get(f"{typ}_token"), to_id)
         if i is None:
             v = hc.get(f"{typ}_token_id")
@@ -991,13 +1229,24 @@ def _hf_tokenizer(d, hc):
     add_bos, add_eos = tc.get("add_bos_token"), tc.get("add_eos_token")
     tok["add_bos_token"] = add_bos if isinstance(add_bos, bool) else bool(first)
     tok["add_eos_token"] = add_eos if isinstance(add_eos, bool) else bool(last)
-    if tok["add_bos_token"] and "bos_token_id" not in tok and first and _token_id(first.get("id"), to_id) is not None:
+    if (
+        tok["add_bos_token"]
+        and "bos_token_id" not in tok
+        and first
+        and _token_id(first.get("id"), to_id) is not None
+    ):
         tok["bos_token_id"] = to_id[first["id"]]
 
     template, key = tc.get("chat_template"), f"{tc_path}: chat_template"
     if isinstance(template, list):  # named templates: the default one
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
+        template = next(
+            (
+                t.get("template")
+                for t in template
+                if isinstance(t, dict) and t.get("name") == "default"
+            ),
+            None,
+        )
     if template is None:
         jinja = os.path.join(d, "chat_template.jinja")
         cj = os.path.join(d, "chat_template.json")
@@ -1026,7 +1275,7 @@ L2C_EPS, L2C_THETA = 1e-5, 10000.0  # hard-coded in run.c
 
 
 def _llama2c_header(path, size):
-    """The header as a dict (with the size it implies) if it is a plausible llama2.c one, else None."""
+    """The header as a dict (with the size it implies) if a plausible llama2.c one, else None."""
     try:
         with open(path, "rb") as f:
             head = f.read(_L2C_HEADER.size)
@@ -1035,18 +1284,40 @@ def _llama2c_header(path, size):
     if len(head) < _L2C_HEADER.size:
         return None
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq = _L2C_HEADER.unpack(head)
-    if not all(0 < v < format.LIMIT for v in (dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq)):
+    if not all(
+        0 < v < format.LIMIT for v in (dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq)
+    ):
         return None
     if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
         return None
     hs = dim // n_heads
     kv_dim = n_kv * hs
     L, V = n_layers, abs(vocab)
-    floats = (V * dim + L * dim + L * dim * dim + 2 * L * dim * kv_dim + L * dim * dim + L * dim
-              + 3 * L * dim * hidden + dim + 2 * (seq * hs // 2) + (V * dim if vocab < 0 else 0))
-    return {"dim": dim, "hidden": hidden, "n_layers": L, "n_heads": n_heads, "n_kv": n_kv, "vocab": V,
-            "shared": vocab > 0, "seq_len": seq, "head_dim": hs,
-            "expected_size": _L2C_HEADER.size + 4 * floats, "size": size}
+    floats = (
+        V * dim
+        + L * dim
+        + L * dim * dim
+        + 2 * L * dim * kv_dim
+        + L * dim * dim
+        + L * dim
+        + 3 * L * dim * hidden
+        + dim
+        + 2 * (seq * hs // 2)
+        + (V * dim if vocab < 0 else 0)
+    )
+    return {
+        "dim": dim,
+        "hidden": hidden,
+        "n_layers": L,
+        "n_heads": n_heads,
+        "n_kv": n_kv,
+        "vocab": V,
+        "shared": vocab > 0,
+        "seq_len": seq,
+        "head_dim": hs,
+        "expected_size": _L2C_HEADER.size + 4 * floats,
+        "size": size,
+    }
 
 
 def _llama2c_tokenizer(path, vocab):
@@ -1064,14 +1335,18 @@ def _llama2c_tokenizer(path, vocab):
     pos, tokens, scores, types = 4, [], [], []
     for i in range(vocab):
         if pos + 8 > len(data):
-            raise ConvertError(f"{path}: holds {i} tokens, the model's vocabulary has {vocab} "
-                               f"(truncated, or the tokenizer of another model?)")
+            raise ConvertError(
+                f"{path}: holds {i} tokens, the model's vocabulary has {vocab} "
+                f"(truncated, or the tokenizer of another model?)"
+            )
         score, n = struct.unpack_from("<fi", data, pos)
         pos += 8
         if n < 0 or pos + n > len(data):
-            raise ConvertError(f"{path}: token {i} has a bad length {n} (truncated or not a tokenizer.bin?)")
+            raise ConvertError(
+                f"{path}: token {i} has a bad length {n} (truncated or not a tokenizer.bin?)"
+            )
         try:
-            t = data[pos:pos + n].decode("utf-8")
+            t = data[pos : pos + n].decode("utf-8")
         except UnicodeDecodeError:
             raise ConvertError(f"{path}: token {i} is not valid UTF-8") from None
         pos += n
@@ -1089,12 +1364,22 @@ def _llama2c_tokenizer(path, vocab):
         scores.append(score)
         types.append(ty)
     if pos != len(data):
-        raise ConvertError(f"{path}: holds more than the model's {vocab} tokens (the tokenizer of "
-                           f"another model? give the right one with --tokenizer)")
+        raise ConvertError(
+            f"{path}: holds more than the model's {vocab} tokens (the tokenizer of "
+            f"another model? give the right one with --tokenizer)"
+        )
     # run.c: BOS 1, EOS 2 and the byte tokens at 3..258 are fixed ids; a dummy-prefix space
-    tok = {"model": "llama", "tokens": tokens, "scores": scores, "token_type": types,
-           "bos_token_id": 1, "eos_token_id": 2, "add_bos_token": True, "add_eos_token": False,
-           "add_space_prefix": True}
+    tok = {
+        "model": "llama",
+        "tokens": tokens,
+        "scores": scores,
+        "token_type": types,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_space_prefix": True,
+    }
     if "<unk>" in tokens:
         tok["unknown_token_id"] = tokens.index("<unk>")
     _add_turn_ids(tok)
@@ -1102,25 +1387,33 @@ def _llama2c_tokenizer(path, vocab):
 
 
 def _read_llama2c(path, h, tok_path):
-    dim, hidden, L, nh, nkv, V, hs = (h[k] for k in ("dim", "hidden", "n_layers", "n_heads", "n_kv", "vocab",
-                                                    "head_dim"))
+    dim, hidden, L, nh, nkv, V, hs = (
+        h[k] for k in ("dim", "hidden", "n_layers", "n_heads", "n_kv", "vocab", "head_dim")
+    )
     if tok_path is None:
         tok_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.bin")
         if not os.path.isfile(tok_path):
-            raise ConvertError(f"{path} is a llama2.c checkpoint but {tok_path} does not exist "
-                               f"(give its tokenizer.bin with --tokenizer PATH)")
+            raise ConvertError(
+                f"{path} is a llama2.c checkpoint but {tok_path} does not exist "
+                f"(give its tokenizer.bin with --tokenizer PATH)"
+            )
     elif not os.path.isfile(tok_path):
         raise ConvertError(f"{tok_path}: no such file")
     tok = _llama2c_tokenizer(tok_path, V)
 
-    raw = np.memmap(path, dtype="<f4", mode="r", offset=_L2C_HEADER.size,
-                    shape=((h["expected_size"] - _L2C_HEADER.size) // 4,))
+    raw = np.memmap(
+        path,
+        dtype="<f4",
+        mode="r",
+        offset=_L2C_HEADER.size,
+        shape=((h["expected_size"] - _L2C_HEADER.size) // 4,),
+    )
     pos = 0
 
     def take(*shape):
         nonlocal pos
         n = int(np.prod(shape))
-        a = raw[pos:pos + n].reshape(shape)
+        a = raw[pos : pos + n].reshape(shape)
         pos += n
         return a
 
@@ -1136,17 +1429,45 @@ def _read_llama2c(path, h, tok_path):
     m = _Model()
     m.source_format = "llama2c"
     m.inputs = [path, tok_path]
-    m.cfg = dict(dim=dim, n_layers=L, n_heads=nh, n_kv_heads=nkv, head_dim=hs, hidden_dim=hidden,
-                 vocab_size=V, max_seq_len=h["seq_len"], flags=FLAG_TIED_OUTPUT if h["shared"] else 0,
-                 sliding_window=0, norm_eps=L2C_EPS)
-    per_layer = {"attn_norm": rms_att, "attn_q": wq, "attn_k": wk, "attn_v": wv, "attn_out": wo,
-                 "ffn_norm": rms_ffn, "ffn_gate": w1, "ffn_up": w3, "ffn_down": w2}  # w2(silu(w1 x) * w3 x)
+    m.cfg = dict(
+        dim=dim,
+        n_layers=L,
+        n_heads=nh,
+        n_kv_heads=nkv,
+        head_dim=hs,
+        hidden_dim=hidden,
+        vocab_size=V,
+        max_seq_len=h["seq_len"],
+        flags=FLAG_TIED_OUTPUT if h["shared"] else 0,
+        sliding_window=0,
+        norm_eps=L2C_EPS,
+    )
+    per_layer = {
+        "attn_norm": rms_att,
+        "attn_q": wq,
+        "attn_k": wk,
+        "attn_v": wv,
+        "attn_out": wo,
+        "ffn_norm": rms_ffn,
+        "ffn_gate": w1,
+        "ffn_up": w3,
+        "ffn_down": w2,
+    }  # w2(silu(w1 x) * w3 x)
     whole = {"tok_embd": emb, "output_norm": rms_final, "output": wcls}
     # run.c rotates adjacent pairs (2j, 2j+1) of each head: Meta's layout, as llama.cpp's GGUF
-    m.load = _fused_loaders(m.cfg, lambda key, i=None: whole[key] if i is None else per_layer[key][i],
-                            lambda: rope_freqs(L2C_THETA, hs), interleaved=True)
-    m.config = {"architecture": "llama", "name": os.path.splitext(os.path.basename(path))[0],
-                "rope_theta": L2C_THETA, "rope_scaling": None, "context_length": h["seq_len"]}
+    m.load = _fused_loaders(
+        m.cfg,
+        lambda key, i=None: whole[key] if i is None else per_layer[key][i],
+        lambda: rope_freqs(L2C_THETA, hs),
+        interleaved=True,
+    )
+    m.config = {
+        "architecture": "llama",
+        "name": os.path.splitext(os.path.basename(path))[0],
+        "rope_theta": L2C_THETA,
+        "rope_scaling": None,
+        "context_length": h["seq_len"],
+    }
     m.tokenizer = tok
     return m
 
@@ -1174,16 +1495,25 @@ def _inputs_of(src):
     if magic == b"GGUF":
         return "gguf", src
     if len(magic) == 4 and struct.unpack("<I", magic)[0] == _L2C_MAGIC:
-        raise ConvertError(f"{src}: a llama2.c version 1/2 export; only the legacy version 0 format is "
-                           f"supported (llama2.c's export.py --version 0)")
+        raise ConvertError(
+            f"{src}: a llama2.c version 1/2 export; only the legacy version 0 format is "
+            f"supported (llama2.c's export.py --version 0)"
+        )
     size = st.st_size
     h = _llama2c_header(src, size)
     if h is not None and h["expected_size"] == size:
         return "llama2c", (src, h)
-    hint = (f" (read as a llama2.c checkpoint its header implies {h['expected_size']} bytes, the file has "
-            f"{size})" if h is not None else "")
-    raise ConvertError(f"{src}: neither a GGUF file, a llama2.c checkpoint nor a Hugging Face model "
-                       f"directory{hint}")
+    hint = (
+        f" (read as a llama2.c checkpoint its header implies {h['expected_size']} bytes, "
+        f"the file has "
+        f"{size})"
+        if h is not None
+        else ""
+    )
+    raise ConvertError(
+        f"{src}: neither a GGUF file, a llama2.c checkpoint nor a Hugging Face model "
+        f"directory{hint}"
+    )
 
 
 def _check_loadable(src, m, meta):
@@ -1191,11 +1521,14 @@ def _check_loadable(src, m, meta):
     a conversion that succeeds gives a file that loads."""
     from .chat import ChatError, Template
     from .tokenizer import Tokenizer
+
     try:
         tok = Tokenizer(m.tokenizer)
         tok.decode(tok.encode("Hello, world! 12345 \u00e9\u4e16 \n\n"))
     except Exception as e:  # ValueError, TypeError, KeyError: the tokenizer's own refusals
-        raise ConvertError(f"{src}: the tokenizer would not load ({type(e).__name__}: {_msg(e)})") from None
+        raise ConvertError(
+            f"{src}: the tokenizer would not load ({type(e).__name__}: {_msg(e)})"
+        ) from None
     if m.chat_template is not None:
         try:
             Template(m.chat_template)
@@ -1204,24 +1537,31 @@ def _check_loadable(src, m, meta):
     try:
         json.dumps(meta, ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError, TypeError) as e:
-        raise ConvertError(f"{src}: the metadata cannot be written as UTF-8 JSON ({type(e).__name__}: "
-                           f"{str(e)[:120]}; a lone surrogate in a token or the template?)") from None
+        raise ConvertError(
+            f"{src}: the metadata cannot be written as UTF-8 JSON ({type(e).__name__}: "
+            f"{str(e)[:120]}; a lone surrogate in a token or the template?)"
+        ) from None
 
 
 def convert(src, out, progress=True, tokenizer=None):
     """Convert SRC (a .gguf file, a Hugging Face directory or a llama2.c checkpoint) into the
     pyllm file OUT. tokenizer: a llama2.c checkpoint's tokenizer.bin (default: the one next to it).
-    SIGTERM and SIGHUP end it with a ConvertError (and no OUT), as Ctrl-C does with KeyboardInterrupt."""
+    SIGTERM and SIGHUP end it with a ConvertError (and no OUT), as Ctrl-C does with
+    KeyboardInterrupt."""
     try:
         with outfile.signals_raise():
             return _convert(src, out, progress, tokenizer)
     except KeyboardInterrupt:
         if outfile.committed(out):
-            raise ConvertError(f"interrupted just after {os.fspath(out)} was written (it is complete)") from None
+            raise ConvertError(
+                f"interrupted just after {os.fspath(out)} was written (it is complete)"
+            ) from None
         raise
     except outfile.Interrupted as e:
         if outfile.committed(out):
-            raise ConvertError(f"{e} just after {os.fspath(out)} was written (it is complete)") from None
+            raise ConvertError(
+                f"{e} just after {os.fspath(out)} was written (it is complete)"
+            ) from None
         raise ConvertError(f"{e}; {os.fspath(out)} was not written") from None
 
 
@@ -1234,7 +1574,9 @@ def _convert(src, out, progress, tokenizer):
     try:
         outfile.check_output(out, [src] if kind != "hf" else [])
     except outfile.OutputError as e:
-        raise ConvertError(str(e).replace("the input file", "its input", 1) if kind != "hf" else str(e)) from None
+        raise ConvertError(
+            str(e).replace("the input file", "its input", 1) if kind != "hf" else str(e)
+        ) from None
 
     if kind == "llama2c":
         m = _read_llama2c(where[0], where[1], None if tokenizer is None else os.fspath(tokenizer))
@@ -1249,29 +1591,57 @@ def _convert(src, out, progress, tokenizer):
     specs = {}
     for tname, shape, dtype in format.tensor_layout(m.cfg):
         fn = m.load[tname]
-        conv = (lambda a: np.asarray(a, dtype=np.float32)) if dtype == "f32" else \
-            (lambda a, tname=tname: _f16(tname, a))
+        conv = (
+            (lambda a: np.asarray(a, dtype=np.float32))
+            if dtype == "f32"
+            else (lambda a, tname=tname: _f16(tname, a))
+        )
         specs[tname] = TensorSpec(tname, shape, dtype, load=lambda fn=fn, conv=conv: conv(fn()))
 
     name = os.path.basename(os.path.abspath(src))
-    provenance = {"source": name, "source_format": m.source_format, "sha256": _sha256(m.inputs),
-                  "converter": f"pyllm {__version__}",
-                  "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    provenance = {
+        "source": name,
+        "source_format": m.source_format,
+        "sha256": _sha256(m.inputs),
+        "converter": f"pyllm {__version__}",
+        "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     if m.source_format in ("hf", "llama2c"):
         provenance["sha256_of"] = [os.path.basename(p) for p in m.inputs]
-    meta = {"config": m.config, "tokenizer": m.tokenizer, "chat_template": m.chat_template,
-            "provenance": provenance}
+    meta = {
+        "config": m.config,
+        "tokenizer": m.tokenizer,
+        "chat_template": m.chat_template,
+        "provenance": provenance,
+    }
     _check_loadable(src, m, meta)
 
     from tqdm import tqdm
-    with tqdm(total=sum(s.nbytes for s in specs.values()), unit="B", unit_scale=True, unit_divisor=1024,
-              file=sys.stderr, disable=not progress, desc=f"converting {name}", dynamic_ncols=True) as bar:
+
+    with tqdm(
+        total=sum(s.nbytes for s in specs.values()),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not progress,
+        desc=f"converting {name}",
+        dynamic_ncols=True,
+    ) as bar:
         try:
-            size = format.write(out, m.cfg, meta, specs, progress=lambda s: bar.update(s.nbytes), inputs=inputs)
+            size = format.write(
+                out, m.cfg, meta, specs, progress=lambda s: bar.update(s.nbytes), inputs=inputs
+            )
         except (format.FormatError, outfile.OutputError) as e:
             raise ConvertError(str(e)) from None
         except OSError as e:
             raise ConvertError(f"writing {out}: {e.strerror or e}") from e
-    return {"out": out, "tensors": len(specs), "parameters": int(sum(np.prod(s.shape) for s in specs.values())),
-            "file_size": size, "seconds": time.time() - t0, "source_format": m.source_format,
-            "architecture": m.config["architecture"]}
+    return {
+        "out": out,
+        "tensors": len(specs),
+        "parameters": int(sum(np.prod(s.shape) for s in specs.values())),
+        "file_size": size,
+        "seconds": time.time() - t0,
+        "source_format": m.source_format,
+        "architecture": m.config["architecture"],
+    }

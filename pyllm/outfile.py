@@ -9,6 +9,7 @@ the umask allows, fsynced and renamed over the output. On any failure, Ctrl-C in
 and on SIGTERM or SIGHUP while it exists, it is removed. The output must be a regular file
 (or not exist yet) and none of the inputs.
 """
+
 import contextlib
 import os
 import signal
@@ -16,8 +17,15 @@ import stat
 import tempfile
 import threading
 
-__all__ = ["Interrupted", "OutputError", "atomic_output", "check_output", "committed", "read_regular",
-           "signals_raise"]
+__all__ = [
+    "Interrupted",
+    "OutputError",
+    "atomic_output",
+    "check_output",
+    "committed",
+    "read_regular",
+    "signals_raise",
+]
 
 _SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s))
 
@@ -88,6 +96,7 @@ def signals_raise():
 
     def handler(signum, _frame):
         raise Interrupted(signum)
+
     old = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
         yield
@@ -118,7 +127,9 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
     _committed.discard(os.path.abspath(path))
     d, base = os.path.split(os.path.abspath(path))
     with signals_raise():
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)  # O_EXCL|O_NOFOLLOW, 0600
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{base}.", suffix=".tmp", dir=d
+        )  # O_EXCL|O_NOFOLLOW, 0600
         try:
             with open(fd, mode, encoding=encoding) as f:
                 yield f

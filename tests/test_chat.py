@@ -294,7 +294,7 @@ def test_fit_renders_a_long_conversation_a_few_times(tiny, monkeypatch):
         chat._fit()
         assert chat.messages == want
     chat.reset()
-    for i in range(5000):
+    for _ in range(5000):
         chat.messages += [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     calls = []
     real = Template.render
