@@ -321,12 +321,16 @@ def test_unknown_commands_are_not_sent(tmp_path):
     for cmd in ("/sav3 x", "/", "/123", "/save"):
         c.sendline(cmd)
         c.expect("unknown command" if cmd != "/save" else "usage: /save FILE")
+        c.expect("> ")  # readline may flush what is typed before it starts
     c.sendline(f"/load {tmp_path / 'fifo'}")
     c.expect("not a regular file", timeout=10)
+    c.expect("> ")
     c.sendline("/stats")
     c.expect("no reply yet")  # nothing above reached the model
+    c.expect("> ")
     c.sendline(f"/save {tmp_path / 'c.json'}")
     c.expect("saved to")
+    c.expect("> ")
     c.sendcontrol("d")
     c.expect(pexpect.EOF)
     c.close()
@@ -344,8 +348,10 @@ def test_ctrl_c_during_load_keeps_the_chat(tmp_path):
     c.expect_exact(f"/load {big}")
     c.sendintr()
     c.expect(r"\(load cancelled|\(loaded", timeout=60)
+    c.expect("> ")
     c.sendline("/stats")
     c.expect("no reply yet")  # still the same chat, not quit
+    c.expect("> ")
     c.sendcontrol("d")
     c.expect(pexpect.EOF)
     c.close()
