@@ -217,6 +217,20 @@ def _msg(e):
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _is_file(path):
+    """False if PATH does not exist; a one-line error if it exists but is not a regular file
+    (a FIFO would block the read, a device would never end)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ConvertError(f"{path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConvertError(f"{path}: not a regular file")
+    return True
+
+
 def _check_cfg(where, cfg):
     try:
         format.check_config(cfg)
@@ -920,7 +934,7 @@ def _hf_config(cfg_path, hc):
 
 def _read_hf(d):
     cfg_path = os.path.join(d, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not _is_file(cfg_path):
         raise ConvertError(f"{d}: missing config.json (not a Hugging Face model directory)")
     hc = _json_file(cfg_path)
     archs = hc.get("architectures") or [hc.get("model_type")]
@@ -963,7 +977,7 @@ def _read_hf(d):
     # weights
     index = os.path.join(d, "model.safetensors.index.json")
     read = [cfg_path]
-    if os.path.isfile(index):
+    if _is_file(index):
         read.append(index)
         wm = _json_file(index).get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(x, str) for x in wm.values()):
@@ -974,7 +988,7 @@ def _read_hf(d):
                 raise ConvertError(f"{index}: weight_map names {_show(x)}, not a file in {d}")
         files = [os.path.join(d, x) for x in files]
         for p in files:
-            if not os.path.isfile(p):
+            if not _is_file(p):
                 raise ConvertError(
                     f"missing weights file {p} (listed in model.safetensors.index.json)"
                 )
@@ -1129,7 +1143,7 @@ def _hf_tokenizer(d, hc):
     """meta["tokenizer"] (GGUF tokenizer.ggml.* keys without the prefix) from tokenizer.json;
     the chat template, the files read, and where the template came from."""
     path = os.path.join(d, "tokenizer.json")
-    if not os.path.isfile(path):
+    if not _is_file(path):
         spm_model = os.path.exists(os.path.join(d, "tokenizer.model"))
         extra = " (tokenizer.model alone is not supported)" if spm_model else ""
         raise ConvertError(f"{d}: missing tokenizer.json{extra}")
@@ -1137,7 +1151,7 @@ def _hf_tokenizer(d, hc):
     tj = _json_file(path, TOKENIZER_LIMIT)
     tc_path = os.path.join(d, "tokenizer_config.json")
     tc = {}
-    if os.path.isfile(tc_path):
+    if _is_file(tc_path):
         files.append(tc_path)
         tc = _json_file(tc_path)
     model = tj.get("model") or {}
@@ -1250,14 +1264,14 @@ def _hf_tokenizer(d, hc):
     if template is None:
         jinja = os.path.join(d, "chat_template.jinja")
         cj = os.path.join(d, "chat_template.json")
-        if os.path.isfile(jinja):
+        if _is_file(jinja):
             files.append(jinja)
             key = jinja
             try:
                 template = outfile.read_regular(jinja, JSON_LIMIT, "chat template").decode("utf-8")
             except (outfile.OutputError, UnicodeDecodeError) as e:
                 raise ConvertError(f"{jinja}: cannot read the chat template ({_msg(e)})") from None
-        elif os.path.isfile(cj):
+        elif _is_file(cj):
             files.append(cj)
             template, key = _json_file(cj).get("chat_template"), f"{cj}: chat_template"
     if template is not None and not isinstance(template, str):
@@ -1392,12 +1406,12 @@ def _read_llama2c(path, h, tok_path):
     )
     if tok_path is None:
         tok_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.bin")
-        if not os.path.isfile(tok_path):
+        if not _is_file(tok_path):
             raise ConvertError(
                 f"{path} is a llama2.c checkpoint but {tok_path} does not exist "
                 f"(give its tokenizer.bin with --tokenizer PATH)"
             )
-    elif not os.path.isfile(tok_path):
+    elif not _is_file(tok_path):
         raise ConvertError(f"{tok_path}: no such file")
     tok = _llama2c_tokenizer(tok_path, V)
 

@@ -645,3 +645,19 @@ def test_signal_at_any_moment_leaves_nothing_or_a_whole_file(tmp_path, delay):
         pyllm.load(str(out / "m.bin"), threads=1)
     else:
         assert p.returncode != 0 and os.listdir(out) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+)
+def test_inputs_that_are_not_files(tmp_path, name):
+    d = write_hf(str(tmp_path / "hf"))
+    os.unlink(os.path.join(d, name))
+    os.mkfifo(os.path.join(d, name))
+    if name == "model.safetensors":  # listed by an index: named; else not a weights file at all
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": {"model.norm.weight": name}}, f)
+    msg = refused(d, str(tmp_path / "o.bin"), "not a regular file")
+    assert name in msg
+    r, lines = cli("convert", "-q", d, str(tmp_path / "o.bin"), timeout=30)
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
