@@ -54,7 +54,9 @@ TEMPLATES = {
 MAX_TEMPLATE_OUTPUT = 1 << 20  # characters
 MAX_TEMPLATE_SOURCE = 128 << 10  # characters; real chat templates are a few KB
 MAX_TEMPLATE_NESTING = 64  # brackets and blocks inside each other
-MAX_TEMPLATE_VALUE = 4 << 20  # characters or items of one string or list a template builds
+MAX_TEMPLATE_VALUE = (
+    1 << 20
+)  # characters or items of one string or list a template builds (= the output cap)
 MAX_TEMPLATE_INT_BITS = 4096  # no template needs a larger number
 TEMPLATE_SECONDS = 2
 COMPILE_SECONDS = 5  # a template at the size limit compiles in about 2 s
