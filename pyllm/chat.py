@@ -341,6 +341,13 @@ class Chat:
 
     def _encode(self, messages):
         text = self.template.render(messages)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatError(
+                "chat template rejected: it rendered text that is not valid Unicode "
+                "(a lone surrogate)"
+            ) from None
         tok = self.m.tokenizer
         bos = self.template.bos
         add_bos = bool(self.m.meta["tokenizer"].get("add_bos_token")) and not (

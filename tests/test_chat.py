@@ -356,3 +356,10 @@ def test_ctrl_c_during_load_keeps_the_chat(tmp_path):
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 0
+
+
+def test_template_rendering_a_lone_surrogate_is_refused(tiny):
+    chat = Chat(tiny, sampling={"temperature": 0}, max_tokens=2, out=open(os.devnull, "w"))
+    chat.template = Template("{{ '\ud800' }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ChatError, match="not valid Unicode"):
+        chat.ask("hi")
