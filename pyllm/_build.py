@@ -31,7 +31,7 @@ with open(os.path.join(CSRC, "pyllm.h")) as f:
 ffibuilder.set_source(
     "pyllm._pyllm",
     '#include "pyllm.h"',
-    sources=[os.path.relpath(os.path.join(CSRC, "pyllm.c"))],
+    sources=[os.path.relpath(os.path.join(CSRC, f)) for f in ("pyllm.c", "bandwidth.c")],
     include_dirs=[CSRC],
     extra_compile_args=compile_args(),
     libraries=["m", "pthread"],
