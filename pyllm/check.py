@@ -26,6 +26,7 @@ import tempfile
 import numpy as np
 
 from . import format
+from .args import DEFAULT_MODEL, UsageError
 from .reference import CACHE_TYPES, reference_logits
 from .tiny import make_tiny_model
 
@@ -154,19 +155,18 @@ def run(model=None, threads=None, out=print):
     return failed
 
 
-def add_arguments(p, default_model):
+def add_arguments(p):
     p.add_argument("model", nargs="?", default=None,
-                   help=f"also check this model's first tokens (default {default_model}, if it exists)")
+                   help=f"also check this model's first tokens (default {DEFAULT_MODEL}, if it exists)")
     p.add_argument("-t", "--threads", type=int, default=None, help="the many-thread run's threads (default: all cores)")
-    p.set_defaults(default_model=default_model)
 
 
 def main(a):
     if a.threads is not None and not 1 <= a.threads <= 64:
-        raise ValueError(f"-t {a.threads}: threads are 1 to 64")
+        raise UsageError(f"-t {a.threads}: threads are 1 to 64")
     model = a.model
-    if model is None and os.path.exists(a.default_model):
-        model = a.default_model
+    if model is None and os.path.exists(DEFAULT_MODEL):
+        model = DEFAULT_MODEL
     if model is None:
-        print(f"pyllm check: no MODEL given and {a.default_model} does not exist: tiny models only", file=sys.stderr)
+        print(f"pyllm check: no MODEL given and {DEFAULT_MODEL} does not exist: tiny models only", file=sys.stderr)
     return 1 if run(model, a.threads, out=lambda s: print(s, flush=True)) else 0
