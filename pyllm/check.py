@@ -19,6 +19,7 @@ The tolerances (logit units: a difference d scales a probability by about 1 + d)
              to 5e-2 from the f32 reference, so a wrong rounding fails too.
 A broken kernel (a wrong constant, sign or index) is off by 1e-1 or more.
 """
+
 import os
 import sys
 import tempfile
@@ -32,16 +33,29 @@ from .tiny import make_tiny_model
 
 TOLERANCE = {"f16": 2e-2, "f32": 2e-3}
 DECODE_TOKENS = 4  # a run feeds the prompt but these last ids in one call, then these one by one
-TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon;\n"
-        "def area(r):\n    return 3.14159 * r ** 2  # 12,345 cafés, naïve résumé\n")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon;\n"
+    "def area(r):\n    return 3.14159 * r ** 2  # 12,345 cafés, naïve résumé\n"
+)
 N_TOKENS = 32  # MODEL's first tokens of TEXT
 TINY_TOKENS = 1100  # three attention segments of 512 positions
 # name -> make_tiny_model arguments; between them every feature of the kernel
 TINY_MODELS = {
-    "tiny-untied": dict(seed=1, n_heads=4, n_kv_heads=2, qkv_bias=True, sliding_window=300,
-                        max_seq_len=2048),  # a window past segment 0: rows that see none of it
-    "tiny-tied": dict(seed=2, dim=72, n_heads=6, n_kv_heads=2, head_dim=24, hidden_dim=100, vocab_size=301,
-                      n_layers=3, tied=True, max_seq_len=2048),  # head_dim and dims not multiples of 16
+    "tiny-untied": dict(
+        seed=1, n_heads=4, n_kv_heads=2, qkv_bias=True, sliding_window=300, max_seq_len=2048
+    ),  # a window past segment 0: rows that see none of it
+    "tiny-tied": dict(
+        seed=2,
+        dim=72,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=24,
+        hidden_dim=100,
+        vocab_size=301,
+        n_layers=3,
+        tied=True,
+        max_seq_len=2048,
+    ),  # head_dim and dims not multiples of 16
 }
 
 
@@ -61,15 +75,23 @@ def tiny_models(directory):
     for name, kwargs in TINY_MODELS.items():
         path = os.path.join(directory, f"{name}.bin")
         cfg = make_tiny_model(path, **kwargs)
-        ids = np.random.default_rng(kwargs["seed"]).integers(0, cfg["vocab_size"], TINY_TOKENS).tolist()
+        ids = (
+            np.random.default_rng(kwargs["seed"])
+            .integers(0, cfg["vocab_size"], TINY_TOKENS)
+            .tolist()
+        )
         out.append((name, path, ids))
     return out
 
 
 def describe(cfg, n_tokens):
-    """What a model's run covers, e.g. '1100 tokens, GQA 4:2, q/k/v biases, window 300, untied head'."""
-    parts = [f"{n_tokens} tokens", f"{cfg['n_layers']} layers", f"GQA {cfg['n_heads']}:{cfg['n_kv_heads']}",
-             f"head_dim {cfg['head_dim']}"]
+    """What a run covers, e.g. '1100 tokens, 2 layers, GQA 4:2, head_dim 16, window 300, ...'."""
+    parts = [
+        f"{n_tokens} tokens",
+        f"{cfg['n_layers']} layers",
+        f"GQA {cfg['n_heads']}:{cfg['n_kv_heads']}",
+        f"head_dim {cfg['head_dim']}",
+    ]
     if cfg["flags"] & format.FLAG_QKV_BIAS:
         parts.append("q/k/v biases")
     if cfg["sliding_window"]:
@@ -84,6 +106,7 @@ def kernel_logits(path, ids, threads, cache_type):
     """(threads used, logits of every position: all ids but the last DECODE_TOKENS in one
     call, then those one by one; and logits of every position with ids fed in one call)."""
     from .model import load
+
     split = len(ids) - DECODE_TOKENS
     with load(path, threads=threads, n_ctx=len(ids), cache_type=cache_type) as m:
         steps = [m.logits(ids[:split])] + [m.eval([t])[None] for t in ids[split:]]
@@ -100,12 +123,15 @@ def check_model(path, ids, threads, report, kernel=kernel_logits):
         for nt in sorted({1, threads}):
             used, steps, whole = kernel(path, ids, nt, cache_type)
             diff, tol, ok = compare(steps, want, cache_type)
-            report(f"{cache_type} cache, {used:2d} thread{'s' if used > 1 else ' '}  max |dlogit| {diff:.2e}  "
-                   f"tolerance {tol:.0e}", ok)
+            threads_used = f"{used:2d} thread{'s' if used > 1 else ' '}"
+            report(
+                f"{cache_type} cache, {threads_used}  max |dlogit| {diff:.2e}  tolerance {tol:.0e}",
+                ok,
+            )
             runs += [steps, whole]
         same = all(r.shape == runs[0].shape and np.array_equal(r, runs[0]) for r in runs)
-        report(f"{cache_type} cache, bit-identical at {' and '.join(map(str, sorted({1, threads})))} threads, "
-               "whole and in chunks", same)
+        counts = " and ".join(map(str, sorted({1, threads})))
+        report(f"{cache_type} cache, bit-identical at {counts} threads, whole and in chunks", same)
 
 
 def safe(s):
@@ -115,22 +141,25 @@ def safe(s):
 
 def run(model=None, threads=None, out=print):
     """Check the tiny models and MODEL (if given); the number of failed lines."""
-    from ._pyllm import ffi, lib
     from . import _pyllm
+    from ._pyllm import ffi, lib
     from .bench import default_threads
     from .model import load
+
     threads = threads or default_threads()
     real = None
     if model is not None:  # read it first: a bad file is a one-line error before any work
         with load(model, threads=1, n_ctx=1) as m:
             ids = m.tokenizer.encode(TEXT, add_bos=bool(m.tokenizer.add_bos), special=False)
-            ids = ids[:min(N_TOKENS, m.config["max_seq_len"])]
+            ids = ids[: min(N_TOKENS, m.config["max_seq_len"])]
             cfg = m.config
         if len(ids) <= DECODE_TOKENS:
             raise ValueError(f"{model}: the check text tokenizes to only {len(ids)} tokens")
         real = (model, ids, cfg)
-    out(f"pyllm check: kernel {ffi.string(lib.pyllm_simd()).decode()} ({safe(_pyllm.__file__)}), "
-        f"1 and {threads} threads, KV cache {' and '.join(CACHE_TYPES)}")
+    out(
+        f"pyllm check: kernel {ffi.string(lib.pyllm_simd()).decode()} ({safe(_pyllm.__file__)}), "
+        f"1 and {threads} threads, KV cache {' and '.join(CACHE_TYPES)}"
+    )
     results = []
 
     def report(text, ok):
@@ -143,22 +172,37 @@ def run(model=None, threads=None, out=print):
             check_model(path, ids, threads, report)
     if real:
         path, ids, cfg = real
-        out(f"{safe(os.path.basename(path))} (first {len(ids)} tokens of a fixed text; {describe(cfg, len(ids))})")
+        name = safe(os.path.basename(path))
+        out(f"{name} (first {len(ids)} tokens of a fixed text; {describe(cfg, len(ids))})")
         check_model(path, ids, threads, report)
     failed = results.count(False)
     if failed:
-        out(f"FAIL: {failed} of {len(results)} checks failed: this build of the kernel does not compute "
-            "what the reference does")
+        out(
+            f"FAIL: {failed} of {len(results)} checks failed: this build of the kernel does not "
+            "compute what the reference does"
+        )
     else:
-        out(f"PASS: all {len(results)} checks agree with the reference"
-            + ("" if real else " (tiny models only: give a MODEL to check it too)"))
+        out(
+            f"PASS: all {len(results)} checks agree with the reference"
+            + ("" if real else " (tiny models only: give a MODEL to check it too)")
+        )
     return failed
 
 
 def add_arguments(p):
-    p.add_argument("model", nargs="?", default=None,
-                   help=f"also check this model's first tokens (default {DEFAULT_MODEL}, if it exists)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="the many-thread run's threads (default: all cores)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help=f"also check this model's first tokens (default {DEFAULT_MODEL}, if it exists)",
+    )
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="the many-thread run's threads (default: all cores)",
+    )
 
 
 def main(a):
@@ -168,5 +212,8 @@ def main(a):
     if model is None and os.path.exists(DEFAULT_MODEL):
         model = DEFAULT_MODEL
     if model is None:
-        print(f"pyllm check: no MODEL given and {DEFAULT_MODEL} does not exist: tiny models only", file=sys.stderr)
+        print(
+            f"pyllm check: no MODEL given and {DEFAULT_MODEL} does not exist: tiny models only",
+            file=sys.stderr,
+        )
     return 1 if run(model, a.threads, out=lambda s: print(s, flush=True)) else 0

@@ -16,7 +16,7 @@ def rmsnorm(x, w, eps):
 
 
 def rope(x, cos, sin):
-    """Rotate-half RoPE (Hugging Face layout). x: (T, heads, head_dim); cos, sin: (T, head_dim/2)."""
+    """Rotate-half RoPE (Hugging Face layout). x: (T, heads, head_dim); cos, sin: (T, hd/2)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
@@ -43,7 +43,7 @@ def reference_logits(mf, ids, cache_type="f16"):
     if isinstance(mf, str):
         mf = format.read(mf)
     c = mf.config
-    d, nh, nkv, hd, hid = c["dim"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
+    nh, nkv, hd, hid = c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
     eps, sw = np.float32(c["norm_eps"]), c["sliding_window"]
 
     def w(name):

@@ -38,7 +38,8 @@ def tiny_tokenizer(vocab_size):
     chars = byte_chars()
     n_merges = vocab_size - 256 - len(SPECIALS)
     assert n_merges >= 0, "vocab_size must be >= 259"
-    words = [[chars[b] for b in w.encode()] for w in re.findall(r" ?[A-Za-z]+| ?[^\sA-Za-z]+|\s+", TRAIN_TEXT)]
+    pieces = re.findall(r" ?[A-Za-z]+| ?[^\sA-Za-z]+|\s+", TRAIN_TEXT)
+    words = [[chars[b] for b in w.encode()] for w in pieces]
     tokens, merges = list(chars), []
     for _ in range(n_merges):
         pairs = Counter((a, b) for w in words for a, b in zip(w, w[1:]))
@@ -73,18 +74,20 @@ def tiny_tokenizer(vocab_size):
 def make_tiny_model(path, seed=0, tied=False, qkv_bias=False, rope_theta=10000.0, **overrides):
     """Write a random model to path; returns the config dict. overrides: any BASE field."""
     cfg = dict(BASE, **overrides)
-    cfg["flags"] |= (format.FLAG_TIED_OUTPUT if tied else 0) | (format.FLAG_QKV_BIAS if qkv_bias else 0)
+    cfg["flags"] |= format.FLAG_TIED_OUTPUT if tied else 0
+    cfg["flags"] |= format.FLAG_QKV_BIAS if qkv_bias else 0
     rng = np.random.default_rng(seed)
-    d, hd, hid = cfg["dim"], cfg["head_dim"], cfg["hidden_dim"]
+    hd = cfg["head_dim"]
 
     def normal(shape, std, mean=0.0):
         return (mean + std * rng.standard_normal(shape)).astype(np.float16)
 
     arrays = {}
-    for name, shape, dtype in format.tensor_layout(cfg):
+    for name, shape, _ in format.tensor_layout(cfg):
         short = name.split(".")[-1]
         if short == "rope_freqs":
-            a = (1.0 / rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)).astype(np.float32)
+            a = 1.0 / rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+            a = a.astype(np.float32)
         elif short in ("attn_norm", "ffn_norm", "output_norm"):
             a = normal(shape, 0.1, 1.0)
         elif short == "attn_qkv_bias":
@@ -102,9 +105,9 @@ def make_tiny_model(path, seed=0, tied=False, qkv_bias=False, rope_theta=10000.0
              for n, s, dt in format.tensor_layout(cfg)}
     meta = {"config": {"arch": "llama", "rope_theta": rope_theta, "name": f"tiny-{seed}"},
             "tokenizer": tiny_tokenizer(cfg["vocab_size"]),
-            "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                             "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                             "{% endif %}",
+            "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                             "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
             "source": {"kind": "random", "seed": seed}}
     format.write(path, cfg, meta, specs)
     return cfg
