@@ -32,14 +32,16 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def reference_logits(mf, ids, cache_type="f16"):
+def reference_logits(mf, ids, cache_type="f16", cache_type_k=None, cache_type_v=None):
     """Logits (len(ids), vocab) of token ids at positions 0.. in a fresh context.
 
     cache_type: "f16" rounds keys (after RoPE) and values to float16, as the kernel's
     default KV cache stores them; "f32" keeps them in float32, as its exact mode does.
+    cache_type_k, cache_type_v: the keys' or the values' own (as pyllm.load's).
     """
-    if cache_type not in CACHE_TYPES:
-        raise ValueError(f"cache_type {cache_type!r}: one of {', '.join(CACHE_TYPES)}")
+    types = (cache_type_k or cache_type, cache_type_v or cache_type)
+    if not set(types) <= set(CACHE_TYPES):
+        raise ValueError(f"cache types {types}: each one of {', '.join(CACHE_TYPES)}")
     if isinstance(mf, str):
         mf = format.read(mf)
     c = mf.config
@@ -71,8 +73,9 @@ def reference_logits(mf, ids, cache_type="f16"):
         q = rope(qkv[:, :nh * hd].reshape(T, nh, hd), cos, sin)
         k = rope(qkv[:, nh * hd:(nh + nkv) * hd].reshape(T, nkv, hd), cos, sin)
         v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
-        if cache_type == "f16":
+        if types[0] == "f16":
             k = k.astype(np.float16).astype(np.float32)
+        if types[1] == "f16":
             v = v.astype(np.float16).astype(np.float32)
         group = nh // nkv  # query head n uses kv head n // group
         k = np.repeat(k, group, axis=1).transpose(1, 0, 2)  # (nh, T, hd)
