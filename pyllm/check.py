@@ -18,7 +18,7 @@ The tolerances (logit units: a difference d scales a probability by about 1 + d)
              models, 8e-3 on SmolLM2-135M; the cache rounding itself moves logits by 2e-2
              to 5e-2 from the f32 reference, so a wrong rounding fails too.
 A broken kernel (a wrong constant, sign or index) is off by 8e-2 or more: the exp polynomial's
-r^2 term 0.5 -> 0.55 gives 8e-2, the RoPE sign 15, a sliding window one position wide 5.8.
+r^2 term 0.5 -> 0.55 gives 8e-2, the RoPE sign 15, a sliding window one position too wide 5.8.
 """
 
 import os

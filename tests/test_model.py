@@ -77,17 +77,30 @@ def test_last_logits(models, fx, n, cache_type):
     assert got.argmax() == exact.argmax() or np.sort(exact)[-1] - np.sort(exact)[-2] < 2 * diff.max()
 
 
+def clear_top(logits, margin):
+    """The rows whose top two logits are more than margin apart."""
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] > margin
+
+
 def test_all_position_logits(models, fx):
+    """Every position of the chat prompt. With the f16 cache some positions are sensitive
+    enough that a few K/V values rounding the other way (different summation orders) move
+    them as much as the rounding itself (2.7e-2 at position 9): all positions are held to
+    3e-2 and a tight mean, the last ones (test_last_logits) to 1e-2."""
     ids = fx[f"ids_{int(fx['allpos_prompt'])}"].tolist()
     got16, got32 = (models[ct].logits(ids)[:, fx["allpos_cols"]] for ct in ("f16", "f32"))
-    diff = np.abs(got32 - fx["allpos_logits"])
+    exact, rounded = fx["allpos_logits"], fx["allpos16_logits"]
+    diff = np.abs(got32 - exact)
     assert diff.max() < EXACT_MAX, f"f32 cache: max {diff.max():.2e} at position {diff.max(1).argmax()}"
-    diff = np.abs(got16 - fx["allpos16_logits"])
-    assert diff.max() < MAX_DIFF and diff.mean() < MEAN_DIFF, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
-    diff = np.abs(got16 - fx["allpos_logits"])
-    assert diff.max() < F16_VS_EXACT_MAX, f"f16 cache against f32: max {diff.max():.2e}, mean {diff.mean():.2e}"
-    assert np.array_equal(got16.argmax(1), fx["allpos16_logits"].argmax(1))
-    assert np.array_equal(got32.argmax(1), fx["allpos_logits"].argmax(1))
+    for want, what in ((rounded, "transformers with an f16 cache"), (exact, "transformers")):
+        diff = np.abs(got16 - want)
+        assert diff.max() < F16_VS_EXACT_MAX and diff.mean() < MEAN_DIFF, \
+            f"f16 cache against {what}: max {diff.max():.2e}, mean {diff.mean():.2e}"
+    for got, want, tol in ((got16, rounded, F16_VS_EXACT_MAX), (got32, exact, EXACT_MAX)):
+        clear = clear_top(want, 2 * tol)
+        assert clear.sum() > len(ids) // 2
+        assert np.array_equal(got[clear].argmax(1), want[clear].argmax(1))
 
 
 @pytest.mark.parametrize("n", range(N_GREEDY))
