@@ -135,6 +135,11 @@ def build_parser():
     chat.add_arguments(ch, add_model, add_sampling)
     ch.set_defaults(fn=chat.main)
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page in the browser")
+    from . import serve
+    serve.add_arguments(sv, add_model, add_sampling)
+    sv.set_defaults(fn=serve.main)
+
     b = sub.add_parser("bench", help="prompt-processing and generation speed, llama-bench style")
     bench.add_arguments(b)
     b.set_defaults(fn=bench.main)
