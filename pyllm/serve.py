@@ -367,6 +367,10 @@ def timings(r):
             "predicted_per_second": round(gn / r["predicted_s"], 2) if r["predicted_s"] else 0.0}
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 # --- responses ---
 def _json_bytes(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -457,7 +461,7 @@ class Server:
     async def models(self, request):
         return json_response({"object": "list", "data": [self._model_card()]})
 
-    async def model(self, request):
+    async def retrieve_model(self, request):
         if request.path_params["model_id"] != self.model_id:
             raise ApiError(404, f"the model '{request.path_params['model_id']}' does not exist",
                            code="model_not_found", param="model")
@@ -560,7 +564,7 @@ class Server:
             raise ApiError(408, f"the request body did not arrive within {lim.read_s:g} s",
                            code="request_timeout") from None
         try:
-            body = json.loads(data)
+            body = json.loads(data, parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:
             raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -759,7 +763,7 @@ def build_app(server, bind_host="127.0.0.1", api_key=None, cors_origins=(), allo
     routes = [Route("/", s.index), Route("/health", s.health), Route("/props", s.props),
               Route("/tokenize", s.tokenize, methods=["POST"]), Route("/detokenize", s.detokenize, methods=["POST"])]
     for prefix in ("/v1", ""):  # some clients are given the base URL without /v1
-        routes += [Route(f"{prefix}/models", s.models), Route(f"{prefix}/models/{{model_id:path}}", s.model),
+        routes += [Route(f"{prefix}/models", s.models), Route(f"{prefix}/models/{{model_id:path}}", s.retrieve_model),
                    Route(f"{prefix}/chat/completions", s.chat_completions, methods=["POST"]),
                    Route(f"{prefix}/completions", s.completions, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error,
