@@ -307,11 +307,14 @@ class Engine:
             kept += 1
         m.rewind(kept)
         finish = None
-        for i in range(kept, len(ids) - 1, PREFILL_CHUNK):
+        # all but the last chunk here, a stop checked between chunks; the last one (with the
+        # prompt's last token, at most PREFILL_CHUNK) in generate's own prefill, so a short
+        # prompt takes one forward as in pyllm chat, not two
+        for i in range(kept, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):
             if job.stop.is_set() or time.monotonic() > job.deadline:
                 finish = "cancelled" if job.stop.is_set() else "length"
                 break
-            m.eval(ids[i:min(i + PREFILL_CHUNK, len(ids) - 1)])
+            m.eval(ids[i:i + PREFILL_CHUNK])
         prefill_s = time.perf_counter() - t0
         stats = {}
         if finish is None:

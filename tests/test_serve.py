@@ -255,6 +255,17 @@ def test_completions_equal_pyllm_generate(srv, local):
     assert r.choices[0].text == want
 
 
+def test_long_prompts_prefill_in_chunks_to_the_same_text(srv, local):
+    prompt = "The cat sat on the mat. " * 120 + "The capital of France is"  # ~800 tokens: several chunks
+    n = len(local.tokenizer.encode(prompt))
+    assert n > 3 * serve.PREFILL_CHUNK
+    want = "".join(local.generate(prompt, 10, temperature=0))
+    status, _, r = srv.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0})
+    assert r["choices"][0]["text"] == want and r["usage"]["prompt_tokens"] == n
+    status, _, r = srv.request("POST", "/v1/completions", {"prompt": prompt + " a city", "max_tokens": 3})
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= n - 1
+
+
 def test_resent_conversation_prefills_only_new_tokens(srv):
     c = srv.client()
     first = user("Name a colour.")

@@ -1,0 +1,127 @@
+"""pyllm serve against the terminal, alternating, in one sitting:
+
+- decode throughput of a streamed /v1/completions vs `pyllm generate --timings` on the same
+  prompt and length (target: the API at >= 95%);
+- first streamed token of /v1/chat/completions vs `pyllm chat --timings`'s first token, both
+  from a cold cache (target: within 20 ms).
+
+    .venv/bin/python benchmarks/serve_bench.py [MODEL] [--rounds 5] [-n 128] [-t THREADS]
+
+Throughput through the API is measured by the client: (tokens - 1) / (last piece - first
+piece), the first token's prefill left out as `pyllm generate` leaves it out of its decode
+rate; the server's own figure (its timings) is shown beside it.
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+PROMPT = "Here is a long story about a dragon who learns to read, told in many short chapters.\n\nChapter 1\n\n"
+QUESTION = "What is the capital of France?"
+
+
+def run_pyllm(*args):
+    p = subprocess.run([PY, "-m", "pyllm", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        sys.exit(f"pyllm {' '.join(args[:1])} failed: {p.stderr.strip()}")
+    return p.stderr
+
+
+class Server:
+    def __init__(self, model, threads):
+        self.proc = subprocess.Popen([PY, "-m", "pyllm", "serve", model, "--port", "0", *threads],
+                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)/ ", line)
+        if not m:
+            self.proc.kill()
+            sys.exit(f"the server did not start: {line}{self.proc.stderr.read()}")
+        self.port = int(m.group(1))
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # its log, unread
+
+    def stream(self, path, body):
+        """(seconds to each content piece from the request, the final usage, timings)."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        t0 = time.perf_counter()
+        c.request("POST", path, json.dumps(dict(body, stream=True, stream_options={"include_usage": True})),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        times, usage, timings = [], None, None
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("timings"):
+                timings = chunk["timings"]
+            for ch in chunk["choices"]:
+                if ch.get("text") or (ch.get("delta") or {}).get("content"):
+                    times.append(time.perf_counter() - t0)
+        c.close()
+        return times, usage, timings
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default=os.path.join(ROOT, "weights", "smollm2-135m-instruct.f16.bin"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("-n", type=int, default=128, help="tokens to generate for the throughput runs")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    a = ap.parse_args()
+    threads = ["-t", str(a.threads)] if a.threads else []
+    srv = Server(a.model, threads)
+    gen_rates, api_rates, srv_rates, chat_ft, api_ft = [], [], [], [], []
+    try:
+        srv.stream("/v1/completions", {"prompt": "Hello", "max_tokens": 2})  # warm up
+        for r in range(a.rounds):
+            err = run_pyllm("generate", a.model, PROMPT, "-n", str(a.n), "--temp", "0", "--timings", *threads)
+            m = re.search(r"generated (\d+) tokens ([\d.]+) tok/s", err)
+            gen_n, gen_rate = int(m.group(1)), float(m.group(2))
+            times, usage, timings = srv.stream("/v1/completions", {"prompt": PROMPT, "max_tokens": a.n,
+                                                                    "temperature": 0})
+            n = usage["completion_tokens"]
+            api_rate = (n - 1) / (times[-1] - times[0])
+            err = run_pyllm("chat", a.model, "-p", QUESTION, "--temp", "0", "--timings", *threads)
+            ft_chat = float(re.search(r"first token (\d+) ms", err).group(1))
+            srv.stream("/v1/completions", {"prompt": "Hello", "max_tokens": 1})  # the cache shares nothing now
+            times2, usage2, _ = srv.stream("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}],
+                                                                    "temperature": 0, "max_tokens": 1})
+            assert usage2["prompt_tokens_details"]["cached_tokens"] == 0, usage2
+            ft_api = times2[0] * 1000
+            gen_rates.append(gen_rate)
+            api_rates.append(api_rate)
+            srv_rates.append(timings["predicted_per_second"])
+            chat_ft.append(ft_chat)
+            api_ft.append(ft_api)
+            print(f"round {r + 1}: generate {gen_n} tokens {gen_rate:.1f} tok/s | API {n} tokens {api_rate:.1f} tok/s "
+                  f"(server {timings['predicted_per_second']:.1f}) | first token: chat {ft_chat:.0f} ms, "
+                  f"API {ft_api:.1f} ms", flush=True)
+    finally:
+        srv.close()
+    med = statistics.median
+    ratios = [x / y for x, y in zip(api_rates, gen_rates)]
+    diffs = [x - y for x, y in zip(api_ft, chat_ft)]
+    print(f"\nthroughput, API / pyllm generate: median {med(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
+          f"target >= 0.95)")
+    print(f"first token, API - pyllm chat: median {med(diffs):+.1f} ms (range {min(diffs):+.1f} to {max(diffs):+.1f}; "
+          f"chat median {med(chat_ft):.0f} ms; target <= +20 ms)")
+
+
+if __name__ == "__main__":
+    main()
