@@ -256,6 +256,7 @@ class Engine:
         self.generate_options = dict(generate_options or {})  # extra Model.generate kwargs, e.g. drafting
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pyllm-model")
         self.pending = 0   # admitted and not finished, the running one included (loop thread)
+        self.jobs = set()  # the same jobs, to stop them all at shutdown
         self.running = None  # the Job on the model thread
         self.log = log or (lambda line: None)
 
@@ -264,8 +265,9 @@ class Engine:
             raise ApiError(503, f"the server is busy: {self.pending} requests are ahead; try again shortly",
                            type="server_error", code="queue_full")
         self.pending += 1
+        self.jobs.add(job)
         job.future = self.executor.submit(self._run, job)
-        job.future.add_done_callback(lambda _: self._call_in_loop(job.loop, self._finished))
+        job.future.add_done_callback(lambda _: self._call_in_loop(job.loop, lambda: self._finished(job)))
         return job
 
     @staticmethod
@@ -275,8 +277,16 @@ class Engine:
         except RuntimeError:
             pass
 
-    def _finished(self):
+    def _finished(self, job):
         self.pending -= 1
+        self.jobs.discard(job)
+
+    def stop_all(self):
+        """Ends every request: their generations stop, their streams close (loop thread)."""
+        for job in list(self.jobs):
+            job.cancel()
+            job.events.put_nowait(("error", ApiError(503, "the server is shutting down", type="server_error",
+                                                     code="shutting_down")))
 
     def _run(self, job):
         if job.stop.is_set():
@@ -885,8 +895,14 @@ def main(a):
           f"http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1 (API)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, http=_protocol(limits.read_s), log_level="warning", access_log=False,
                             timeout_keep_alive=5, timeout_graceful_shutdown=3, limit_concurrency=64 + a.queue)
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            server.engine.stop_all()  # else open streams would hold the shutdown up
+            await super().shutdown(sockets)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Uvicorn(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error
+        pass
     finally:
         server.engine.close()
         m.close()

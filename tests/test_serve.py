@@ -576,6 +576,21 @@ def test_page_is_self_contained_and_locked_down(srv):
     assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]+'", csp)
 
 
+def test_ctrl_c_ends_open_streams_and_exits_0(default_model):
+    s = Srv(default_model, "-c", "512")
+    try:
+        st_ = Stream(s, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 400})
+        events = st_.events()
+        next(events)
+        s.proc.send_signal(2)
+        rest = list(events)
+        assert json.loads(rest[-1])["error"]["code"] == "shutting_down"
+        assert s.proc.wait(20) == 0
+        assert "Traceback" not in s.log()
+    finally:
+        s.close()
+
+
 # --- the pieces, directly ---
 @settings(max_examples=300, deadline=None)
 @given(st.text("abc\n", max_size=40), st.lists(st.text("abc\n", min_size=1, max_size=4), max_size=3),
