@@ -31,6 +31,7 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PREFILL_CHUNK = 256      # tokens per forward in prefill: a disconnect is noticed between chunks
 SEND_TIMEOUT_S = 30      # a client that reads nothing for this long is dropped
 PUBLIC_PATHS = ("/", "/health")  # everything else needs the API key when one is set
+SAMPLER_ARGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool"}
 
@@ -116,8 +117,8 @@ def parse_options(body, defaults, limits):
     seed = _integer(body, "seed")
     if seed is not None:  # any integer, as OpenAI's; -1 is llama-server's "random"
         sampling["seed"] = None if seed == -1 else seed & (2**64 - 1)
-    try:
-        Sampler(**sampling)  # its own checks (top_p = 0, repeat_penalty = 0 ...), as in pyllm generate
+    try:  # the sampler's own checks (top_p = 0, repeat_penalty = 0 ...), as in pyllm generate
+        Sampler(**{k: v for k, v in sampling.items() if k in SAMPLER_ARGS})
     except ValueError as e:
         raise _bad(str(e).replace("--temp 0", "temperature 0")) from None
     max_tokens = defaults["max_tokens"]
@@ -446,9 +447,10 @@ class Server:
         self.created = int(os.path.getmtime(model.path))
         self.limits = limits or Limits()
         self.log = log or (lambda line: print(f"pyllm serve: {line}", file=sys.stderr, flush=True))
-        self.template, self.template_error = None, None
+        self.template, self.template_error, self.template_source = None, None, None
         try:
             self.template = load_template(model, template)
+            self.template_source = TEMPLATES[template] if template else model.chat_template
         except ChatError as e:  # completions still work; chat requests get this message
             self.template_error = str(e)
         self.defaults = {"sampling": dict(sampling or {}), "max_tokens": max_tokens}
@@ -486,7 +488,7 @@ class Server:
             "model": self.model_id, "model_path": self.model_id, "n_ctx": m.n_ctx, "total_slots": 1,
             "default_generation_settings": {"n_ctx": m.n_ctx, "params": {
                 **self.defaults["sampling"], "max_tokens": self.defaults["max_tokens"]}},
-            "chat_template": self.template is not None, "n_threads": m.threads,
+            "chat_template": self.template_source, "n_threads": m.threads,
             "vocab_size": m.vocab_size, "queue_size": self.engine.queue_size,
             "limits": {k: getattr(self.limits, k) for k in ("body_bytes", "messages", "message_chars",
                                                             "request_s")}})
@@ -872,7 +874,7 @@ def main(a):
             raise UsageError(f"--cors-origin {o!r} is not an origin such as http://localhost:3000")
     sampling = sampling_kwargs(a)
     try:
-        Sampler(**sampling)
+        Sampler(**{k: v for k, v in sampling.items() if k in SAMPLER_ARGS})
     except ValueError as e:
         raise UsageError(str(e)) from None
     m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)

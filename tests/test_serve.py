@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import pyllm
 from pyllm import serve
 from pyllm.chat import Chat
+from tiny import make_tiny_model
 
 PY = sys.executable
 STORY = "Write a very long story about a dragon and a knight, with many chapters."
@@ -574,6 +575,26 @@ def test_page_is_self_contained_and_locked_down(srv):
     csp = hdrs["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "unsafe" not in csp
     assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]+'", csp)
+
+
+def test_a_random_tiny_model_streams_what_it_returns(tmp_path):
+    """Random weights emit arbitrary bytes (split characters, control codes, no end of
+    turn): the stream still carries exactly the non-streamed text, as valid JSON."""
+    path = str(tmp_path / "tiny.bin")
+    make_tiny_model(path, seed=3)
+    s = Srv(path, "--template", "chatml")
+    try:
+        c = s.client()
+        ask = dict(model="x", messages=user("hello world"), temperature=0, max_tokens=80)
+        whole = c.chat.completions.create(**ask)
+        assert whole.usage.completion_tokens == 80 and whole.choices[0].finish_reason == "length"
+        got = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **ask)
+                      if ch.choices)
+        assert got == whole.choices[0].message.content
+        status, _, p = s.request("GET", "/props")
+        assert p["n_ctx"] == 512 and "<|im_start|>" in p["chat_template"]
+    finally:
+        s.close()
 
 
 def test_ctrl_c_ends_open_streams_and_exits_0(default_model):
