@@ -399,6 +399,15 @@ async def _in_thread(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
+async def _within(seconds, coro):
+    """await coro, or asyncio.TimeoutError after seconds (asyncio.timeout, where there is
+    one, costs no task per call: this runs once per streamed token)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
+
+
 async def _until_disconnect(receive):
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -423,8 +432,7 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             async for data in self.chunks:
-                await asyncio.wait_for(send({"type": "http.response.body", "body": data, "more_body": True}),
-                                       SEND_TIMEOUT_S)
+                await _within(SEND_TIMEOUT_S, send({"type": "http.response.body", "body": data, "more_body": True}))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (asyncio.TimeoutError, OSError):
             pass
