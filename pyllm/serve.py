@@ -184,8 +184,10 @@ def parse_messages(body, limits):
 
 
 class StopText:
-    """Cuts generated text at the first stop string, also when one spans pieces: the tail
-    that could begin a stop string is held back until the next piece decides."""
+    """Cuts generated text where the first stop string to be completed starts (the longest,
+    if several complete at once), as generation would stop there, however the text is split
+    into pieces: the tail that could begin a stop string is held back until the next piece
+    decides."""
 
     def __init__(self, stops):
         self.stops = [s for s in stops if s]
@@ -196,10 +198,11 @@ class StopText:
         if not self.stops:
             return piece
         text = self.held + piece
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        found = [(i + len(s), -len(s)) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
         if found:
+            end, minus_len = min(found)
             self.hit, self.held = True, ""
-            return text[:min(found)]
+            return text[:end + minus_len]
         keep = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(text)), keep, -1):
@@ -294,9 +297,8 @@ class Engine:
             return
         self.running = job
         try:
-            result = self._generate(job)
-            job.emit("done", result)
-            s = result
+            s = self._generate(job)
+            job.emit("done", s)
             rate = s["completion_tokens"] / s["predicted_s"] if s["predicted_s"] else 0.0
             self.log(f"{len(job.ids)} prompt tokens ({s['cached_tokens']} reused), "
                      f"{s['completion_tokens']} generated at {rate:.1f} tok/s, {s['finish_reason']}")

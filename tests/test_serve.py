@@ -624,8 +624,11 @@ def test_stop_text_cuts_at_the_first_stop_however_the_text_is_split(text, stops,
         pieces.append(text[i:i + n])
         i += n
     pieces.append(text[i:])
-    found = [text.find(s) for s in stops if text.find(s) >= 0]
-    want = text[:min(found)] if found else text
+    # where generation would stop: the first end of a stop string; the longest one ending there
+    ends = [(e, max(len(s) for s in stops if text[:e].endswith(s)))
+            for e in range(1, len(text) + 1) if any(text[:e].endswith(s) for s in stops if s)]
+    found = ends[:1]
+    want = text[:ends[0][0] - ends[0][1]] if ends else text
     st_ = serve.StopText(stops)
     out = []
     for p in pieces:
