@@ -13,6 +13,7 @@ Throughput through the API is measured by the client: (tokens - 1) / (last piece
 piece), the first token's prefill left out as `pyllm generate` leaves it out of its decode
 rate; the server's own figure (its timings) is shown beside it.
 """
+
 import argparse
 import http.client
 import io
@@ -27,7 +28,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-PROMPT = "Here is a long story about a dragon who learns to read, told in many short chapters.\n\nChapter 1\n\n"
+PROMPT = (
+    "Here is a long story about a dragon who learns to read, told in many short chapters."
+    "\n\nChapter 1\n\n"
+)
 QUESTION = "What is the capital of France?"
 sys.path.insert(0, ROOT)
 import pyllm  # noqa: E402
@@ -35,7 +39,9 @@ from pyllm.chat import Chat  # noqa: E402
 
 
 def run_pyllm(*args):
-    p = subprocess.run([PY, "-m", "pyllm", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [PY, "-m", "pyllm", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     if p.returncode:
         sys.exit(f"pyllm {' '.join(args[:1])} failed: {p.stderr.strip()}")
     return p.stderr
@@ -43,8 +49,13 @@ def run_pyllm(*args):
 
 class Server:
     def __init__(self, model, threads):
-        self.proc = subprocess.Popen([PY, "-m", "pyllm", "serve", model, "--port", "0", *threads],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [PY, "-m", "pyllm", "serve", model, "--port", "0", *threads],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stderr.readline()
         m = re.search(r"on http://127\.0\.0\.1:(\d+)/ ", line)
         if not m:
@@ -57,8 +68,12 @@ class Server:
         """(seconds to each content piece from the request, the final usage, timings)."""
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         t0 = time.perf_counter()
-        c.request("POST", path, json.dumps(dict(body, stream=True, stream_options={"include_usage": True})),
-                  {"Content-Type": "application/json"})
+        c.request(
+            "POST",
+            path,
+            json.dumps(dict(body, stream=True, stream_options={"include_usage": True})),
+            {"Content-Type": "application/json"},
+        )
         r = c.getresponse()
         times, usage, timings = [], None, None
         while True:
@@ -85,7 +100,9 @@ class Server:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", nargs="?", default=os.path.join(ROOT, "weights", "smollm2-135m-instruct.f16.bin"))
+    ap.add_argument(
+        "model", nargs="?", default=os.path.join(ROOT, "weights", "smollm2-135m-instruct.f16.bin")
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-n", type=int, default=128, help="tokens to generate for the throughput runs")
     ap.add_argument("-t", "--threads", type=int, default=None)
@@ -94,15 +111,20 @@ def main():
     srv = Server(a.model, threads)
     gen_rates, api_rates, srv_rates, chat_ft, api_ft, cli_ft = [], [], [], [], [], []
     model = pyllm.load(a.model, threads=a.threads)
-    model.logits(model.tokenizer.encode("Hello there"))  # the weights mapped in, as the server's are
+    model.logits(
+        model.tokenizer.encode("Hello there")
+    )  # the weights mapped in, as the server's are
     try:
         srv.stream("/v1/completions", {"prompt": "Hello", "max_tokens": 2})  # warm up
         for r in range(a.rounds):
-            err = run_pyllm("generate", a.model, PROMPT, "-n", str(a.n), "--temp", "0", "--timings", *threads)
+            err = run_pyllm(
+                "generate", a.model, PROMPT, "-n", str(a.n), "--temp", "0", "--timings", *threads
+            )
             m = re.search(r"generated (\d+) tokens ([\d.]+) tok/s", err)
             gen_n, gen_rate = int(m.group(1)), float(m.group(2))
-            times, usage, timings = srv.stream("/v1/completions", {"prompt": PROMPT, "max_tokens": a.n,
-                                                                    "temperature": 0})
+            times, usage, timings = srv.stream(
+                "/v1/completions", {"prompt": PROMPT, "max_tokens": a.n, "temperature": 0}
+            )
             n = usage["completion_tokens"]
             api_rate = (n - 1) / (times[-1] - times[0])
             err = run_pyllm("chat", a.model, "-p", QUESTION, "--temp", "0", "--timings", *threads)
@@ -111,9 +133,17 @@ def main():
             chat = Chat(model, sampling={"temperature": 0}, max_tokens=1, out=io.StringIO())
             chat.ask(QUESTION)
             ft_chat = chat.last["first_token_s"] * 1000
-            srv.stream("/v1/completions", {"prompt": "Hello", "max_tokens": 1})  # the cache shares nothing now
-            times2, usage2, _ = srv.stream("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}],
-                                                                    "temperature": 0, "max_tokens": 1})
+            srv.stream(
+                "/v1/completions", {"prompt": "Hello", "max_tokens": 1}
+            )  # the cache shares nothing now
+            times2, usage2, _ = srv.stream(
+                "/v1/chat/completions",
+                {
+                    "messages": [{"role": "user", "content": QUESTION}],
+                    "temperature": 0,
+                    "max_tokens": 1,
+                },
+            )
             assert usage2["prompt_tokens_details"]["cached_tokens"] == 0, usage2
             ft_api = times2[0] * 1000
             gen_rates.append(gen_rate)
@@ -122,18 +152,30 @@ def main():
             chat_ft.append(ft_chat)
             api_ft.append(ft_api)
             cli_ft.append(ft_cli)
-            print(f"round {r + 1}: generate {gen_n} tokens {gen_rate:.1f} tok/s | API {n} tokens {api_rate:.1f} tok/s "
-                  f"(server {timings['predicted_per_second']:.1f}) | first token: chat {ft_chat:.1f} ms, "
-                  f"API {ft_api:.1f} ms, chat CLI's first turn {ft_cli:.0f} ms", flush=True)
+            print(
+                f"round {r + 1}: generate {gen_n} tokens {gen_rate:.1f} tok/s | "
+                f"API {n} tokens {api_rate:.1f} tok/s "
+                f"(server {timings['predicted_per_second']:.1f}) | "
+                f"first token: chat {ft_chat:.1f} ms, "
+                f"API {ft_api:.1f} ms, chat CLI's first turn {ft_cli:.0f} ms",
+                flush=True,
+            )
     finally:
         srv.close()
     med = statistics.median
     ratios = [x / y for x, y in zip(api_rates, gen_rates)]
     diffs = [x - y for x, y in zip(api_ft, chat_ft)]
-    print(f"\nthroughput, API / pyllm generate: median {med(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
-          f"target >= 0.95)")
-    print(f"first token, API - pyllm chat: median {med(diffs):+.1f} ms (range {min(diffs):+.1f} to {max(diffs):+.1f}; "
-          f"chat median {med(chat_ft):.0f} ms; target <= +20 ms; the chat CLI's first turn {med(cli_ft):.0f} ms)")
+    print(
+        f"\nthroughput, API / pyllm generate: median {med(ratios):.3f} "
+        f"(range {min(ratios):.3f}-{max(ratios):.3f}; "
+        f"target >= 0.95)"
+    )
+    print(
+        f"first token, API - pyllm chat: median {med(diffs):+.1f} ms "
+        f"(range {min(diffs):+.1f} to {max(diffs):+.1f}; "
+        f"chat median {med(chat_ft):.0f} ms; target <= +20 ms; "
+        f"the chat CLI's first turn {med(cli_ft):.0f} ms)"
+    )
 
 
 if __name__ == "__main__":
