@@ -17,6 +17,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_chat import with_template
 
 import pyllm
 from pyllm import serve
@@ -799,6 +800,36 @@ def test_a_random_tiny_model_streams_what_it_returns(tmp_path):
         assert got == whole.choices[0].message.content
         status, _, p = s.request("GET", "/props")
         assert p["n_ctx"] == 512 and "<|im_start|>" in p["chat_template"]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    "template, says",
+    [
+        (None, "no chat template"),
+        ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "took over",
+        ),
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
+    ],
+    ids=["none", "raises", "endless", "escape"],
+)
+def test_a_bad_template_is_a_400_and_the_server_goes_on(tmp_path, template, says):
+    """The file's template is rendered sandboxed and time-bounded, as in pyllm chat."""
+    make_tiny_model(str(tmp_path / "tiny.bin"), seed=1)
+    path = str(tmp_path / "bad.bin")
+    with_template(str(tmp_path / "tiny.bin"), path, template)
+    s = Srv(path)
+    try:
+        e, _ = err(s, {"messages": user("hi")})
+        assert says in e["message"]
+        r = s.client().completions.create(model="x", prompt="hello", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        if template is None:
+            assert "no chat template" in s.log()
     finally:
         s.close()
 
