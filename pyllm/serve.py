@@ -901,10 +901,10 @@ class Guard:
         bind = bind_host.strip("[]").lower()
         self.hosts = {"localhost", "127.0.0.1", "::1", bind} | {h.lower() for h in allowed_hosts}
         self.any_ip = bind in ("0.0.0.0", "::", "")
-        if (
-            self.any_ip
-        ):  # every address of the machine: IP literals (rebinding needs a name) and its name
-            self.hosts |= {socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
+        if self.any_ip:
+            # every address of the machine: any IP literal (rebinding needs a name), and its name
+            name = socket.gethostname().lower()
+            self.hosts |= {name, name + ".local"}
 
     def host_ok(self, name):
         return name is not None and (name in self.hosts or (self.any_ip and _is_ip(name)))
@@ -927,11 +927,8 @@ class Guard:
         cross = None
         if origin is not None:
             o = origin.rstrip("/").lower()
-            same = o.partition("://")[2] == host.lower() and o.partition("://")[0] in (
-                "http",
-                "https",
-            )
-            if not same:
+            scheme, _, netloc = o.partition("://")
+            if not (scheme in ("http", "https") and netloc == host.lower()):  # not the page's own
                 if o not in self.cors and "*" not in self.cors:
                     return await _send_error(
                         send,
@@ -948,7 +945,8 @@ class Guard:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode("utf-8", "replace"), self.api_key
+                token.strip().encode("latin-1"),
+                self.api_key,  # the header's bytes
             ):
                 extra = [(b"www-authenticate", b"Bearer")]
                 if cross:
