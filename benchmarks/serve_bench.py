@@ -98,6 +98,25 @@ class Server:
         self.proc.wait(30)
 
 
+def first_tokens(model, srv, pairs=3):
+    """Medians of pairs of first-token times (ms), alternating: Chat.ask here, then the API,
+    each with nothing of the prompt in its KV cache."""
+    chat_ms, api_ms = [], []
+    for _ in range(pairs):
+        model.reset()
+        chat = Chat(model, sampling={"temperature": 0}, max_tokens=1, out=io.StringIO())
+        chat.ask(QUESTION)
+        chat_ms.append(chat.last["first_token_s"] * 1000)
+        srv.stream("/v1/completions", {"prompt": "Hello", "max_tokens": 1})  # now shares nothing
+        messages = [{"role": "user", "content": QUESTION}]
+        times, usage, _ = srv.stream(
+            "/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 1}
+        )
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0, usage
+        api_ms.append(times[0] * 1000)
+    return statistics.median(chat_ms), statistics.median(api_ms)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -129,23 +148,7 @@ def main():
             api_rate = (n - 1) / (times[-1] - times[0])
             err = run_pyllm("chat", a.model, "-p", QUESTION, "--temp", "0", "--timings", *threads)
             ft_cli = float(re.search(r"first token (\d+) ms", err).group(1))
-            model.reset()
-            chat = Chat(model, sampling={"temperature": 0}, max_tokens=1, out=io.StringIO())
-            chat.ask(QUESTION)
-            ft_chat = chat.last["first_token_s"] * 1000
-            srv.stream(
-                "/v1/completions", {"prompt": "Hello", "max_tokens": 1}
-            )  # the cache shares nothing now
-            times2, usage2, _ = srv.stream(
-                "/v1/chat/completions",
-                {
-                    "messages": [{"role": "user", "content": QUESTION}],
-                    "temperature": 0,
-                    "max_tokens": 1,
-                },
-            )
-            assert usage2["prompt_tokens_details"]["cached_tokens"] == 0, usage2
-            ft_api = times2[0] * 1000
+            ft_chat, ft_api = first_tokens(model, srv)
             gen_rates.append(gen_rate)
             api_rates.append(api_rate)
             srv_rates.append(timings["predicted_per_second"])
