@@ -32,6 +32,7 @@ from .sample import Sampler
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PREFILL_CHUNK = 256  # tokens per forward in prefill: a disconnect is noticed between chunks
 SEND_TIMEOUT_S = 30  # a client that reads nothing for this long is dropped
+HEARTBEAT_S = 10  # a stream waiting this long for the model gets an SSE comment line
 PUBLIC_PATHS = ("/", "/health")  # everything else needs the API key when one is set
 SAMPLER_ARGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 ROLES = {
@@ -291,11 +292,19 @@ class Job:
         self.cancel()
         self.events.put_nowait(("gone",))
 
-    async def stream(self):
+    async def stream(self, heartbeat=None):
+        """The job's events up to its last; with heartbeat, ("ping",) after that many
+        seconds without one (while it waits in the queue, say)."""
         while True:
-            event = await self.events.get()
+            try:
+                event = await (
+                    _within(heartbeat, self.events.get()) if heartbeat else self.events.get()
+                )
+            except asyncio.TimeoutError:
+                yield ("ping",)
+                continue
             yield event
-            if event[0] != "text":
+            if event[0] not in ("text", "ping"):
                 return
 
 
@@ -826,9 +835,11 @@ class Server:
 
         if chat:
             yield _sse(chunk("", role=True))
-        async for event in job.stream():
+        async for event in job.stream(HEARTBEAT_S):
             if event[0] == "text":
                 yield _sse(chunk(event[1]))
+            elif event[0] == "ping":  # an SSE comment: keeps proxies and idle timeouts at bay
+                yield b": waiting for the model\n\n"
             elif event[0] == "done":
                 r = event[1]
                 yield _sse(dict(chunk(None, r["finish_reason"]), timings=timings(r)))

@@ -906,6 +906,20 @@ def test_stop_text_cuts_at_the_first_stop_however_the_text_is_split(text, stops,
     assert "".join(out) == want and st_.hit == bool(found)
 
 
+def test_a_waiting_stream_gets_heartbeats_then_its_events():
+    import asyncio
+
+    async def run():
+        job = serve.Job([1, 2], {}, time.monotonic() + 60)
+        job.loop.call_later(0.35, job.events.put_nowait, ("text", "hi"))
+        job.loop.call_later(0.4, job.events.put_nowait, ("done", {}))
+        return [e async for e in job.stream(heartbeat=0.1)]
+
+    events = asyncio.run(run())
+    assert events[-2:] == [("text", "hi"), ("done", {})]
+    assert len(events) > 2 and set(events[:-2]) == {("ping",)}  # pings while it waited
+
+
 def test_host_parsing_and_wildcard_binds():
     assert serve._host_name("LocalHost:8080") == "localhost"
     assert serve._host_name("[::1]:80") == "::1" and serve._host_name("[::1]") == "::1"
