@@ -474,6 +474,24 @@ def timings(r):
     }
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the only way JSON can spell one
+
+
+def _valid_unicode(v):
+    """No string in v holds a lone surrogate (which JSON's \\u escapes can write)."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(v, dict):
+        return all(_valid_unicode(k) and _valid_unicode(x) for k, x in v.items())
+    if isinstance(v, list):
+        return all(_valid_unicode(x) for x in v)
+    return True
+
+
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
 
@@ -765,6 +783,11 @@ class Server:
             raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object", code="invalid_json")
+        if SURROGATE_ESCAPE.search(data) and not _valid_unicode(body):
+            raise _bad(
+                "the request body holds a lone surrogate (\\ud800-\\udfff): not text",
+                code="invalid_json",
+            )
         return body
 
     async def _answer(self, request, ids, opt, chat):

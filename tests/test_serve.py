@@ -515,7 +515,8 @@ BAD = [
     ({"messages": user("hi"), "n": 2}, "n=1"),
     ({"messages": user("hi"), "stream_options": 3}, "stream_options"),
     ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "not valid JSON"),
-    ('{"messages": [{"role": "user", "content": "\\ud800"}]', "not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+    ('{"messages": [{"role": "user", "content": "a\\udc00b"}]}', "lone surrogate"),
 ]
 
 
@@ -628,6 +629,8 @@ def test_tokenize_detokenize_props_health(srv, local):
     assert [p["id"] for p in r2["tokens"]] == r["tokens"] and "".join(
         p["piece"] for p in r2["tokens"]
     ) == "Hello world"
+    status, _, e = srv.request("POST", "/tokenize", '{"content": "\\ud83d\\ude00"}')  # a pair: fine
+    assert status == 200 and local.tokenizer.decode(e["tokens"]) == "\U0001f600"
     status, _, d = srv.request("POST", "/detokenize", {"tokens": r["tokens"]})
     assert d == {"content": "Hello world"}
     status, _, p = srv.request("GET", "/props")
