@@ -34,9 +34,11 @@ __all__ = ["DEFAULT_CTX", "read_text", "tokenize", "token_nll", "perplexity", "a
 
 def read_text(path):
     """The file's text; one-line PyllmError if it is missing, unreadable or not UTF-8."""
+    from .safeio import NotRegularFile, read_regular
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path, "text file")  # a FIFO or /dev/zero would block or never end
+    except NotRegularFile as e:
+        raise PyllmError(str(e)) from None
     except OSError as e:
         raise PyllmError(f"{path}: {e.strerror or e}") from None
     try:
