@@ -535,4 +535,5 @@ def main(names):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # this tree's pyllm builds the files too, not an installed one
     sys.exit(main(sys.argv[1:]))
