@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from . import format, memory
+from . import format, memory, safeio
 from ._pyllm import ffi, lib
 from .sample import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
@@ -31,6 +31,10 @@ def forward_error(rc):
 
 
 def _native_open(path, threads=1, n_ctx=0):
+    try:  # the kernel's open() would block on a FIFO
+        safeio.open_regular(path).close()
+    except OSError as e:
+        raise PyllmError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
     err = ffi.new("char[]", 512)
     m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
     if m == ffi.NULL:
