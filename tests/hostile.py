@@ -337,6 +337,10 @@ for _name in ("eot_token_id_is_a_list", "tokens_too_few", "chat_template_is_a_nu
     _meta_case(f"generate_{_name}", *_META_CASES[_name], "generate")
 
 
+for _name in ("chat_template_is_a_number", "eot_token_id_is_a_list", "tokenizer_is_a_string"):
+    _meta_case(f"chat_{_name}", *_META_CASES[_name], "chat")
+
+
 @case(1, "metadata", "tokenizer.eot_token_id")
 def bench_eot_token_id_is_a_list(d):
     p = with_meta(d, _set(["tokenizer", "eot_token_id"], [2]))
@@ -424,13 +428,17 @@ def _not_file_case(kind, cmd):
             return ["bench", str(p), "-p", "1", "-n", "1", "-r", "1"]
         if cmd == "perplexity":
             return ["perplexity", str(tiny_file(d)), str(p)]
+        if cmd == "perplexity_model":
+            text = Path(d) / "text.txt"
+            text.write_text("the cat sat on the mat. " * 100)
+            return ["perplexity", str(p), text.name]
         return [cmd, str(p)]
     build.__name__ = f"{cmd}_{kind}"
     case(6, "not a regular", _WORDS[kind])(build)
 
 
 for _kind in _NOT_FILES:
-    for _cmd in ("info", "generate", "bench", "perplexity"):
+    for _cmd in ("info", "generate", "bench", "perplexity", "perplexity_model", "chat"):
         _not_file_case(_kind, _cmd)
 
 
