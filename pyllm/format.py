@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from . import metadata, safeio
+
 MAGIC = b"PYLLM\0\0\0"
 VERSION = 2  # 2: matrices stored in row blocks
 ALIGN = 64
@@ -40,6 +42,10 @@ LIMIT = 1 << 20  # no hyper-parameter of a sane model is this large
 
 class FormatError(ValueError):
     """The file is not a valid pyllm parameters file."""
+
+
+class MetadataError(FormatError):
+    """Its header and tensor table are valid, its metadata JSON is not (pyllm/metadata.py)."""
 
 
 @dataclass
@@ -174,9 +180,9 @@ def write(path, cfg, meta, tensors, progress=None):
             break
         data_off = _align(meta_off + len(meta_bytes) + 256)
     entries = meta["tensors"]
-    from . import metadata  # what read would refuse is never written
-    try:
-        metadata.validate(metadata.parse(meta_bytes), cfg, [(e["offset"], s.nbytes) for e, s in zip(entries, specs)])
+    try:  # what read would refuse is never written
+        metadata.validate(metadata.parse(meta_bytes), cfg["vocab_size"], layout,
+                          [(e["offset"], s.nbytes) for e, s in zip(entries, specs)])
     except metadata.MetadataError as e:
         raise FormatError(f"refusing to write {path}: {e}") from None
     file_size = data_off + pos
@@ -262,7 +268,6 @@ def read(path, map_tensors=True):
     The header and the tensor table are checked by the same rules as the kernel's
     pyllm_open (a file one refuses, the other refuses: tests/test_fuzz.py), all before
     the metadata, whose errors are MetadataError (pyllm/metadata.py)."""
-    from . import metadata, safeio
     try:
         with safeio.open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
@@ -291,7 +296,7 @@ def read(path, map_tensors=True):
                 raise FormatError(f"{path}: tensor table has {n_t} entries, the header implies {tensor_count(cfg)}")
             table = _walk_table(f, path, cfg, n_t, m_off + m_size, size)
             if m_size > metadata.MAX_BYTES:
-                raise metadata.MetadataError(f"{path}: metadata is {m_size} bytes, more than the "
+                raise MetadataError(f"{path}: metadata is {m_size} bytes, more than the "
                                              f"{metadata.MAX_BYTES >> 20} MiB pyllm reads")
             f.seek(m_off)
             data = f.read(m_size)
@@ -304,9 +309,9 @@ def read(path, map_tensors=True):
     except OSError as e:
         raise FormatError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
     try:
-        meta = metadata.validate(metadata.parse(data), cfg, table)
+        meta = metadata.validate(metadata.parse(data), cfg["vocab_size"], tensor_layout(cfg), table)
     except metadata.MetadataError as e:
-        raise metadata.MetadataError(f"{path}: {e}") from None
+        raise MetadataError(f"{path}: {e}") from None
     config = dict(meta.get("config", {}))
     config.update(cfg)
     return ModelFile(path, config, meta, tensors)

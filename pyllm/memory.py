@@ -6,6 +6,7 @@ activation buffers of floats. Constants that depend on the vector path (RB, TT) 
 largest value, so the estimate is an upper bound on every path. check_context() refuses a
 context that would not fit before the kernel is asked for it, saying which context would.
 """
+
 import os
 import resource
 import sys
@@ -42,8 +43,11 @@ def kernel_bytes(cfg, n_ctx, threads, cache_bytes=CACHE_BYTES):
     ld_scratch = max(RB * BR * n_in, QR * (SEG + 16 + hd))
     tiles = -(-(BLOCK * (n_heads // n_kv)) // QR)
     rows = BLOCK + TT
-    floats = (rows * (2 * d + q_dim + 2 * kv_dim + q_dim + 2 * hid + hd) + kernel_threads(threads) * ld_scratch
-              + n_kv * tiles * nseg * QR * (hd + 2))
+    floats = (
+        rows * (2 * d + q_dim + 2 * kv_dim + q_dim + 2 * hid + hd)
+        + kernel_threads(threads) * ld_scratch
+        + n_kv * tiles * nseg * QR * (hd + 2)
+    )
     return kv, 4 * floats
 
 
@@ -59,7 +63,9 @@ def _cgroup_room():
     """Room left under this process's cgroup v2 memory limit, if it has one."""
     try:
         with open("/proc/self/cgroup") as f:
-            rel = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None)
+            rel = next(
+                (line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None
+            )
         if rel is None:
             return None
         base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
@@ -102,10 +108,14 @@ def available_bytes(map_bytes=0, threads=None):
         found.append((_cgroup_room(), "room under the cgroup's memory limit"))
     else:
         try:
-            found.append((os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory"))
+            found.append(
+                (os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory")
+            )
         except (ValueError, OSError, AttributeError):
             pass
-    found.append((_address_space_room(map_bytes, threads), "room under the address-space limit (ulimit -v)"))
+    found.append(
+        (_address_space_room(map_bytes, threads), "room under the address-space limit (ulimit -v)")
+    )
     found = [(b, w) for b, w in found if b is not None]
     return min(found) if found else (None, None)
 
@@ -135,8 +145,10 @@ def check_context(cfg, n_ctx, threads, cache_bytes=CACHE_BYTES, map_bytes=0, ava
         else:
             hi = mid - 1
     kv, bufs = kernel_bytes(cfg, n_ctx, threads, cache_bytes)
-    head = (f"a context of {n_ctx} tokens needs {_gib(kv)} for the KV cache and {_gib(bufs)} for buffers, "
-            f"more than the {_gib(avail)} of {where}")
+    head = (
+        f"a context of {n_ctx} tokens needs {_gib(kv)} for the KV cache and {_gib(bufs)} for buffers, "
+        f"more than the {_gib(avail)} of {where}"
+    )
     if lo == 0:
         raise ValueError(f"{head}; not even a context of 1 token fits ({_gib(need(1))})")
     raise ValueError(f"{head}; a context of at most {lo} tokens fits (-c {lo})")

@@ -17,10 +17,9 @@ What is read, and by whom (absent keys are allowed where a default exists):
   tensors         [{name, dtype, shape, offset}], exactly the canonical layout and the
                   table's offsets (bench, `pyllm info`)
 """
+
 import json
 import math
-
-from .format import FormatError, tensor_layout
 
 MAX_BYTES = 32 << 20  # the largest real vocabularies (256k tokens with merges) need under 16 MiB
 MAX_DEPTH = 32  # real metadata nests 4 deep (tokenizer.merges[i][j])
@@ -28,8 +27,9 @@ MAX_TOKEN_TYPE = 6  # GGUF's token types: 0 undefined .. 6 byte
 FLAGS = ("add_bos_token", "add_eos_token", "add_space_prefix")
 
 
-class MetadataError(FormatError):
-    """The metadata JSON is unreadable or a field has the wrong type or range."""
+class MetadataError(ValueError):
+    """The metadata JSON is unreadable or a field has the wrong type or range (format.read
+    raises it as format.MetadataError, a FormatError, with the file's name)."""
 
 
 def _kind(v):
@@ -58,10 +58,15 @@ def _is_number(v):
 def parse(data):
     """bytes -> the metadata object; MetadataError if too large, not UTF-8 JSON, or too deep."""
     if len(data) > MAX_BYTES:
-        raise MetadataError(f"metadata is {len(data)} bytes, more than the {MAX_BYTES >> 20} MiB pyllm reads")
+        raise MetadataError(
+            f"metadata is {len(data)} bytes, more than the {MAX_BYTES >> 20} MiB pyllm reads"
+        )
     try:
         meta = json.loads(data.decode())
-    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, an int of 5000 digits
+    except (
+        UnicodeDecodeError,
+        ValueError,
+    ) as e:  # ValueError: JSONDecodeError, an int of 5000 digits
         raise MetadataError(f"corrupt metadata ({str(e)[:200]})") from None
     except RecursionError:
         raise MetadataError(f"metadata nests deeper than {MAX_DEPTH} levels") from None
@@ -89,7 +94,9 @@ def _list_of(key, v, n, check, item, items):
 
 
 def _is_merge(m):
-    return isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+    return isinstance(m, str) or (
+        isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)
+    )
 
 
 def _tokenizer(tok, vocab_size):
@@ -99,17 +106,41 @@ def _tokenizer(tok, vocab_size):
         _fail("tokenizer.model", "a string", tok.get("model"))
     if tok.get("pre") is not None and not isinstance(tok["pre"], str):
         _fail("tokenizer.pre", "a string or null", tok["pre"])
-    _list_of("tokenizer.tokens", tok.get("tokens"), vocab_size, lambda t: isinstance(t, str), "a string", "strings")
+    _list_of(
+        "tokenizer.tokens",
+        tok.get("tokens"),
+        vocab_size,
+        lambda t: isinstance(t, str),
+        "a string",
+        "strings",
+    )
     if tok.get("token_type") is not None:
-        _list_of("tokenizer.token_type", tok["token_type"], vocab_size,
-                 lambda t: _is_int(t) and 0 <= t <= MAX_TOKEN_TYPE, f"an int in 0..{MAX_TOKEN_TYPE}",
-                 f"ints in 0..{MAX_TOKEN_TYPE}")
+        _list_of(
+            "tokenizer.token_type",
+            tok["token_type"],
+            vocab_size,
+            lambda t: _is_int(t) and 0 <= t <= MAX_TOKEN_TYPE,
+            f"an int in 0..{MAX_TOKEN_TYPE}",
+            f"ints in 0..{MAX_TOKEN_TYPE}",
+        )
     if tok.get("scores") is not None:
-        _list_of("tokenizer.scores", tok["scores"], vocab_size, lambda s: _is_number(s) and not math.isnan(s),
-                 "a number (not NaN)", "numbers")
+        _list_of(
+            "tokenizer.scores",
+            tok["scores"],
+            vocab_size,
+            lambda s: _is_number(s) and not math.isnan(s),
+            "a number (not NaN)",
+            "numbers",
+        )
     if tok.get("merges") is not None or tok["model"] == "gpt2":
-        _list_of("tokenizer.merges", tok.get("merges"), None, _is_merge, "a string 'left right' or a pair of strings",
-                 "merges")
+        _list_of(
+            "tokenizer.merges",
+            tok.get("merges"),
+            None,
+            _is_merge,
+            "a string 'left right' or a pair of strings",
+            "merges",
+        )
     for key, v in tok.items():
         if key.endswith("_token_id") and v is not None and not (_is_int(v) and 0 <= v < vocab_size):
             _fail(f"tokenizer.{key}", f"an int in 0..{vocab_size - 1}", v)
@@ -117,27 +148,35 @@ def _tokenizer(tok, vocab_size):
             _fail(f"tokenizer.{key}", "true, false or null", v)
 
 
-def _tensors(entries, cfg, table):
+def _tensors(entries, layout, table):
     """The tensor list must be the canonical layout with the table's offsets."""
-    layout = tensor_layout(cfg)
     if not isinstance(entries, list) or len(entries) != len(layout):
         _fail("tensors", f"a list of {len(layout)} tensors", entries)
     for i, (e, (name, shape, dtype), (offset, _)) in enumerate(zip(entries, layout, table)):
         key = f"tensors[{i}]"
         if not isinstance(e, dict):
             _fail(key, "an object", e)
-        for field, want in (("name", name), ("dtype", dtype), ("shape", list(shape)), ("offset", offset)):
+        for field, want in (
+            ("name", name),
+            ("dtype", dtype),
+            ("shape", list(shape)),
+            ("offset", offset),
+        ):
             v = e.get(field)
             # == alone would take 2.0 for 2 and True for 1
-            same = v == want and (field != "offset" or _is_int(v)) and \
-                (field != "shape" or all(_is_int(x) for x in v))
+            same = (
+                v == want
+                and (field != "offset" or _is_int(v))
+                and (field != "shape" or all(_is_int(x) for x in v))
+            )
             if not same:
                 shown = f"{want!r}" if field != "shape" else f"[{', '.join(map(str, want))}]"
                 _fail(f"{key}.{field}", shown, v)
 
 
-def validate(meta, cfg, table):
-    """Check every field read anywhere; cfg: the header's fields, table: its (offset, nbytes)."""
+def validate(meta, vocab_size, layout, table):
+    """Check every field read anywhere. From the (checked) header: vocab_size, layout (the
+    canonical [(name, shape, dtype)], format.tensor_layout) and table [(offset, nbytes)]."""
     if not isinstance(meta, dict):
         _fail("(top level)", "an object", meta)
     config = meta.get("config", {})
@@ -146,10 +185,10 @@ def validate(meta, cfg, table):
     for key in ("arch", "architecture", "name"):
         if config.get(key) is not None and not isinstance(config[key], str):
             _fail(f"config.{key}", "a string", config[key])
-    _tokenizer(meta.get("tokenizer"), cfg["vocab_size"])
+    _tokenizer(meta.get("tokenizer"), vocab_size)
     if meta.get("chat_template") is not None and not isinstance(meta["chat_template"], str):
         _fail("chat_template", "a string or null", meta["chat_template"])
     if meta.get("provenance") is not None and not isinstance(meta["provenance"], dict):
         _fail("provenance", "an object or null", meta["provenance"])
-    _tensors(meta.get("tensors"), cfg, table)
+    _tensors(meta.get("tensors"), layout, table)
     return meta

@@ -7,6 +7,7 @@ open_regular(path, what)  opens a path for reading only if it is a regular file:
 read_regular(path, what, limit)  its bytes (at most the size it had when opened)
 printable(s)              s with control characters escaped, for the terminal
 """
+
 import errno
 import os
 import stat
@@ -14,8 +15,13 @@ import unicodedata
 
 __all__ = ["NotRegularFile", "open_regular", "read_regular", "printable", "printable_json"]
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class NotRegularFile(OSError):
@@ -57,7 +63,9 @@ def read_regular(path, what="file", limit=None):
     with open_regular(path, what) as f:
         size = os.fstat(f.fileno()).st_size
         if limit is not None and size > limit:
-            raise ValueError(f"{os.fsdecode(path)}: {size} bytes, more than the {limit} a {what} may have")
+            raise ValueError(
+                f"{os.fsdecode(path)}: {size} bytes, more than the {limit} a {what} may have"
+            )
         return f.read(size)
 
 

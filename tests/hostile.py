@@ -27,6 +27,7 @@ tiny_file(d) a valid one, with_meta(d, fn) one whose metadata JSON fn rewrote (a
 even invalid; offsets are kept consistent), with_header(d, **fields) one whose header
 fields are overwritten, and fifo/socket/symlink makers.
 """
+
 import json
 import os
 import resource
@@ -51,9 +52,28 @@ CASES = {}
 # head_dim, hidden_dim, vocab_size, max_seq_len, flags, sliding_window (u32), norm_eps (f32),
 # reserved (u32), n_tensors, table_offset, meta_offset, meta_size, file_size (u64)
 HEADER = struct.Struct("<8s12IfIQQQQQ")
-FIELDS = ("magic", "version", "header_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-          "hidden_dim", "vocab_size", "max_seq_len", "flags", "sliding_window", "norm_eps", "reserved",
-          "n_tensors", "table_offset", "meta_offset", "meta_size", "file_size")
+FIELDS = (
+    "magic",
+    "version",
+    "header_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "hidden_dim",
+    "vocab_size",
+    "max_seq_len",
+    "flags",
+    "sliding_window",
+    "norm_eps",
+    "reserved",
+    "n_tensors",
+    "table_offset",
+    "meta_offset",
+    "meta_size",
+    "file_size",
+)
 
 
 @dataclass
@@ -70,10 +90,12 @@ class Case:
 
 def case(cls, *words, ok=False, check=None, stdin=b"", env=None):
     """Register the decorated builder as a case of class cls (see the module docstring)."""
+
     def register(fn):
         assert fn.__name__ not in CASES, fn.__name__
         CASES[fn.__name__] = Case(fn.__name__, cls, fn, words, ok, check, stdin, env or {})
         return fn
+
     return register
 
 
@@ -86,9 +108,12 @@ def seed_bytes(**overrides):
     key = tuple(sorted(overrides.items()))
     if key not in _SEED:
         from tiny import make_tiny_model
+
         with tempfile.TemporaryDirectory() as t:
-            make_tiny_model(os.path.join(t, "seed.bin"), **dict(dict(n_layers=1, vocab_size=260, max_seq_len=64),
-                                                                 **overrides))
+            make_tiny_model(
+                os.path.join(t, "seed.bin"),
+                **dict(dict(n_layers=1, vocab_size=260, max_seq_len=64), **overrides),
+            )
             _SEED[key] = Path(t, "seed.bin").read_bytes()
     return _SEED[key]
 
@@ -107,7 +132,7 @@ def relayout(data, meta_bytes):
     """The file with its metadata replaced by meta_bytes, tensors moved after it."""
     h = header(data)
     n, m_off = h["n_tensors"], h["meta_offset"]
-    table = list(struct.iter_unpack("<QQ", data[128:128 + 16 * n]))
+    table = list(struct.iter_unpack("<QQ", data[128 : 128 + 16 * n]))
     first = table[0][0]
     new_first = -(-(m_off + len(meta_bytes)) // 64) * 64
     shift = new_first - first
@@ -123,7 +148,7 @@ def relayout(data, meta_bytes):
 
 def meta_of(data):
     h = header(data)
-    return json.loads(data[h["meta_offset"]:h["meta_offset"] + h["meta_size"]])
+    return json.loads(data[h["meta_offset"] : h["meta_offset"] + h["meta_size"]])
 
 
 def with_meta(d, fn, name="model.bin", **overrides):
@@ -135,7 +160,11 @@ def with_meta(d, fn, name="model.bin", **overrides):
         out = relayout(data, meta)
     else:
         ts = meta.get("tensors") if isinstance(meta, dict) else None
-        ts = [t for t in ts if isinstance(t, dict) and type(t.get("offset")) is int] if isinstance(ts, list) else []
+        ts = (
+            [t for t in ts if isinstance(t, dict) and type(t.get("offset")) is int]
+            if isinstance(ts, list)
+            else []
+        )
         orig, shift = [t["offset"] for t in ts], 0
         first = struct.unpack_from("<Q", data, 128)[0]
         for _ in range(8):  # the offsets' digits change the metadata's size and back
@@ -157,7 +186,7 @@ def with_header(d, name="model.bin", **fields):
     data = bytearray(seed_bytes())
     h = header(data)
     h.update(fields)
-    data[:HEADER.size] = HEADER.pack(*(h[f] for f in FIELDS))
+    data[: HEADER.size] = HEADER.pack(*(h[f] for f in FIELDS))
     p = Path(d) / name
     p.write_bytes(bytes(data))
     return p
@@ -167,8 +196,8 @@ def with_table(d, fn, name="model.bin"):
     """A file whose tensor table [(offset, nbytes)] is fn(table)."""
     data = bytearray(seed_bytes())
     n = header(data)["n_tensors"]
-    table = fn(list(struct.iter_unpack("<QQ", data[128:128 + 16 * n])))
-    data[128:128 + 16 * n] = b"".join(struct.pack("<QQ", o, nb) for o, nb in table)
+    table = fn(list(struct.iter_unpack("<QQ", data[128 : 128 + 16 * n])))
+    data[128 : 128 + 16 * n] = b"".join(struct.pack("<QQ", o, nb) for o, nb in table)
     p = Path(d) / name
     p.write_bytes(bytes(data))
     return p
@@ -214,8 +243,15 @@ def run_case(c, d):
     argv = [str(a) for a in c.build(d)]
     before = _listing(d)
     env = dict(os.environ, PYTHONPATH=str(ROOT), **c.env)
-    p = subprocess.run([sys.executable, "-m", "pyllm", *argv], cwd=d, input=c.stdin, capture_output=True,
-                       timeout=TIMEOUT, env=env, preexec_fn=_limits)
+    p = subprocess.run(
+        [sys.executable, "-m", "pyllm", *argv],
+        cwd=d,
+        input=c.stdin,
+        capture_output=True,
+        timeout=TIMEOUT,
+        env=env,
+        preexec_fn=_limits,
+    )
     return Result(argv, p.returncode, p.stdout, p.stderr, before, _listing(d))
 
 
@@ -254,6 +290,7 @@ def _set(path, value):
             obj = obj[k]
         obj[path[-1]] = value
         return meta
+
     return fn
 
 
@@ -264,6 +301,7 @@ def _drop(path):
             obj = obj[k]
         del obj[path[-1]]
         return meta
+
     return fn
 
 
@@ -272,53 +310,108 @@ _META_CASES = {  # name: (edit, words)
     "meta_is_a_number": (lambda m: 5, ("metadata", "top level")),
     "config_is_a_number": (_set(["config"], 5), ("config", "an object")),
     "config_name_is_a_list": (_set(["config", "name"], ["x"]), ("config.name",)),
-    "config_architecture_is_a_dict": (_set(["config", "architecture"], {"a": 1}), ("config.architecture",)),
+    "config_architecture_is_a_dict": (
+        _set(["config", "architecture"], {"a": 1}),
+        ("config.architecture",),
+    ),
     "tokenizer_missing": (_drop(["tokenizer"]), ("tokenizer", "null")),
     "tokenizer_is_a_string": (_set(["tokenizer"], "gpt2"), ("tokenizer", "a string")),
     "tokenizer_model_is_a_number": (_set(["tokenizer", "model"], 5), ("tokenizer.model",)),
     "tokenizer_pre_is_a_list": (_set(["tokenizer", "pre"], []), ("tokenizer.pre",)),
     "tokens_is_a_dict": (_set(["tokenizer", "tokens"], {"a": 0}), ("tokenizer.tokens",)),
-    "tokens_too_few": (lambda m: _set(["tokenizer", "tokens"], m["tokenizer"]["tokens"][:-1])(m),
-                       ("tokenizer.tokens", "260")),
-    "token_is_a_number": (lambda m: (m["tokenizer"]["tokens"].__setitem__(7, 7), m)[1], ("tokenizer.tokens[7]",)),
-    "token_type_holds_a_string": (lambda m: (m["tokenizer"]["token_type"].__setitem__(3, "x"), m)[1],
-                                  ("tokenizer.token_type[3]",)),
-    "token_type_out_of_range": (lambda m: (m["tokenizer"]["token_type"].__setitem__(3, 1 << 40), m)[1],
-                                ("tokenizer.token_type[3]", "0..6")),
+    "tokens_too_few": (
+        lambda m: _set(["tokenizer", "tokens"], m["tokenizer"]["tokens"][:-1])(m),
+        ("tokenizer.tokens", "260"),
+    ),
+    "token_is_a_number": (
+        lambda m: (m["tokenizer"]["tokens"].__setitem__(7, 7), m)[1],
+        ("tokenizer.tokens[7]",),
+    ),
+    "token_type_holds_a_string": (
+        lambda m: (m["tokenizer"]["token_type"].__setitem__(3, "x"), m)[1],
+        ("tokenizer.token_type[3]",),
+    ),
+    "token_type_out_of_range": (
+        lambda m: (m["tokenizer"]["token_type"].__setitem__(3, 1 << 40), m)[1],
+        ("tokenizer.token_type[3]", "0..6"),
+    ),
     "scores_hold_a_list": (_set(["tokenizer", "scores"], [[1]] * 260), ("tokenizer.scores[0]",)),
     "scores_wrong_length": (_set(["tokenizer", "scores"], [0.0] * 3), ("tokenizer.scores", "260")),
     "merges_is_a_number": (_set(["tokenizer", "merges"], 5), ("tokenizer.merges",)),
-    "merge_is_a_triple": (_set(["tokenizer", "merges"], [["a", "b", "c"]]), ("tokenizer.merges[0]",)),
+    "merge_is_a_triple": (
+        _set(["tokenizer", "merges"], [["a", "b", "c"]]),
+        ("tokenizer.merges[0]",),
+    ),
     "merges_missing_for_gpt2": (_drop(["tokenizer", "merges"]), ("tokenizer.merges",)),
-    "eot_token_id_is_a_list": (_set(["tokenizer", "eot_token_id"], [2]), ("tokenizer.eot_token_id", "a list")),
-    "eos_token_id_negative": (_set(["tokenizer", "eos_token_id"], -1), ("tokenizer.eos_token_id", "0..259")),
-    "bos_token_id_huge": (_set(["tokenizer", "bos_token_id"], 10 ** 12), ("tokenizer.bos_token_id",)),
-    "bos_token_id_is_true": (_set(["tokenizer", "bos_token_id"], True), ("tokenizer.bos_token_id", "true")),
-    "pad_token_id_is_a_float": (_set(["tokenizer", "padding_token_id"], 2.0), ("tokenizer.padding_token_id",)),
-    "add_bos_token_is_a_string": (_set(["tokenizer", "add_bos_token"], "yes"), ("tokenizer.add_bos_token",)),
+    "eot_token_id_is_a_list": (
+        _set(["tokenizer", "eot_token_id"], [2]),
+        ("tokenizer.eot_token_id", "a list"),
+    ),
+    "eos_token_id_negative": (
+        _set(["tokenizer", "eos_token_id"], -1),
+        ("tokenizer.eos_token_id", "0..259"),
+    ),
+    "bos_token_id_huge": (_set(["tokenizer", "bos_token_id"], 10**12), ("tokenizer.bos_token_id",)),
+    "bos_token_id_is_true": (
+        _set(["tokenizer", "bos_token_id"], True),
+        ("tokenizer.bos_token_id", "true"),
+    ),
+    "pad_token_id_is_a_float": (
+        _set(["tokenizer", "padding_token_id"], 2.0),
+        ("tokenizer.padding_token_id",),
+    ),
+    "add_bos_token_is_a_string": (
+        _set(["tokenizer", "add_bos_token"], "yes"),
+        ("tokenizer.add_bos_token",),
+    ),
     "chat_template_is_a_number": (_set(["chat_template"], 5), ("chat_template",)),
     "chat_template_is_a_list": (_set(["chat_template"], [{"name": "x"}]), ("chat_template",)),
     "provenance_is_a_string": (_set(["provenance"], "me"), ("provenance",)),
     "tensors_missing": (_drop(["tensors"]), ("tensors",)),
     "tensors_is_a_dict": (_set(["tensors"], {}), ("tensors",)),
     "tensor_without_shape": (lambda m: (m["tensors"][0].pop("shape"), m)[1], ("tensors[0].shape",)),
-    "tensor_shape_holds_strings": (lambda m: (m["tensors"][0].__setitem__("shape", ["260", "64"]), m)[1],
-                                   ("tensors[0].shape",)),
-    "tensor_shape_lies": (lambda m: (m["tensors"][2].__setitem__("shape", [10 ** 9, 10 ** 9]), m)[1],
-                          ("tensors[2].shape",)),
+    "tensor_shape_holds_strings": (
+        lambda m: (m["tensors"][0].__setitem__("shape", ["260", "64"]), m)[1],
+        ("tensors[0].shape",),
+    ),
+    "tensor_shape_lies": (
+        lambda m: (m["tensors"][2].__setitem__("shape", [10**9, 10**9]), m)[1],
+        ("tensors[2].shape",),
+    ),
     "tensor_entry_is_a_number": (lambda m: (m["tensors"].__setitem__(1, 1), m)[1], ("tensors[1]",)),
-    "tensor_name_wrong": (lambda m: (m["tensors"][1].__setitem__("name", "evil"), m)[1], ("tensors[1].name",)),
-    "tensor_offset_lies": (lambda m: (m["tensors"][1].__setitem__("offset", 0), m)[1], ("tensors[1].offset",)),
-    "tensor_offset_is_a_float": (lambda m: (m["tensors"][1].__setitem__("offset", float(m["tensors"][1]["offset"])),
-                                            m)[1], ("tensors[1].offset",)),
-    "deep_nesting_100k": (lambda m: b'{"config": ' + b"[" * 100000 + b"]" * 100000 + b"}", ("nests deeper",)),
-    "deep_nesting_in_config": (_set(["config", "rope_scaling"], json.loads("[" * 200 + "]" * 200)), ("nests deeper",)),
-    "a_number_of_5000_digits": (lambda m: b'{"config": {"x": ' + b"9" * 5000 + b"}}", ("corrupt metadata",)),
+    "tensor_name_wrong": (
+        lambda m: (m["tensors"][1].__setitem__("name", "evil"), m)[1],
+        ("tensors[1].name",),
+    ),
+    "tensor_offset_lies": (
+        lambda m: (m["tensors"][1].__setitem__("offset", 0), m)[1],
+        ("tensors[1].offset",),
+    ),
+    "tensor_offset_is_a_float": (
+        lambda m: (m["tensors"][1].__setitem__("offset", float(m["tensors"][1]["offset"])), m)[1],
+        ("tensors[1].offset",),
+    ),
+    "deep_nesting_100k": (
+        lambda m: b'{"config": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        ("nests deeper",),
+    ),
+    "deep_nesting_in_config": (
+        _set(["config", "rope_scaling"], json.loads("[" * 200 + "]" * 200)),
+        ("nests deeper",),
+    ),
+    "a_number_of_5000_digits": (
+        lambda m: b'{"config": {"x": ' + b"9" * 5000 + b"}}",
+        ("corrupt metadata",),
+    ),
     "meta_not_utf8": (lambda m: b'{"config": "\xff\xfe"}', ("corrupt metadata",)),
     "meta_not_json": (lambda m: b"{config: 1", ("corrupt metadata",)),
     "meta_empty": (lambda m: b"", ("corrupt metadata",)),
-    "meta_nan_score": (lambda m: dict(m, tokenizer=dict(m["tokenizer"], model="llama", scores=[float("nan")] * 260)),
-                       ("tokenizer.scores[0]", "NaN")),
+    "meta_nan_score": (
+        lambda m: dict(
+            m, tokenizer=dict(m["tokenizer"], model="llama", scores=[float("nan")] * 260)
+        ),
+        ("tokenizer.scores[0]", "NaN"),
+    ),
 }
 
 
@@ -326,14 +419,21 @@ def _meta_case(name, edit, words, cmd):
     def build(d):
         p = with_meta(d, edit)
         return [cmd, p.name] + (["hi", "-n", "1"] if cmd == "generate" else [])
+
     build.__name__ = name
     case(1, "metadata", *words)(build)
 
 
 for _name, (_edit, _words) in _META_CASES.items():
     _meta_case(f"info_{_name}", _edit, _words, "info")
-for _name in ("eot_token_id_is_a_list", "tokens_too_few", "chat_template_is_a_number", "deep_nesting_100k",
-              "config_is_a_number", "tensor_without_shape"):
+for _name in (
+    "eot_token_id_is_a_list",
+    "tokens_too_few",
+    "chat_template_is_a_number",
+    "deep_nesting_100k",
+    "config_is_a_number",
+    "tensor_without_shape",
+):
     _meta_case(f"generate_{_name}", *_META_CASES[_name], "generate")
 
 
@@ -393,8 +493,16 @@ def claims_a_huge_file(d):
 
 def _wide_heads(d):
     # a valid file whose single 65536-wide head makes every cached position cost 256 KiB
-    return tiny_file(d, "wide.bin", dim=16, n_heads=1, n_kv_heads=1, head_dim=1 << 16, hidden_dim=16,
-                     max_seq_len=(1 << 20) - 1)
+    return tiny_file(
+        d,
+        "wide.bin",
+        dim=16,
+        n_heads=1,
+        n_kv_heads=1,
+        head_dim=1 << 16,
+        hidden_dim=16,
+        max_seq_len=(1 << 20) - 1,
+    )
 
 
 @case(3, "KV cache", "fits (-c")
@@ -411,12 +519,24 @@ def huge_head_dim_default_context_perplexity(d):
 
 # ======================================================================================
 # class 6: files that are not files: one line, at once, before anything blocks
-_NOT_FILES = {"fifo": lambda d: fifo(d), "dev_zero": lambda d: Path("/dev/zero"),
-              "directory": lambda d: Path(d), "socket": lambda d: unix_socket(d),
-              "symlink_to_fifo": lambda d: (os.symlink(fifo(d), Path(d) / "link.bin"), Path(d) / "link.bin")[1],
-              "dev_stdin_pipe": lambda d: Path("/dev/stdin")}
-_WORDS = {"fifo": "a FIFO", "dev_zero": "a character device", "directory": "a directory", "socket": "a socket",
-          "symlink_to_fifo": "a FIFO", "dev_stdin_pipe": "a FIFO"}
+_NOT_FILES = {
+    "fifo": lambda d: fifo(d),
+    "dev_zero": lambda d: Path("/dev/zero"),
+    "directory": lambda d: Path(d),
+    "socket": lambda d: unix_socket(d),
+    "symlink_to_fifo": lambda d: (os.symlink(fifo(d), Path(d) / "link.bin"), Path(d) / "link.bin")[
+        1
+    ],
+    "dev_stdin_pipe": lambda d: Path("/dev/stdin"),
+}
+_WORDS = {
+    "fifo": "a FIFO",
+    "dev_zero": "a character device",
+    "directory": "a directory",
+    "socket": "a socket",
+    "symlink_to_fifo": "a FIFO",
+    "dev_stdin_pipe": "a FIFO",
+}
 
 
 def _not_file_case(kind, cmd):
@@ -433,6 +553,7 @@ def _not_file_case(kind, cmd):
             text.write_text("the cat sat on the mat. " * 100)
             return ["perplexity", str(p), text.name]
         return [cmd, str(p)]
+
     build.__name__ = f"{cmd}_{kind}"
     case(6, "not a regular", _WORDS[kind])(build)
 
@@ -452,7 +573,12 @@ def header_size_64(d):
 @case(9, "tensor 3")
 def table_out_of_order(d):
     # blk.0.attn_norm and blk.0.ffn_norm (the same size) swap places: no overlap, not in order
-    return ["info", with_table(d, lambda t: t[:2] + [(t[5][0], t[2][1]), t[3], t[4], (t[2][0], t[5][1])] + t[6:]).name]
+    return [
+        "info",
+        with_table(
+            d, lambda t: t[:2] + [(t[5][0], t[2][1]), t[3], t[4], (t[2][0], t[5][1])] + t[6:]
+        ).name,
+    ]
 
 
 @case(9, "tensor 1")
@@ -510,8 +636,14 @@ def info_escapes_everything(d):
     return ["info", with_meta(d, _evil_meta).name]
 
 
-@case(10, ok=True, check=lambda out, err: _no_raw_controls(out, err) or
-      (None if json.loads(out)["config"]["name"] == EVIL else "--json changed the value"))
+@case(
+    10,
+    ok=True,
+    check=lambda out, err: (
+        _no_raw_controls(out, err)
+        or (None if json.loads(out)["config"]["name"] == EVIL else "--json changed the value")
+    ),
+)
 def info_json_escapes_everything(d):
     return ["info", "--json", with_meta(d, _evil_meta).name]
 
@@ -538,7 +670,10 @@ def main(names):
         finally:
             shutil.rmtree(d, ignore_errors=True)
         failed += why is not None
-        print(f"{'ok  ' if why is None else 'FAIL'} class {c.cls:2} {name}" + (f": {why}" if why else ""))
+        print(
+            f"{'ok  ' if why is None else 'FAIL'} class {c.cls:2} {name}"
+            + (f": {why}" if why else "")
+        )
     return 1 if failed else 0
 
 

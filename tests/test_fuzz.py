@@ -5,7 +5,7 @@ when the C loader accepts one, a forward pass over it must stay inside the file 
 under AddressSanitizer by `make test-asan`). And they must agree: the kernel's pyllm_open
 accepts a file iff Python's format.read accepts its header and table. The kernel does not
 read the metadata JSON, so a file whose only fault is there (format.read raises
-metadata.MetadataError, after every structural check has passed) counts as structurally
+format.MetadataError, after every structural check has passed) counts as structurally
 accepted; metadata mutations must keep the kernel accepting and Python refusing with one
 line naming the key, or accepting. Inputs that ever crashed live in tests/fuzz_cases/ and
 are replayed first.
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pyllm
-from pyllm import format, metadata
+from pyllm import format
 from tiny import make_tiny_model
 
 EXAMPLES = int(os.environ.get("PYLLM_FUZZ_EXAMPLES", "300"))
@@ -39,7 +39,7 @@ def python_verdict(path):
     """(structurally accepted, the error): format.read's verdict on the header and table."""
     try:
         format.read(str(path), map_tensors=False)
-    except metadata.MetadataError as e:
+    except format.MetadataError as e:
         assert str(e) and "\n" not in str(e)
         return True, e
     except format.FormatError as e:
@@ -66,7 +66,7 @@ def try_file(path):
     try:
         format.read(str(path))  # with the tensors mapped: the same verdict
     except format.FormatError as e:
-        assert str(e) and not py_ok or isinstance(e, metadata.MetadataError)
+        assert str(e) and not py_ok or isinstance(e, format.MetadataError)
     else:
         assert py_err is None
 

@@ -1,6 +1,7 @@
 """The hostile corpus (tests/hostile.py): every case ends in one clear line and a non-zero
 exit (or, for the cases that expect it, a clean success), in bounded time and memory,
 leaving no file behind."""
+
 import subprocess
 
 import pytest
@@ -29,12 +30,14 @@ def test_the_verdict_catches_what_it_should(tmp_path):
     c = hostile.Case("probe", 0, lambda d: [])
     ok = hostile.Result([], 1, b"", b"pyllm: error: x\n", [], [])
     assert hostile.verdict(c, ok) is None
-    bad = [hostile.Result([], 1, b"", b"Traceback (most recent call last):\n  x\n", [], []),
-           hostile.Result([], 1, b"", b"pyllm: error: a\nb\n", [], []),
-           hostile.Result([], 0, b"", b"pyllm: error: x\n", [], []),
-           hostile.Result([], -9, b"", b"", [], []),
-           hostile.Result([], 1, b"", b"pyllm: error: x\n", [], ["out.bin.tmp"]),
-           hostile.Result([], 1, b"\x1b]0;t\x07", b"pyllm: error: x\n", [], []),
-           hostile.Result([], 1, b"", b"pyllm: error: out of memory\n", [], [])]
+    bad = [
+        hostile.Result([], 1, b"", b"Traceback (most recent call last):\n  x\n", [], []),
+        hostile.Result([], 1, b"", b"pyllm: error: a\nb\n", [], []),
+        hostile.Result([], 0, b"", b"pyllm: error: x\n", [], []),
+        hostile.Result([], -9, b"", b"", [], []),
+        hostile.Result([], 1, b"", b"pyllm: error: x\n", [], ["out.bin.tmp"]),
+        hostile.Result([], 1, b"\x1b]0;t\x07", b"pyllm: error: x\n", [], []),
+        hostile.Result([], 1, b"", b"pyllm: error: out of memory\n", [], []),
+    ]
     for r in bad:
         assert hostile.verdict(c, r) is not None, r

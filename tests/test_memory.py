@@ -1,4 +1,5 @@
 """memory: the kernel's allocations estimated in Python, and a context that does not fit refused."""
+
 import os
 
 import pytest
@@ -28,8 +29,13 @@ def test_estimate_bounds_what_the_kernel_maps(default_model, n_ctx):
 def test_kv_cache_grows_by_segments_and_with_cache_bytes():
     cfg = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, hidden_dim=96)
     kv1, _ = memory.kernel_bytes(cfg, 1, 1)
-    assert kv1 == 2 * 2 * 2 * 32 * 512 * 2  # K and V, layers, KV heads, head_dim in rows of 16, a segment, f16
-    assert memory.kernel_bytes(cfg, 512, 1)[0] == kv1 and memory.kernel_bytes(cfg, 513, 1)[0] == 2 * kv1
+    assert (
+        kv1 == 2 * 2 * 2 * 32 * 512 * 2
+    )  # K and V, layers, KV heads, head_dim in rows of 16, a segment, f16
+    assert (
+        memory.kernel_bytes(cfg, 512, 1)[0] == kv1
+        and memory.kernel_bytes(cfg, 513, 1)[0] == 2 * kv1
+    )
     assert memory.kernel_bytes(cfg, 1, 1, cache_bytes=4)[0] == 2 * kv1
 
 

@@ -1,4 +1,5 @@
 """safeio: only regular files are opened; nothing from a file reaches the terminal raw."""
+
 import json
 import os
 import socket
@@ -27,11 +28,17 @@ def test_what_is_not_a_file_is_refused_without_blocking(tmp_path):
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(tmp_path / "sock"))
     s.close()
-    cases = {tmp_path / "fifo": "a FIFO", "/dev/zero": "a character device", tmp_path: "a directory",
-             tmp_path / "sock": "a socket"}
+    cases = {
+        tmp_path / "fifo": "a FIFO",
+        "/dev/zero": "a character device",
+        tmp_path: "a directory",
+        tmp_path / "sock": "a socket",
+    }
     for path, kind in cases.items():
         done = []
-        t = threading.Thread(target=lambda: done.append(pytest.raises(NotRegularFile, open_regular, path)))
+        t = threading.Thread(
+            target=lambda: done.append(pytest.raises(NotRegularFile, open_regular, path))
+        )
         t.start()
         t.join(10)
         assert not t.is_alive() and done, f"{path} blocked"
