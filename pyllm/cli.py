@@ -65,8 +65,8 @@ def cmd_info(a):
     for k, v in info["config"].items():
         print(f"  {p(k):22} {p(v)}")
     t = info["tokenizer"]
-    print(f"tokenizer   {p(t['model'])} (pre {p(t['pre'])}), {t['vocab']} tokens, {t['merges']} merges, "
-          f"add_bos {t['add_bos_token']}")
+    print(f"tokenizer   {p(t['model'])} (pre {p(t['pre'])}), {t['vocab']} tokens, "
+          f"{t['merges']} merges, add_bos {t['add_bos_token']}")
     for k, (i, s) in special.items():
         print(f"  {p(k):22} {i} {p(repr(s))}")
     tmpl = info["chat_template"]

@@ -293,7 +293,8 @@ def read(path, map_tensors=True):
             if t_off != HEADER_SIZE or t_off + 16 * n_t > m_off or m_off > size or m_size > size - m_off:
                 raise FormatError(f"{path}: tensor table or metadata out of bounds")
             if n_t != tensor_count(cfg):
-                raise FormatError(f"{path}: tensor table has {n_t} entries, the header implies {tensor_count(cfg)}")
+                raise FormatError(f"{path}: tensor table has {n_t} entries, "
+                                  f"the header implies {tensor_count(cfg)}")
             table = _walk_table(f, path, cfg, n_t, m_off + m_size, size)
             if m_size > metadata.MAX_BYTES:
                 raise MetadataError(f"{path}: metadata is {m_size} bytes, more than the "

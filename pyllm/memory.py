@@ -146,8 +146,8 @@ def check_context(cfg, n_ctx, threads, cache_bytes=CACHE_BYTES, map_bytes=0, ava
             hi = mid - 1
     kv, bufs = kernel_bytes(cfg, n_ctx, threads, cache_bytes)
     head = (
-        f"a context of {n_ctx} tokens needs {_gib(kv)} for the KV cache and {_gib(bufs)} for buffers, "
-        f"more than the {_gib(avail)} of {where}"
+        f"a context of {n_ctx} tokens needs {_gib(kv)} for the KV cache and {_gib(bufs)} "
+        f"for buffers, more than the {_gib(avail)} of {where}"
     )
     if lo == 0:
         raise ValueError(f"{head}; not even a context of 1 token fits ({_gib(need(1))})")

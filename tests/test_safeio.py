@@ -37,7 +37,9 @@ def test_what_is_not_a_file_is_refused_without_blocking(tmp_path):
     for path, kind in cases.items():
         done = []
         t = threading.Thread(
-            target=lambda: done.append(pytest.raises(NotRegularFile, open_regular, path))
+            target=lambda done=done, path=path: done.append(
+                pytest.raises(NotRegularFile, open_regular, path)
+            )
         )
         t.start()
         t.join(10)
