@@ -8,7 +8,7 @@ import sys
 from . import bench, chat, perplexity
 from .args import UsageError, add_model, add_sampling, sampling_kwargs, text_arg
 from .convert import ConvertError
-from .safeio import printable
+from .safeio import printable, printable_json
 
 
 def cmd_convert(a):
@@ -39,7 +39,6 @@ def timings_line(s):
 
 def cmd_info(a):
     from . import format
-    from .safeio import printable_json
     mf = format.read(a.model, map_tensors=False)  # validated: the types below are as metadata.py says
     tok, meta = mf.meta["tokenizer"], mf.meta
     names = tok["tokens"]
