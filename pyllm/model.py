@@ -57,9 +57,6 @@ class Model:
             mf = format.read(path)
         except format.FormatError as e:
             raise PyllmError(str(e)) from None
-        for name, t in mf.tensors.items():  # a few KB: worth a look before trusting them
-            if name.endswith("norm") and not np.isfinite(t).all():
-                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
         self.path = path
         self.config = mf.config
         self.meta = mf.meta
@@ -79,6 +76,9 @@ class Model:
         except ValueError as e:
             raise PyllmError(f"{path}: {e}") from None
         self._m = _native_open(path, threads or 0, n_ctx)
+        for name, t in mf.tensors.items():  # a few KB: worth a look (once the file has loaded)
+            if name.endswith("norm") and not np.isfinite(t).all():
+                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
         self.n_ctx = lib.pyllm_n_ctx(self._m)
         self.threads = lib.pyllm_n_threads(self._m)
         self.vocab_size = self.config["vocab_size"]
