@@ -24,8 +24,11 @@ with the decorator:
 
 The name of the function is the case's name. Helpers here build parameters files:
 tiny_file(d) a valid one, with_meta(d, fn) one whose metadata JSON fn rewrote (any JSON,
-even invalid; offsets are kept consistent), with_header(d, **fields) one whose header
-fields are overwritten, and fifo/socket/symlink makers.
+or raw bytes; the tensors' offsets move with the metadata), with_header(d, **fields) one
+whose header fields are overwritten, with_table(d, fn) one whose tensor table fn rewrote;
+fifo(d) and unix_socket(d) make what is not a file. Other modules' cases may live in their
+own files: import this one and call case(); tests/test_hostile.py runs CASES, so import
+those files there. The verdict's rules are the same for every case.
 """
 
 import json
