@@ -24,6 +24,7 @@ import math
 MAX_BYTES = 32 << 20  # the largest real vocabularies (256k tokens with merges) need under 16 MiB
 MAX_DEPTH = 32  # real metadata nests 4 deep (tokenizer.merges[i][j])
 MAX_TOKEN_TYPE = 6  # GGUF's token types: 0 undefined .. 6 byte
+_CONTAINERS = frozenset((list, dict))
 FLAGS = ("add_bos_token", "add_eos_token", "add_space_prefix")
 
 
@@ -77,20 +78,28 @@ def parse(data):
         v, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise MetadataError(f"metadata nests deeper than {MAX_DEPTH} levels")
-        if isinstance(v, dict):
-            stack.extend((x, depth + 1) for x in v.values() if isinstance(x, (list, dict)))
-        elif isinstance(v, list):
-            stack.extend((x, depth + 1) for x in v if isinstance(x, (list, dict)))
+        if type(v) not in _CONTAINERS:  # the document itself may be a scalar
+            continue
+        items = v.values() if isinstance(v, dict) else v
+        if not _CONTAINERS.isdisjoint(map(type, items)):  # (a C-speed look at a vocabulary)
+            stack.extend((x, depth + 1) for x in items if type(x) in _CONTAINERS)
     return meta
 
 
-def _list_of(key, v, n, check, item, items):
-    """v is a list of n items (n None: any number) each passing check."""
+def _list_of(key, v, n, check, item, items, fast=None):
+    """v is a list of n items (n None: any number) each passing check; fast(v), if given,
+    accepts the whole list at C speed (vocabularies are long), else each item is checked."""
     if not isinstance(v, list) or (n is not None and len(v) != n):
         _fail(key, f"a list of {n} {items}" if n is not None else f"a list of {items}", v)
+    if fast is not None and fast(v):
+        return
     for i, x in enumerate(v):
         if not check(x):
             _fail(f"{key}[{i}]", item, x)
+
+
+def _types(v):
+    return set(map(type, v))  # exact types: JSON gives no subclasses, and bool is not int here
 
 
 def _is_merge(m):
@@ -113,6 +122,7 @@ def _tokenizer(tok, vocab_size):
         lambda t: isinstance(t, str),
         "a string",
         "strings",
+        fast=lambda v: _types(v) <= {str},
     )
     if tok.get("token_type") is not None:
         _list_of(
@@ -122,6 +132,9 @@ def _tokenizer(tok, vocab_size):
             lambda t: _is_int(t) and 0 <= t <= MAX_TOKEN_TYPE,
             f"an int in 0..{MAX_TOKEN_TYPE}",
             f"ints in 0..{MAX_TOKEN_TYPE}",
+            fast=lambda v: (
+                _types(v) <= {int} and (not v or 0 <= min(v) <= max(v) <= MAX_TOKEN_TYPE)
+            ),
         )
     if tok.get("scores") is not None:
         _list_of(
@@ -131,6 +144,7 @@ def _tokenizer(tok, vocab_size):
             lambda s: _is_number(s) and not math.isnan(s),
             "a number (not NaN)",
             "numbers",
+            fast=lambda v: _types(v) <= {int, float} and not any(map(math.isnan, v)),
         )
     if tok.get("merges") is not None or tok["model"] == "gpt2":
         _list_of(
@@ -140,6 +154,7 @@ def _tokenizer(tok, vocab_size):
             _is_merge,
             "a string 'left right' or a pair of strings",
             "merges",
+            fast=lambda v: _types(v) <= {str},
         )
     for key, v in tok.items():
         if key.endswith("_token_id") and v is not None and not (_is_int(v) and 0 <= v < vocab_size):
