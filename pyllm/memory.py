@@ -1,9 +1,10 @@
 """What the kernel allocates for a context, and whether that fits in memory.
 
-kernel_bytes() mirrors the sizes pyllm_open allocates (csrc/pyllm.c, after bind_tensors):
-the KV cache (K and V, per SEG-position segment, head_dim rounded up to BR rows) and nine
-activation buffers of floats. Constants that depend on the vector path (RB, TT) take their
-largest value, so the estimate is an upper bound on every path. check_context() refuses a
+kernel_bytes() mirrors the sizes pyllm_open allocates (csrc/pyllm.c, start()): the KV
+cache (K and V, per SEGMENT positions, head_dim rounded up to BLOCK_ROWS) and nine
+activation buffers of floats. Constants that depend on the vector path (PANEL_BLOCKS,
+TILE_TOKENS) take their largest value (AVX-512's), so the estimate is an upper bound on
+every path; tests/test_memory.py compares it with what the kernel maps. check_context() refuses a
 context that would not fit before the kernel is asked for it, saying which context would.
 """
 
@@ -11,14 +12,14 @@ import os
 import resource
 import sys
 
-SEG, BLOCK, QR, BR = 512, 128, 4, 16  # the kernel's enum
-RB, TT = 3, 8  # the largest of its per-ISA tile sizes (AVX-512)
+SEGMENT, PASS_TOKENS, ATTN_ROWS, BLOCK_ROWS = 512, 128, 4, 16  # the kernel's enum
+PANEL_BLOCKS, TILE_TOKENS = 3, 8  # the largest of its per-ISA tile sizes (AVX-512)
 MAX_THREADS = 64
 CACHE_BYTES = 2  # f16 keys and values
 
 
 def _rows16(r):
-    return -(-r // BR) * BR
+    return -(-r // BLOCK_ROWS) * BLOCK_ROWS
 
 
 def kernel_threads(threads):
@@ -36,17 +37,17 @@ def kernel_bytes(cfg, n_ctx, threads, cache_bytes=CACHE_BYTES):
     (KV cache, activation buffers). cfg: the header fields; cache_bytes: per cached element."""
     d, hid, hd = cfg["dim"], cfg["hidden_dim"], cfg["head_dim"]
     n_heads, n_kv = cfg["n_heads"], cfg["n_kv_heads"]
-    nseg = -(-n_ctx // SEG)
-    kv = 2 * nseg * cfg["n_layers"] * n_kv * _rows16(hd) * SEG * cache_bytes
+    nseg = -(-n_ctx // SEGMENT)
+    kv = 2 * nseg * cfg["n_layers"] * n_kv * _rows16(hd) * SEGMENT * cache_bytes
     q_dim, kv_dim = n_heads * hd, n_kv * hd
     n_in = max(d, hid, q_dim)
-    ld_scratch = max(RB * BR * n_in, QR * (SEG + 16 + hd))
-    tiles = -(-(BLOCK * (n_heads // n_kv)) // QR)
-    rows = BLOCK + TT
+    scratch = max(PANEL_BLOCKS * BLOCK_ROWS * n_in, ATTN_ROWS * (SEGMENT + 16 + hd))
+    tiles = -(-(PASS_TOKENS * (n_heads // n_kv)) // ATTN_ROWS)
+    rows = PASS_TOKENS + TILE_TOKENS
     floats = (
         rows * (2 * d + q_dim + 2 * kv_dim + q_dim + 2 * hid + hd)
-        + kernel_threads(threads) * ld_scratch
-        + n_kv * tiles * nseg * QR * (hd + 2)
+        + kernel_threads(threads) * scratch
+        + n_kv * tiles * nseg * ATTN_ROWS * (hd + 2)
     )
     return kv, 4 * floats
 

@@ -35,9 +35,11 @@ __all__ = ["DEFAULT_CTX", "read_text", "tokenize", "token_nll", "perplexity", "a
 
 def read_text(path):
     """The file's text; one-line PyllmError if it is missing, unreadable or not UTF-8."""
-    from .safeio import NotRegularFile, read_regular
+    from .safeio import NotRegularFile, open_regular
+
     try:
-        data = read_regular(path, "text file")  # a FIFO or /dev/zero would block or never end
+        with open_regular(path, "text file") as f:  # a FIFO or /dev/zero would block or never end
+            data = f.read()
     except NotRegularFile as e:
         raise PyllmError(str(e)) from None
     except OSError as e:

@@ -4,7 +4,6 @@ that must not drive the terminal.
 open_regular(path, what)  opens a path for reading only if it is a regular file: a FIFO,
                           a device (/dev/zero), a directory or a socket is refused with
                           NotRegularFile, before any open that could block or never end
-read_regular(path, what, limit)  its bytes (at most the size it had when opened)
 printable(s)              s with control characters escaped, for the terminal
 """
 
@@ -13,7 +12,7 @@ import os
 import stat
 import unicodedata
 
-__all__ = ["NotRegularFile", "open_regular", "read_regular", "printable", "printable_json"]
+__all__ = ["NotRegularFile", "open_regular", "printable", "printable_json"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -55,18 +54,6 @@ def open_regular(path, what="file"):
     except BaseException:
         os.close(fd)
         raise
-
-
-def read_regular(path, what="file", limit=None):
-    """The bytes of a regular file, at most as many as it held when opened; a file larger
-    than limit bytes is refused (ValueError) before anything is read."""
-    with open_regular(path, what) as f:
-        size = os.fstat(f.fileno()).st_size
-        if limit is not None and size > limit:
-            raise ValueError(
-                f"{os.fsdecode(path)}: {size} bytes, more than the {limit} a {what} may have"
-            )
-        return f.read(size)
 
 
 # bidirectional overrides and isolates reorder what the terminal shows ("Trojan source")

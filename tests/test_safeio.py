@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pyllm.safeio import NotRegularFile, open_regular, printable, printable_json, read_regular
+from pyllm.safeio import NotRegularFile, open_regular, printable, printable_json
 
 
 def test_regular_files_and_links_to_them_open(tmp_path):
@@ -16,9 +16,6 @@ def test_regular_files_and_links_to_them_open(tmp_path):
     for p in ("f", "link"):
         with open_regular(tmp_path / p) as f:
             assert f.read() == b"abc"
-    assert read_regular(tmp_path / "f") == b"abc"
-    with pytest.raises(ValueError, match="more than the 2"):
-        read_regular(tmp_path / "f", limit=2)
     with pytest.raises(FileNotFoundError):
         open_regular(tmp_path / "missing")
 
