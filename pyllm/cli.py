@@ -5,7 +5,7 @@ import math
 import os
 import sys
 
-from . import bench, chat, perplexity
+from . import bench, chat, perplexity, serve
 from .args import UsageError, add_model, add_sampling, sampling_kwargs, text_arg
 from .convert import ConvertError
 from .safeio import printable, printable_json
@@ -101,6 +101,10 @@ def build_parser():
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
     chat.add_arguments(ch)
     ch.set_defaults(fn=chat.main)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible API and a chat page in the browser")
+    serve.add_arguments(sv)
+    sv.set_defaults(fn=serve.main)
 
     b = sub.add_parser("bench", help="prompt-processing and generation speed, llama-bench style")
     bench.add_arguments(b)
