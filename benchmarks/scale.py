@@ -17,6 +17,7 @@ through pyllm/format.py's writer. For each model:
 Writes benchmarks/out/scale.json, prints a table, and plots benchmarks/out/scale.png.
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -76,11 +77,11 @@ def make_random_model(path, name, seed=0):
     specs = {}
     for tname, tshape, dtype in format.tensor_layout(cfg):
         if tname == "rope_freqs":
-            load = (lambda: freqs)
-        elif len(tshape) == 1:
-            load = (lambda s=tshape: np.ones(s, np.float16))
+            load = freqs.copy
+        elif len(tshape) == 1:  # norms: ones
+            load = functools.partial(np.ones, tshape, np.float16)
         else:
-            load = (lambda s=tshape: random_f16(s, rng, exp))
+            load = functools.partial(random_f16, tshape, rng, exp)
         specs[tname] = format.TensorSpec(tname, tshape, dtype, load)
     print(f"writing {path} ({name}) ...", file=sys.stderr, flush=True)
     format.write(path, cfg, meta, specs)
