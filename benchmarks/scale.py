@@ -159,9 +159,10 @@ def table(doc):
             p, q = e.get("pyllm"), e.get("llama.cpp")
             frac = "" if not p else (f"{100 * p['roofline_fraction']:.0f}% {p['roofline_bound']}"
                                      if p.get("roofline_fraction") is not None else "probe low")
-            lines.append(f"| {m['model']} | {m['n_params'] / 1e9:.2f} B | {nt} | {test} "
-                         f"| {p['avg_ts']:.2f} | {q['avg_ts']:.2f} | {p['avg_ts'] / q['avg_ts']:.2f} | {frac} |"
-                         if p and q else f"| {m['model']} | | {nt} | {test} | | | | |")
+            ts = [f"{x['avg_ts']:.2f}" if x else "" for x in (p, q)]
+            ratio = f"{p['avg_ts'] / q['avg_ts']:.2f}" if p and q else ""
+            lines.append(f"| {m['model']} | {m['n_params'] / 1e9:.2f} B | {nt} | {test} | {ts[0]} | {ts[1]} "
+                         f"| {ratio} | {frac} |")
     lines += ["", "| model | file GB | engine | threads | load s | peak RSS MiB |",
               "| --- | ---: | --- | ---: | ---: | ---: |"]
     for m in doc["models"]:
@@ -182,7 +183,11 @@ def table(doc):
 
 
 def plot(doc, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("scale: no matplotlib, no plot (make bench-scale installs it)", file=sys.stderr)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tests = list(dict.fromkeys(r["test"] for m in doc["models"] for r in m["results"]))
@@ -207,6 +212,7 @@ def plot(doc, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv=None):
@@ -238,8 +244,8 @@ def main(argv=None):
         json.dump(doc, f, indent=1)
     print("\n" + table(doc))
     print(f"\n{doc['seconds'] / 60:.1f} minutes; wrote {path}")
-    plot(doc, os.path.join(a.out_dir, "scale.png"))
-    print(f"wrote {os.path.join(a.out_dir, 'scale.png')}")
+    if plot(doc, os.path.join(a.out_dir, "scale.png")):
+        print(f"wrote {os.path.join(a.out_dir, 'scale.png')}")
     return 0
 
 
