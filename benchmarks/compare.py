@@ -26,7 +26,9 @@ Prints a table with each engine's t/s (mean ± stddev) and pyllm/peer ratios, an
 load": the largest share of the machine that processes outside this run used during any of
 the test's timed runs (from /proc/stat). The machine is shared: before each timed run the
 coordinator waits for other processes to fall under --max-other-load, and redoes a run they
-disturbed (--retries); a row whose other load is still high is contaminated. Writes JSON
+disturbed (--retries); a row whose other load is still high is contaminated. After the runs,
+the machine's ceilings (pyllm.bench.ceilings) and pyllm's fraction of them (--no-roofline: not).
+Writes JSON
 (--json-out) for benchmarks/plot.py. Before timing, every engine's last-token logits for one
 prompt are compared with pyllm's (a same-weights check).
 """
@@ -604,6 +606,8 @@ def parse_args(argv):
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet (default 600)")
     ap.add_argument("--retries", type=int, default=3, help="redos of a disturbed run (default 3)")
     ap.add_argument("--json-out", default=DEFAULT_JSON)
+    ap.add_argument("--no-roofline", dest="roofline", action="store_false",
+                    help="skip the ceilings (pyllm's fractions of the read and FMA ceilings) after the runs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-ctx", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--max-depth", type=int, default=0, help=argparse.SUPPRESS)
@@ -801,6 +805,31 @@ def print_loads(doc):
         print(f"  {e}: " + ", ".join(f"{k}={v}" for k, v in i.items() if k != "system_info"))
 
 
+def print_roofline(run):
+    """The machine's ceilings (bench.ceilings, on pyllm's pool, after the runs) and pyllm's
+    fraction of them: tg of the read ceiling, pp of the f32 FMA ceiling (run.doc["roofline"])."""
+    ceil = {nt: bench.ceilings(run.a.model, nt) for nt in run.threads}
+    rows = []
+    for r in run.doc["results"]:
+        if r["engine"] != "pyllm":
+            continue
+        res = bench.apply_roofline({k: r[k] for k in ("n_prompt", "n_gen", "n_depth", "n_threads", "avg_ts")},
+                                   run.info.config, run.info, ceil[r["n_threads"]])
+        rows.append({"n_threads": r["n_threads"], "test": r["test"], **{k: res[k] for k in (
+            "roofline_bound", "roofline_ts", "roofline_fraction", "roofline_warning")}})
+    run.doc["roofline"] = {"ceilings": {str(k): v for k, v in ceil.items()}, "pyllm": rows}
+    print("\nceilings, timed on pyllm's pool after the runs: " + "; ".join(
+        f"{nt} thread{'s' if nt > 1 else ''}: read {c['read_gbs']:.1f} GB/s ({c['read_pattern']}), "
+        f"f32 FMA {c['fma_gflops']:.0f} GFLOP/s" for nt, c in ceil.items()))
+    print("| threads | test | bound by | pyllm of its ceiling |\n| ---: | ---: | ---: | ---: |")
+    for r in rows:
+        frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
+        print(f"| {r['n_threads']} | {r['test']} | {r['roofline_bound']} | {frac} |")
+    for r in rows:
+        if r["roofline_warning"]:
+            print("warning: " + r["roofline_warning"])
+
+
 def write_json(doc, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -819,6 +848,8 @@ def main(argv=None):
     for nt in run.threads:
         run_threads(run, nt)
     print_loads(run.doc)
+    if a.roofline:
+        print_roofline(run)
     if a.json_out:
         write_json(run.doc, a.json_out)
     return 0

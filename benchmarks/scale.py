@@ -123,7 +123,7 @@ def run_model(name, a, ceil):
     out = os.path.join(a.out_dir, f"scale-{name}.json")
     argv = [path, "--gguf", gguf_path, "-p", "512", "-n", "128", "--decode-depths", str(a.depth), "-t", a.threads,
             "-r", str(a.repetitions), "--engines", "pyllm,llama.cpp", "--max-other-load", str(a.max_other_load),
-            "--json-out", out]
+            "--no-roofline", "--json-out", out]
     compare.main(argv)
     with open(out) as f:
         doc = json.load(f)
