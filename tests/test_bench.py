@@ -181,3 +181,30 @@ def test_peak_rss_is_the_process_own():
     code = "from pyllm.bench import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < big.nbytes // 2
+
+
+def test_probes_count_what_they_did(model):
+    """pyllm_read returns the bytes it read (whole steps of each thread's streams), pyllm_fma the
+    FLOPs it did; both refuse bad arguments with -1."""
+    import mmap
+
+    from pyllm._pyllm import ffi, lib
+    from pyllm.model import _native_open
+
+    m = _native_open(model, 2, 16)
+    buf = mmap.mmap(-1, 4 << 20)
+    try:
+        with ffi.from_buffer(buf) as p:
+            for streams in (1, 3, 8):
+                n = lib.pyllm_read(m, p, 4 << 20, 2, streams)
+                assert 0 < n <= 2 * (4 << 20) and n % (2 * 64 * 4 * streams) == 0, (streams, n)
+            for bad in ((p, 4 << 20, 1, 0), (p, 4 << 20, 1, 9), (p, 4 << 20, 0, 1), (p, 1 << 10, 1, 1),
+                        (p + 8, 4 << 20, 1, 1)):
+                assert lib.pyllm_read(m, *bad) == -1, bad
+        total = ffi.new("float *")
+        flops = lib.pyllm_fma(m, 1000, total)
+        assert flops > 0 and flops % 1000 == 0 and math.isfinite(total[0]) and total[0] > 0
+        assert lib.pyllm_fma(m, 0, ffi.NULL) == -1
+    finally:
+        ffi.release(m)
+        buf.close()
