@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from . import outfile
+
 MAGIC = b"PYLLM\0\0\0"
 VERSION = 2  # 2: matrices stored in row blocks
 ALIGN = 64
@@ -131,12 +133,13 @@ def _align(n):
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def write(path, cfg, meta, tensors, progress=None):
-    """Write a parameters file atomically: into PATH.tmp-PID, then renamed over PATH.
+def write(path, cfg, meta, tensors, progress=None, inputs=()):
+    """Write a parameters file atomically (outfile.atomic_output: a temporary file, renamed
+    over PATH; PATH must not be one of INPUTS).
 
     cfg: the header fields (HEADER_INTS and norm_eps); meta: JSON-able dict;
     tensors: {name: TensorSpec} holding every name tensor_layout(cfg) lists.
-    On any failure (disk full, Ctrl-C) the temporary file is removed.
+    On any failure (disk full, Ctrl-C, SIGTERM) the temporary file is removed.
     """
     check_config(cfg)
     layout = tensor_layout(cfg)
@@ -172,32 +175,21 @@ def write(path, cfg, meta, tensors, progress=None):
                           len(meta_bytes), file_size)
     table = b"".join(struct.pack("<QQ", e["offset"], s.nbytes) for e, s in zip(entries, specs))
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.ljust(HEADER_SIZE, b"\0") + table + meta_bytes)
-            for e, s in zip(entries, specs):
-                f.write(b"\0" * (e["offset"] - f.tell()))
-                a = np.ascontiguousarray(s.load(), dtype=np.float16 if s.dtype == "f16" else np.float32)
-                if a.shape != tuple(s.shape):
-                    raise FormatError(f"tensor {s.name}: loader gave shape {a.shape}, expected {s.shape}")
-                if a.ndim == 2:
-                    a = to_blocks(s.name, a)
-                if a.dtype.byteorder == ">":
-                    a = a.byteswap().view(a.dtype.newbyteorder("<"))
-                f.write(memoryview(a).cast("B"))
-                if progress:
-                    progress(s)
-            f.write(b"\0" * (file_size - f.tell()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with outfile.atomic_output(path, inputs) as f:
+        f.write(header.ljust(HEADER_SIZE, b"\0") + table + meta_bytes)
+        for e, s in zip(entries, specs):
+            f.write(b"\0" * (e["offset"] - f.tell()))
+            a = np.ascontiguousarray(s.load(), dtype=np.float16 if s.dtype == "f16" else np.float32)
+            if a.shape != tuple(s.shape):
+                raise FormatError(f"tensor {s.name}: loader gave shape {a.shape}, expected {s.shape}")
+            if a.ndim == 2:
+                a = to_blocks(s.name, a)
+            if a.dtype.byteorder == ">":
+                a = a.byteswap().view(a.dtype.newbyteorder("<"))
+            f.write(memoryview(a).cast("B"))
+            if progress:
+                progress(s)
+        f.write(b"\0" * (file_size - f.tell()))
     return file_size
 
 
