@@ -116,8 +116,11 @@ def run_model(name, a, ceil):
         make_random_model(path, name)
     gguf_path = os.path.splitext(path)[0] + ".gguf"
     compare.ensure_gguf(path, gguf_path)
-    conv = convert_round_trip(path, gguf_path)
-    print(f"{name}: pyllm convert of the {conv['gguf_bytes'] / 1e9:.2f} GB GGUF: peak RSS "
+    conv = convert_round_trip(path, gguf_path) if a.convert else \
+        {"convert_s": None, "convert_peak_rss_bytes": None, "gguf_bytes": os.path.getsize(gguf_path),
+         "round_trip_identical": None}
+    if a.convert:
+        print(f"{name}: pyllm convert of the {conv['gguf_bytes'] / 1e9:.2f} GB GGUF: peak RSS "
           f"{conv['convert_peak_rss_bytes'] / 2**20:.0f} MiB, {conv['convert_s']:.1f} s, round trip "
           f"{'identical' if conv['round_trip_identical'] else 'DIFFERS'}", flush=True)
     out = os.path.join(a.out_dir, f"scale-{name}.json")
@@ -173,6 +176,8 @@ def table(doc):
     lines += ["", "| model | GGUF GB | `pyllm convert` peak RSS MiB | convert s | round trip |",
               "| --- | ---: | ---: | ---: | --- |"]
     for m in doc["models"]:
+        if m["convert_s"] is None:
+            continue
         lines.append(f"| {m['model']} | {m['gguf_bytes'] / 1e9:.2f} | {m['convert_peak_rss_bytes'] / 2**20:.0f} "
                      f"| {m['convert_s']:.1f} | {'identical' if m['round_trip_identical'] else 'DIFFERS'} |")
     c = doc["ceilings"]
@@ -223,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=4096, help="the depth of the third test, tg128 @ dN")
     ap.add_argument("--max-other-load", type=float, default=0.1, help="as compare.py's (1 = off)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "out"))
+    ap.add_argument("--no-convert", dest="convert", action="store_false",
+                    help="skip the `pyllm convert` round trip (its peak RSS and check)")
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     bad = [m for m in models if m != "135m" and m not in SHAPES]
