@@ -1,6 +1,6 @@
 """How cost grows with the model: pyllm and llama.cpp side by side on 135M, 1B and 3B.
 
-    python benchmarks/scale.py [--models 135m,1b,3b] [-t 2] [-r 2] [--depth 4096]
+    python benchmarks/scale.py [--models 135m,1b,3b] [-t 2] [-r 2] [-p 512] [-n 128] [--depth 4096]
     (or: make bench-scale)
 
 135m is the real SmolLM2-135M file; 1b and 3b are random-weight files shaped like
@@ -121,10 +121,10 @@ def run_model(name, a, ceil):
          "round_trip_identical": None}
     if a.convert:
         print(f"{name}: pyllm convert of the {conv['gguf_bytes'] / 1e9:.2f} GB GGUF: peak RSS "
-          f"{conv['convert_peak_rss_bytes'] / 2**20:.0f} MiB, {conv['convert_s']:.1f} s, round trip "
-          f"{'identical' if conv['round_trip_identical'] else 'DIFFERS'}", flush=True)
+              f"{conv['convert_peak_rss_bytes'] / 2**20:.0f} MiB, {conv['convert_s']:.1f} s, round trip "
+              f"{'identical' if conv['round_trip_identical'] else 'DIFFERS'}", flush=True)
     out = os.path.join(a.out_dir, f"scale-{name}.json")
-    argv = [path, "--gguf", gguf_path, "-p", "512", "-n", "128", "--decode-depths", str(a.depth), "-t", a.threads,
+    argv = [path, "--gguf", gguf_path, "-p", str(a.n_prompt), "-n", str(a.n_gen), "--decode-depths", str(a.depth), "-t", a.threads,
             "-r", str(a.repetitions), "--engines", "pyllm,llama.cpp", "--max-other-load", str(a.max_other_load),
             "--no-roofline", "--json-out", out]
     compare.main(argv)
@@ -173,11 +173,11 @@ def table(doc):
             rss = f"{ld['peak_rss_bytes'] / 2**20:.0f}" if ld["peak_rss_bytes"] else "?"
             lines.append(f"| {m['model']} | {m['size'] / 1e9:.2f} | {ld['engine']} | {ld['n_threads']} "
                          f"| {ld['load_s']:.2f} | {rss} |")
-    lines += ["", "| model | GGUF GB | `pyllm convert` peak RSS MiB | convert s | round trip |",
-              "| --- | ---: | ---: | ---: | --- |"]
-    for m in doc["models"]:
-        if m["convert_s"] is None:
-            continue
+    converted = [m for m in doc["models"] if m["convert_s"] is not None]
+    if converted:
+        lines += ["", "| model | GGUF GB | `pyllm convert` peak RSS MiB | convert s | round trip |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+    for m in converted:
         lines.append(f"| {m['model']} | {m['gguf_bytes'] / 1e9:.2f} | {m['convert_peak_rss_bytes'] / 2**20:.0f} "
                      f"| {m['convert_s']:.1f} | {'identical' if m['round_trip_identical'] else 'DIFFERS'} |")
     c = doc["ceilings"]
@@ -225,7 +225,9 @@ def main(argv=None):
     ap.add_argument("--models", default="135m,1b,3b", help="comma list of 135m, 1b, 3b")
     ap.add_argument("-t", "--threads", default=str(bench.default_threads()), help="thread counts (default: all cores)")
     ap.add_argument("-r", "--repetitions", type=int, default=2)
-    ap.add_argument("--depth", type=int, default=4096, help="the depth of the third test, tg128 @ dN")
+    ap.add_argument("-p", "--n-prompt", type=int, default=512, help="the prompt test, ppN (default 512)")
+    ap.add_argument("-n", "--n-gen", type=int, default=128, help="the generation tests, tgN (default 128)")
+    ap.add_argument("--depth", type=int, default=4096, help="the depth of the third test, tgN @ dD (default 4096)")
     ap.add_argument("--max-other-load", type=float, default=0.1, help="as compare.py's (1 = off)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "out"))
     ap.add_argument("--no-convert", dest="convert", action="store_false",
