@@ -195,6 +195,7 @@ def plot(doc, path):
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker below)
     tests = list(dict.fromkeys(r["test"] for m in doc["models"] for r in m["results"]))
     threads = sorted({r["n_threads"] for m in doc["models"] for r in m["results"]})
     fig, axes = plt.subplots(1, len(tests), figsize=(5.2 * len(tests), 4.2), squeeze=False)
@@ -208,7 +209,10 @@ def plot(doc, path):
                     ax.plot(x, y, style, label=f"{engine}, {nt} thread{'s' if nt > 1 else ''}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("parameters (billions)")
+        sizes = [m["n_params"] / 1e9 for m in doc["models"]]
+        ax.set_xticks(sizes, [m["model"] for m in doc["models"]])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("model (log of parameters)")
         ax.set_ylabel("tokens/s")
         ax.set_title(test)
         ax.grid(True, which="both", alpha=0.3)
