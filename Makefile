@@ -49,8 +49,8 @@ run: weights
 chat: weights
 	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
 
-test: dev weights format-check
-	$(MAKE) lint
+test: dev weights
+	$(MAKE) lint format-check
 	$(PY) -m pytest -q tests --ignore=tests/test_cross.py
 	$(MAKE) test-paths test-clang test-asan test-neon
 
