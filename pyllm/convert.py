@@ -701,7 +701,7 @@ def _read_gguf(path):
     def deq(name):
         t = tensors[name]
         try:  # F16 as it is (a copy; dequantize would double it as f32)
-            if t.tensor_type == QT.F16:
+            if t.tensor_type == gguf.GGMLQuantizationType.F16:
                 a = np.array(t.data.view(np.float16))
             else:
                 a = np.array(gguf.quants.dequantize(t.data, t.tensor_type))
