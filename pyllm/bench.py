@@ -345,7 +345,8 @@ def apply_roofline(res, cfg, info, ceil):
     test = Test("pp" if res["n_prompt"] else "tg", res["n_prompt"] or res["n_gen"], res["n_depth"])
     flops = test_flops(cfg, test) / test.n
     res.update({"read_bandwidth_gbs": ceil["read_gbs"], "read_pattern": ceil["read_pattern"],
-                "fma_gflops": ceil["fma_gflops"], "flops_per_token": flops})
+                "read_patterns": ceil.get("read_patterns"), "fma_gflops": ceil["fma_gflops"],
+                "flops_per_token": flops})
     if test.kind == "tg":
         per_token = info.bytes_per_token + kv_bytes_read(cfg, test) / test.n
         res["bytes_per_token"] = per_token

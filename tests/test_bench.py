@@ -73,6 +73,8 @@ def test_json_fields(model, capsys):
     for r in res:
         assert r["read_bandwidth_gbs"] > 0 and r["fma_gflops"] > 0 and r["roofline_ts"] > 0
         assert r["read_pattern"] and r["flops_per_token"] > 0
+        assert r["read_patterns"][r["read_pattern"]] == r["read_bandwidth_gbs"] == max(r["read_patterns"].values())
+        assert len(r["read_patterns"]) == len(bench.READ_STREAMS) * len(bench.PAGES)
         if r["roofline_fraction"] is None:
             assert "probe read low" in r["roofline_warning"]
         else:
