@@ -488,7 +488,7 @@ def add_arguments(p):
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
     p.add_argument("--roofline", action="store_true",
                    help="measure the machine's read and f32 FMA ceilings; report tg and pp as fractions of them")
-    p.add_argument("--bw-mib", type=int, default=512, help="buffer of the read ceiling in MiB (default 512)")
+    p.add_argument("--bw-mib", type=int, default=512, help="buffer of the read ceiling in MiB (default 512; many times the last-level cache, or it reads the cache)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warmup run of each test")
     p.add_argument("--progress", action="store_true", help="print each test as it starts, to stderr")
 
