@@ -311,22 +311,50 @@ class Template:
         return "".join(out)
 
 
+def load_template(model, name=None):
+    """The Template for model: TEMPLATES[name] if a name is given, else the file's own."""
+    tok = model.tokenizer
+    names = model.meta["tokenizer"]["tokens"]
+    bos = names[tok.bos_id] if tok.bos_id is not None else ""
+    eos = names[tok.eos_id] if tok.eos_id is not None else ""
+    source = TEMPLATES[name] if name else model.chat_template
+    if not source:
+        raise ChatError(
+            "this file has no chat template: choose one with --template " + "|".join(TEMPLATES)
+        )
+    return Template(source, bos, eos)
+
+
+def encode_messages(model, template, messages):
+    """Token ids of messages rendered with template, ending with the assistant's prompt."""
+    return encode_rendered(model, template, template.render(messages))
+
+
+def encode_rendered(model, template, text):
+    """Token ids of text that template rendered; BOS is added as the file says unless the
+    template wrote it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatError(
+            "chat template rejected: it rendered text that is not valid Unicode (a lone surrogate)"
+        ) from None
+    add_bos = bool(model.meta["tokenizer"].get("add_bos_token")) and not (
+        template.bos and text.startswith(template.bos)
+    )
+    ids = model.tokenizer.encode(text, add_bos=add_bos)
+    if not ids:
+        raise ChatError("chat template rejected: it rendered no text for this conversation")
+    return ids
+
+
 class Chat:
     """A conversation over a Model: messages in, streamed reply out; the KV cache is reused
     across turns (only new tokens are prefilled)."""
 
     def __init__(self, model, template=None, system=None, sampling=None, max_tokens=-1, out=None):
         self.m = model
-        tok = model.tokenizer
-        names = model.meta["tokenizer"]["tokens"]
-        bos = names[tok.bos_id] if tok.bos_id is not None else ""
-        eos = names[tok.eos_id] if tok.eos_id is not None else ""
-        source = TEMPLATES[template] if template else model.chat_template
-        if not source:
-            raise ChatError(
-                "this file has no chat template: choose one with --template " + "|".join(TEMPLATES)
-            )
-        self.template = Template(source, bos, eos)
+        self.template = load_template(model, template)
         self.system = system
         self.sampling = sampling or {}
         self.max_tokens = max_tokens
@@ -340,23 +368,7 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _encode(self, messages):
-        text = self.template.render(messages)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ChatError(
-                "chat template rejected: it rendered text that is not valid Unicode "
-                "(a lone surrogate)"
-            ) from None
-        tok = self.m.tokenizer
-        bos = self.template.bos
-        add_bos = bool(self.m.meta["tokenizer"].get("add_bos_token")) and not (
-            bos and text.startswith(bos)
-        )
-        ids = tok.encode(text, add_bos=add_bos)
-        if not ids:
-            raise ChatError("chat template rejected: it rendered no text for this conversation")
-        return ids
+        return encode_messages(self.m, self.template, messages)
 
     def _fit(self):
         """Token ids of the conversation, dropping the oldest turns (never the system prompt

@@ -619,10 +619,12 @@ def test_format_write_also_uses_the_safe_temporary_file(tmp_path):
         n: format.TensorSpec(n, s, dt, load=lambda s=s: np.zeros(s))
         for n, s, dt in format.tensor_layout(cfg)
     }
+    # metadata format.read accepts (format.write refuses to write a file it would refuse)
+    meta = {"tokenizer": {"model": "gpt2", "tokens": [f"t{i}" for i in range(8)], "merges": []}}
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(outfile.OutputError, match="not a regular file"):
-        format.write(str(tmp_path / "fifo"), cfg, {}, specs)
-    format.write(str(tmp_path / "ok.bin"), cfg, {}, specs)
+        format.write(str(tmp_path / "fifo"), cfg, meta, specs)
+    format.write(str(tmp_path / "ok.bin"), cfg, meta, specs)
     assert sorted(os.listdir(tmp_path)) == ["fifo", "ok.bin"]
 
 
