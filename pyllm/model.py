@@ -29,16 +29,31 @@ def forward_error(rc):
     return PyllmError(_FORWARD_ERRORS.get(rc, f"pyllm_forward: error {rc}"))
 
 
-def _native_open(path, threads=1, n_ctx=0):
+# the KV cache's element types, for keys and for values (llama.cpp's names)
+CACHE_TYPES = {"f16": lib.PYLLM_CACHE_F16, "f32": lib.PYLLM_CACHE_F32}
+
+
+def _cache_code(cache_type, what):
+    if cache_type not in CACHE_TYPES:
+        raise PyllmError(f"{what} cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    return CACHE_TYPES[cache_type]
+
+
+def _native_open(path, threads=1, n_ctx=0, cache_type_k="f16", cache_type_v="f16"):
     err = ffi.new("char[]", 512)
-    m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
+    m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, _cache_code(cache_type_k, "key"),
+                       _cache_code(cache_type_v, "value"), err, 512)
     if m == ffi.NULL:
         raise PyllmError(ffi.string(err).decode(errors="replace"))
     return ffi.gc(m, lib.pyllm_close)
 
 
 class Model:
-    def __init__(self, path, threads=None, n_ctx=None):
+    def __init__(self, path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
+        # the cache's element types (keys, values): f16 as llama.cpp's default, or f32 (exact)
+        self.cache_types = (cache_type_k or cache_type, cache_type_v or cache_type)
+        _cache_code(self.cache_types[0], "key")
+        _cache_code(self.cache_types[1], "value")
         try:
             mf = format.read(path)
         except format.FormatError as e:
@@ -59,7 +74,7 @@ class Model:
             raise PyllmError(f"context size {n_ctx} is outside 1..{max_ctx} (the model's context length)")
         if threads is not None and not 0 < threads <= 64:
             raise PyllmError(f"threads={threads} is outside 1..64")
-        self._m = _native_open(path, threads or 0, n_ctx or min(max_ctx, DEFAULT_CTX))
+        self._m = _native_open(path, threads or 0, n_ctx or min(max_ctx, DEFAULT_CTX), *self.cache_types)
         self.n_ctx = lib.pyllm_n_ctx(self._m)
         self.threads = lib.pyllm_n_threads(self._m)
         self.vocab_size = self.config["vocab_size"]
@@ -177,6 +192,8 @@ class Model:
             self.stats["last_token"] = history[-1]
 
 
-def load(path, threads=None, n_ctx=None):
-    """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...)."""
-    return Model(path, threads=threads, n_ctx=n_ctx)
+def load(path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
+    """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...).
+    cache_type: the KV cache's element type, "f16" or "f32"; cache_type_k/_v set keys' or values'."""
+    return Model(path, threads=threads, n_ctx=n_ctx, cache_type=cache_type, cache_type_k=cache_type_k,
+                 cache_type_v=cache_type_v)
