@@ -28,7 +28,10 @@ long long pyllm_cache_bytes(const pyllm_model *m); /* the KV cache's mapping, ke
 const char *pyllm_simd(void); /* the vector path compiled in: "avx512", "avx2", "neon", "scalar" */
 void pyllm_close(pyllm_model *m);
 
-/* (csrc/bandwidth.c) The read of the machine's bandwidth, the ceiling of decode (`pyllm bench
-   --roofline` times it): the model's threads each sum their share of buf (64-byte aligned, 1 MiB or
-   more, written to), reps times. Returns the bytes read, or -1 for bad arguments. */
-long long pyllm_read(pyllm_model *m, void *buf, long long bytes, int reps);
+/* (csrc/bandwidth.c) The machine's two ceilings, timed by `pyllm bench --roofline` on the model's
+   own threads. pyllm_read: each thread sums its share of buf (64-byte aligned, 1 MiB or more,
+   written to) as `streams` parts (1 to 8) read side by side, reps times; returns the bytes read.
+   pyllm_fma: each thread runs iters steps of independent f32 FMA chains in registers; returns the
+   FLOPs done (an FMA is 2), and their sum in *result unless NULL. -1: bad arguments. */
+long long pyllm_read(pyllm_model *m, void *buf, long long bytes, int reps, int streams);
+long long pyllm_fma(pyllm_model *m, long long iters, float *result);
