@@ -80,7 +80,8 @@ def cache_type_list(s, what):
     vals = [v.strip() for v in str(s).split(",") if v.strip()]
     bad = [v for v in vals if v not in CACHE_TYPES]
     if bad or not vals:
-        raise ValueError(f"{what}: {bad[0] if bad else s!r} is not a cache type ({', '.join(CACHE_TYPES)})")
+        shown = printable(bad[0]) if bad else repr(s)
+        raise ValueError(f"{what}: {shown} is not a cache type ({', '.join(CACHE_TYPES)})")
     return list(dict.fromkeys(vals))
 
 
