@@ -54,7 +54,7 @@ LONG_PROMPT_CHARS = 3600  # about 730 tokens: past the kernel's first 512-positi
 
 
 def long_prompt():
-    """Real text over 600 tokens: the start of the Apache license's terms, from transformers' LICENSE."""
+    """Real text over 600 tokens: the Apache license's terms, from transformers' LICENSE."""
     import importlib.metadata
     dist = importlib.metadata.distribution("transformers")
     text = next(f for f in dist.files if f.name == "LICENSE").read_text()
@@ -66,7 +66,7 @@ GREEDY = [PROMPTS[0], CHAT, "Here is a list of the planets of the solar system:\
 GREEDY_STEPS = 24
 ALLPOS_PROMPT = 4         # all-position logits for this prompt (the chat one) ...
 ALLPOS_RANDOM_COLS = 512  # ... on these many random vocabulary ids plus each position's top 32
-LAST16_RANDOM_COLS = 1024  # the f16-cache last-position logits: these many random ids plus the top 64
+LAST16_RANDOM_COLS = 1024  # the f16-cache last-position logits: these many random ids + the top 64
 
 
 def hf_tokenizer(tok_meta):
