@@ -34,7 +34,7 @@ def _native_open(path, threads=1, n_ctx=0):
     try:  # the kernel's open() would block on a FIFO
         safeio.open_regular(path).close()
     except OSError as e:
-        raise PyllmError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
+        raise PyllmError(safeio.error_line(path, e)) from None
     err = ffi.new("char[]", 512)
     m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
     if m == ffi.NULL:
