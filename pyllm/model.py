@@ -154,9 +154,9 @@ class Model:
             self.reset()
             return self._forward(ids, True)
 
-    def prefill(self, ids):
-        """Make the cache hold ids, reusing the longest prefix it already holds (at least
-        the last id is evaluated); the logits of the last id."""
+    def keep_prefix(self, ids):
+        """Rewind the cache to the longest prefix it shares with ids[:-1] (the last id is
+        always left to evaluate); how many tokens it keeps."""
         with self._lock:
             keep = 0
             for a, b in zip(self.tokens, ids[:-1]):
@@ -164,7 +164,13 @@ class Model:
                     break
                 keep += 1
             self.rewind(keep)
-            return self.eval(ids[keep:])
+            return keep
+
+    def prefill(self, ids):
+        """Make the cache hold ids, reusing the longest prefix it already holds (at least
+        the last id is evaluated); the logits of the last id."""
+        with self._lock:
+            return self.eval(ids[self.keep_prefix(ids):])
 
     def forward_at(self, ids, pos, out=None):
         """Run the kernel once over ids (a list of ints) at cache positions pos, pos + 1, ...;

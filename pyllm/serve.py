@@ -391,12 +391,7 @@ class Engine:
     def _generate(self, job):
         m, ids, opt = self.model, job.ids, job.options
         t0 = time.perf_counter()
-        kept = 0
-        for a, b in zip(m.tokens, ids[:-1]):
-            if a != b:
-                break
-            kept += 1
-        m.rewind(kept)
+        kept = m.keep_prefix(ids)
         finish = None
         # all but the last chunk here, a stop checked between chunks; the last one (with the
         # prompt's last token, at most PREFILL_CHUNK) in generate's own prefill, so a short
