@@ -14,6 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import outfile
 from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_kwargs, text_arg
+from .safeio import printable
 
 # Templates for files that carry none (--template NAME), in each family's own format.
 TEMPLATES = {
@@ -588,7 +589,7 @@ def main(a):
         try:
             chat.ask(text)
         except ChatError as e:
-            print(f"\n{e}", file=sys.stderr)
+            print(f"\n{printable(e)}", file=sys.stderr)  # a template error may quote the file
             return False
         except KeyboardInterrupt:
             print(dim("\n(stopped)"), file=sys.stderr)
@@ -610,7 +611,7 @@ def main(a):
         pass
     print(
         dim(
-            f"pyllm chat: {os.path.basename(a.model)}, {m.n_ctx} tokens of context, "
+            f"pyllm chat: {printable(os.path.basename(a.model))}, {m.n_ctx} tokens of context, "
             f"{m.threads} threads. /help for commands, Ctrl-D to quit."
         ),
         file=sys.stderr,
@@ -655,11 +656,11 @@ def main(a):
             try:
                 (chat.save if cmd == "/save" else chat.load)(arg.strip())
                 print(
-                    dim(f"({'saved to' if cmd == '/save' else 'loaded'} {arg.strip()})"),
+                    dim(f"({'saved to' if cmd == '/save' else 'loaded'} {printable(arg.strip())})"),
                     file=sys.stderr,
                 )
             except (ChatError, OSError) as e:
-                print(f"{cmd[1:]} failed: {e}", file=sys.stderr)
+                print(f"{cmd[1:]} failed: {printable(e)}", file=sys.stderr)
             except KeyboardInterrupt:
                 print(
                     dim(f"\n({cmd[1:]} cancelled; the conversation is as it was)"), file=sys.stderr

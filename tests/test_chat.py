@@ -368,3 +368,21 @@ def test_template_rendering_a_lone_surrogate_is_refused(tiny):
     chat.template = Template("{{ '\ud800' }}{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(ChatError, match="not valid Unicode"):
         chat.ask("hi")
+
+
+def test_text_from_the_file_reaches_the_terminal_escaped(tmp_path):
+    """A template's own error text and the model's name are the file's: printed escaped."""
+    make_tiny_model(tmp_path / "tiny.bin")
+    bad = tmp_path / "t\x1b[2J.bin"
+    with_template(tmp_path / "tiny.bin", bad, "{{ raise_exception('\x1b]0;pwned\x07') }}")
+    r = subprocess.run([PY, "-m", "pyllm", "chat", str(bad), "-p", "hi"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "\\x1b]0;pwned\\x07" in r.stderr, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    c = pexpect.spawn(PY, ["-m", "pyllm", "chat", str(bad)], encoding="utf-8", timeout=60,
+                      env=dict(os.environ, TERM="dumb"))
+    c.expect("/help for commands")  # the banner names the file
+    assert "pyllm chat: t\\x1b[2J.bin, " in c.before and "\x1b[2J" not in c.before, c.before
+    c.expect("> ")
+    c.sendcontrol("d")
+    c.expect(pexpect.EOF)
