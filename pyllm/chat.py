@@ -533,6 +533,16 @@ class Chat:
         self.messages = msgs
 
 
+def add_template(p):
+    """--template NAME, shared with pyllm serve."""
+    p.add_argument(
+        "--template",
+        choices=sorted(TEMPLATES),
+        default=None,
+        help="use this chat template instead of the file's",
+    )
+
+
 def add_arguments(p):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     add_model(p)
@@ -543,12 +553,7 @@ def add_arguments(p):
     )
     p.add_argument("-sys", "--system", default=None, help="system prompt")
     p.add_argument("-p", "--prompt", default=None, help="ask this once, print the reply, exit")
-    p.add_argument(
-        "--template",
-        choices=sorted(TEMPLATES),
-        default=None,
-        help="use this chat template instead of the file's",
-    )
+    add_template(p)
     p.add_argument("--timings", action="store_true", help="a dim line of speed after each reply")
 
 

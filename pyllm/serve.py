@@ -25,7 +25,7 @@ import threading
 import time
 
 from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_kwargs
-from .chat import TEMPLATES, ChatError, encode_rendered, load_template
+from .chat import TEMPLATES, ChatError, add_template, encode_rendered, load_template
 from .model import PyllmError
 from .safeio import printable
 from .sample import Sampler
@@ -1142,12 +1142,7 @@ def add_arguments(p):
         default=Limits.read_s,
         help=f"seconds a client has to send its request (default {Limits.read_s:g})",
     )
-    p.add_argument(
-        "--template",
-        choices=sorted(TEMPLATES),
-        default=None,
-        help="use this chat template instead of the file's",
-    )
+    add_template(p)
     add_model(p)
     add_sampling(
         p,
