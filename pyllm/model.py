@@ -7,6 +7,7 @@ import numpy as np
 
 from . import format
 from ._pyllm import ffi, lib
+from .lookup import DRAFT_MAX, DRAFT_MIN, BatchCost, DraftPolicy, NgramIndex
 from .sample import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -132,43 +133,109 @@ class Model:
 
     # --- text ---
     def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None):
+                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None, draft_max=DRAFT_MAX,
+                 draft_min=DRAFT_MIN):
         """Yield text pieces as they are produced. Stops at an end-of-turn token, after
-        max_tokens, or when the context is full (self.stats["stop"] says which)."""
+        max_tokens, or when the context is full (self.stats["stop"] says which).
+
+        draft_max > 0 turns on lookup drafting (pyllm/lookup.py): up to draft_max tokens that
+        followed an earlier occurrence of the context's last 1..3 tokens are checked in one
+        forward pass, when the policy expects that to pay; drafts shorter than draft_min are
+        not checked. The text is the same with and without it, for a given seed too."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if len(ids) >= self.n_ctx:
             raise PyllmError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx}")
         if max_tokens < 0:
             raise PyllmError(f"max_tokens={max_tokens} is negative")
+        for name, v in (("draft_max", draft_max), ("draft_min", draft_min)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 256:
+                raise PyllmError(f"{name}={v!r} is outside 0..256")
+        if draft_max and draft_min > draft_max:
+            raise PyllmError(f"draft_min={draft_min} exceeds draft_max={draft_max}")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
         stops = self.stop_ids if stop_ids is None else set(stop_ids)
-        return self._generate(ids, max_tokens, sampler, stops)
+        return self._generate(ids, max_tokens, sampler, stops, draft_max, draft_min)
 
-    def _generate(self, ids, max_tokens, sampler, stops):
+    @property
+    def batch_cost(self):
+        """cost(T)/cost(1) of this model's forwards (lookup.BatchCost), learnt across generate
+        calls; assign a BatchCost to configure it."""
+        if "_batch_cost" not in self.__dict__:
+            self._batch_cost = BatchCost()
+        return self._batch_cost
+
+    @batch_cost.setter
+    def batch_cost(self, cost):
+        self._batch_cost = cost
+
+    def _generate(self, ids, max_tokens, sampler, stops, draft_max=0, draft_min=0):
         t0 = time.perf_counter()
         kept = len(self.tokens)
         logits = self.prefill(ids)
         t1 = time.perf_counter()
         self.stats = {"prompt_tokens": len(ids), "prefill_tokens": len(self.tokens) - min(kept, len(ids)),
-                      "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0, "stop": "length"}
+                      "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0, "stop": "length",
+                      "draft_tokens": 0, "draft_accepted": 0, "verify_steps": 0}
         dec = StreamDecoder(self.tokenizer)
         history = list(ids)
+        index = NgramIndex(history) if draft_max > 0 else None
+        policy = DraftPolicy(self.batch_cost, draft_max, draft_min) if index else None
+        cost = self.batch_cost
+        # rows[i]: the logits after the pass's input i = ([last token] + draft)[i]; the cache holds
+        # every input, and input i + 1 is worth keeping only if draft[i] is what row i yields
+        rows, draft, order, shadow = logits[None], [], 0, None
+        n = 0
         try:
-            for n in range(max_tokens):
-                tok = sampler(logits, history)
-                if tok in stops:
-                    self.stats["stop"] = "eos"
+            while True:
+                done, accepted = False, 0
+                for i, row in enumerate(rows):
+                    if n >= max_tokens:
+                        done = True
+                        break
+                    if i < len(draft):
+                        tok, ok = sampler.verify(row, history, draft[i])
+                        accepted += ok
+                    else:
+                        tok, ok = sampler(row, history), False
+                    if shadow is not None:
+                        policy.shadow(order, tok == shadow)
+                    if tok in stops:
+                        self.stats["stop"] = "eos"
+                        done = True
+                        break
+                    history.append(tok)
+                    n += 1
+                    self.stats["gen_tokens"] = n
+                    if index is not None:
+                        index.append(tok)
+                    piece = dec.push(tok)
+                    if piece:
+                        yield piece
+                    if not ok:
+                        break
+                self.rewind(len(self.tokens) - len(rows) + i + 1)  # inputs past row i were rejected drafts
+                if draft:
+                    policy.observe(order, len(draft), accepted)
+                    self.stats["draft_accepted"] += accepted
+                if done:
                     break
-                history.append(tok)
-                self.stats["gen_tokens"] = n + 1
-                piece = dec.push(tok)
-                if piece:
-                    yield piece
                 if len(self.tokens) >= self.n_ctx:
                     self.stats["stop"] = "context"
                     break
-                logits = self.eval([tok])
+                draft, shadow = [], None
+                if index is not None:
+                    room = min(draft_max, self.n_ctx - len(self.tokens) - 1, max_tokens - n - 1)
+                    order, proposal = index.propose(room)
+                    draft = proposal[:policy.choose(order, len(proposal))]
+                    if proposal and not draft:
+                        shadow = proposal[0]
+                    if draft:
+                        self.stats["draft_tokens"] += len(draft)
+                        self.stats["verify_steps"] += 1
+                ts = time.perf_counter()
+                rows = self._forward([history[-1]] + draft, bool(draft))
+                cost.observe(len(rows), time.perf_counter() - ts)
             tail = dec.flush()
             if tail:
                 yield tail

@@ -1,0 +1,189 @@
+"""Lookup drafting: propose the next tokens from the context itself, and decide how many to verify.
+
+Model.generate verifies a draft with one forward pass over [last token] + draft and keeps the
+accepted prefix plus the model's own next token (the exact rule is Sampler.verify). This module
+holds the three pieces it needs, none of which touch the kernel:
+
+  NgramIndex  where each recent 1..3-gram of the context last occurred, updated one token at a
+              time; propose() drafts what followed the longest suffix match.
+  BatchCost   cost(T)/cost(1): a forward over T new tokens relative to one. Starts from a prior
+              table and learns from the model's own forward times, so drafting pays off as soon
+              as the kernel makes small batches cheap.
+  DraftPolicy the draft length: it drafts k tokens only when the expected tokens per pass,
+              1 + a + ... + a^k (a: the recent acceptance rate for matches of that n-gram
+              order), beat the pass's cost; otherwise it decodes plainly (and still scores the
+              proposal against the token the model chose, so it notices when drafts start to
+              be right again).
+"""
+
+MAX_N = 3  # longest n-gram matched
+DRAFT_MAX, DRAFT_MIN = 16, 0  # llama.cpp's --draft-max / --draft-min defaults
+# cost(T)/cost(1) of today's kernel at depth ~500 (1 thread, benchmarks/ANCHORS): the prior, until
+# the model's own forward times say otherwise. Linear between these points, beyond 16 by the last slope.
+PRIOR_COST = {1: 1.0, 2: 2.09, 4: 2.17, 8: 2.34, 16: 3.93}
+DECAY = 0.9      # weight of the previous acceptance estimate per observed draft token
+TIME_EMA = 0.25  # weight of a new forward time in the running estimate
+EXPLORE_TOKENS = 1.5  # an unmeasured batch size is tried once when this many tokens per pass are expected
+
+
+class NgramIndex:
+    """The context's tokens and, for n = 1..max_n, each n-gram's latest occurrence that has a
+    known follower: appending a token makes the n-grams just before it point at it."""
+
+    def __init__(self, tokens=(), max_n=MAX_N):
+        self.max_n = max_n
+        self.tokens = []
+        self.follower = [None] + [{} for _ in range(max_n)]  # follower[n][ngram] = index of the next token
+        for t in tokens:
+            self.append(t)
+
+    def append(self, tok):
+        t, i = self.tokens, len(self.tokens)
+        for n in range(1, min(self.max_n, i) + 1):
+            self.follower[n][tuple(t[i - n:i])] = i
+        t.append(tok)
+
+    def propose(self, k):
+        """(n, draft): up to k tokens that followed the latest earlier occurrence of the longest
+        suffix n-gram of the context (n = max_n down to 1); (0, []) when nothing matches."""
+        t, size = self.tokens, len(self.tokens)
+        if k <= 0:
+            return 0, []
+        for n in range(min(self.max_n, size), 0, -1):
+            i = self.follower[n].get(tuple(t[size - n:]))
+            if i is not None:
+                return n, t[i:i + k]
+        return 0, []
+
+
+def _interpolate(points, T):
+    """Piecewise-linear through points {T: cost}, extended past the last by its slope."""
+    xs = sorted(points)
+    if T in points:
+        return points[T]
+    if T < xs[0]:
+        return points[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if a < T < b:
+            return points[a] + (points[b] - points[a]) * (T - a) / (b - a)
+    a, b = (xs[-2], xs[-1]) if len(xs) > 1 else (xs[-1], xs[-1])
+    slope = (points[b] - points[a]) / (b - a) if b > a else 0.0
+    return points[b] + slope * (T - b)
+
+
+class BatchCost:
+    """cost(T)/cost(1), from the prior table (configured) and, with learn=True, from the seconds
+    the model's own forwards take (observe): a size with measurements uses them; one without
+    is interpolated between measured sizes, or read from the prior outside them."""
+
+    def __init__(self, prior=None, learn=True):
+        prior = dict(PRIOR_COST if prior is None else prior)
+        if any(not (isinstance(T, int) and T >= 1 and c > 0) for T, c in prior.items()):
+            raise ValueError("batch costs: a table {T: cost(T)/cost(1)} with T >= 1 and positive costs")
+        prior.setdefault(1, 1.0)
+        self.prior = {T: c / prior[1] for T, c in prior.items()}
+        self.learn = learn
+        self.seconds = {}  # T -> running estimate of one forward's seconds
+
+    def observe(self, T, seconds):
+        if not self.learn or seconds <= 0:
+            return
+        old = self.seconds.get(T)
+        if old is None:
+            self.seconds[T] = seconds
+        else:  # a descheduled run counts at most twice the estimate: one outlier cannot ban a size
+            self.seconds[T] = old + TIME_EMA * (min(seconds, 2 * old) - old)
+
+    def measured(self, T):
+        """Whether ratio(T) rests on measurements (T's own, or sizes on both sides of it)."""
+        if T == 1:
+            return True
+        if 1 not in self.seconds:
+            return False
+        if T in self.seconds:
+            return True
+        return any(x < T for x in self.seconds) and any(x > T for x in self.seconds)
+
+    def ratio(self, T):
+        if T <= 1:
+            return 1.0
+        t1 = self.seconds.get(1)
+        if t1 is None or not self.learn:
+            return _interpolate(self.prior, T)
+        known = {T_: s / t1 for T_, s in self.seconds.items()}
+        if T in known:
+            return known[T]
+        lower = [x for x in known if x < T]
+        upper = [x for x in known if x > T]
+        if lower and upper:
+            a, b = max(lower), min(upper)
+            return known[a] + (known[b] - known[a]) * (T - a) / (b - a)
+        return _interpolate(self.prior, T)
+
+    def table(self, sizes=(1, 2, 4, 8, 16)):
+        return {T: round(self.ratio(T), 3) for T in sizes}
+
+
+class DraftPolicy:
+    """How many drafted tokens to verify in the next pass; learns the acceptance rate per
+    n-gram order from verify results and from plain steps scored against their proposal."""
+
+    def __init__(self, cost, draft_max=DRAFT_MAX, draft_min=DRAFT_MIN, max_n=MAX_N):
+        self.cost, self.draft_max, self.draft_min = cost, draft_max, draft_min
+        self.hits = [0.5] * (max_n + 1)    # decayed accepted draft tokens, per match order n
+        self.trials = [1.0] * (max_n + 1)  # decayed drafted tokens scored (a prior of a = 0.5)
+
+    def rate(self, n):
+        return self.hits[n] / self.trials[n]
+
+    def _score(self, n, hit):
+        self.hits[n] = DECAY * self.hits[n] + hit
+        self.trials[n] = DECAY * self.trials[n] + 1.0
+
+    def observe(self, n, drafted, accepted):
+        """A verify pass of `drafted` tokens from an order-n match accepted the first `accepted`."""
+        for _ in range(accepted):
+            self._score(n, 1.0)
+        if accepted < drafted:
+            self._score(n, 0.0)
+
+    def shadow(self, n, hit):
+        """A plain step: did the model's token equal the proposal's first token?"""
+        self._score(n, 1.0 if hit else 0.0)
+
+    def choose(self, n, available):
+        """Draft tokens to verify (0 = a plain step) for an order-n proposal of `available` tokens."""
+        hi = min(self.draft_max, available)
+        lo = max(self.draft_min, 1)
+        if n <= 0 or hi < lo:
+            return 0
+        a = self.rate(n)
+        best_k, best = 0, 1.0  # plain decode: 1 token per cost(1)
+        explore_k, explore = 0, 0.0
+        expected, power = 1.0, 1.0
+        for k in range(1, hi + 1):
+            power *= a
+            expected += power  # 1 + a + ... + a^k tokens out of a pass over k + 1
+            if k < lo:
+                continue
+            gain = expected / self.cost.ratio(k + 1)
+            if gain > best:
+                best_k, best = k, gain
+            if expected >= EXPLORE_TOKENS and not self.cost.measured(k + 1) and expected > explore:
+                explore_k, explore = k, expected
+        if best_k == 0 and explore_k and self.cost.learn:
+            return explore_k  # once per size: its measured time replaces the prior's guess
+        return best_k
+
+
+def add_arguments(p):
+    """--draft-max / --draft-min (llama.cpp's names), beside the sampling flags."""
+    p.add_argument("--draft-max", type=int, default=DRAFT_MAX,
+                   help=f"lookup drafting: most tokens drafted from the context per pass, 0 = off "
+                        f"(default {DRAFT_MAX})")
+    p.add_argument("--draft-min", type=int, default=DRAFT_MIN,
+                   help=f"fewest drafted tokens worth a verify pass (default {DRAFT_MIN})")
+
+
+def kwargs(a):
+    return dict(draft_max=a.draft_max, draft_min=a.draft_min)
