@@ -74,7 +74,8 @@ def _interpolate(points, T):
 class BatchCost:
     """cost(T)/cost(1), from the prior table (configured) and, with learn=True, from the seconds
     the model's own forwards take (observe): a size with measurements uses them; one without
-    is interpolated between measured sizes, or read from the prior outside them."""
+    is interpolated between measured sizes, or outside them follows the prior's shape scaled
+    to the nearest measured size."""
 
     def __init__(self, prior=None, learn=True):
         prior = dict(PRIOR_COST if prior is None else prior)
@@ -95,30 +96,29 @@ class BatchCost:
             self.seconds[T] = old + TIME_EMA * (min(seconds, 2 * old) - old)
 
     def measured(self, T):
-        """Whether ratio(T) rests on measurements (T's own, or sizes on both sides of it)."""
+        """Whether ratio(T) rests on measurements: of T, or of a size above 1 at least as large
+        (smaller sizes follow from it); only larger sizes are worth exploring."""
         if T == 1:
             return True
-        if 1 not in self.seconds:
-            return False
-        if T in self.seconds:
-            return True
-        return any(x < T for x in self.seconds) and any(x > T for x in self.seconds)
+        return 1 in self.seconds and any(x >= T for x in self.seconds if x > 1)
 
     def ratio(self, T):
         if T <= 1:
             return 1.0
         t1 = self.seconds.get(1)
-        if t1 is None or not self.learn:
-            return _interpolate(self.prior, T)
-        known = {T_: s / t1 for T_, s in self.seconds.items()}
+        known = {x: s / t1 for x, s in self.seconds.items() if x > 1} if t1 and self.learn else {}
         if T in known:
             return known[T]
-        lower = [x for x in known if x < T]
-        upper = [x for x in known if x > T]
+        if not known:
+            return _interpolate(self.prior, T)
+        lower, upper = [x for x in known if x < T], [x for x in known if x > T]
         if lower and upper:
             a, b = max(lower), min(upper)
             return known[a] + (known[b] - known[a]) * (T - a) / (b - a)
-        return _interpolate(self.prior, T)
+        # outside the measured sizes: the prior's shape, its excess over 1 scaled to the nearest one
+        near = max(lower) if lower else min(upper)
+        scale = (known[near] - 1) / max(_interpolate(self.prior, near) - 1, 1e-9)
+        return 1 + max(scale, 0.0) * (_interpolate(self.prior, T) - 1)
 
     def table(self, sizes=(1, 2, 4, 8, 16)):
         return {T: round(self.ratio(T), 3) for T in sizes}
