@@ -189,8 +189,10 @@ class Chat:
         pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0
         tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0
         ft = f"{s['first_token_s'] * 1000:.0f} ms" if s.get("first_token_s") is not None else "-"
+        from .lookup import stats_text
         return (f"context {s['context_tokens']}/{s['n_ctx']} tokens | prefill {s['prefill_tokens']} tokens "
-                f"{pp:.1f} tok/s | reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft}")
+                f"{pp:.1f} tok/s | reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft} | "
+                + stats_text(s))
 
     def save(self, path):
         data = json.dumps({"format": "pyllm-chat", "version": 1, "system": self.system,

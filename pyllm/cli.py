@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from . import bench, chat, perplexity
+from . import bench, chat, lookup, perplexity
 from .convert import ConvertError
 
 DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
@@ -32,6 +32,7 @@ def add_sampling(p, temp=0.8):
     g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 = off (default 1.0)")
     g.add_argument("--repeat-last-n", type=int, default=64, help="-1 = whole context (default 64)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text (default random)")
+    lookup.add_arguments(g)
 
 
 def add_model(p):
@@ -42,7 +43,8 @@ def add_model(p):
 
 def sampling_kwargs(a):
     return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed)
+                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed,
+                **lookup.kwargs(a))
 
 
 def cmd_convert(a):
@@ -68,7 +70,7 @@ def timings_line(s):
     pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0
     tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0.0
     return (f"prompt {s['prefill_tokens']} tokens {pp:.1f} tok/s, "
-            f"generated {s['gen_tokens']} tokens {tg:.1f} tok/s")
+            f"generated {s['gen_tokens']} tokens {tg:.1f} tok/s, " + lookup.stats_text(s))
 
 
 def cmd_info(a):

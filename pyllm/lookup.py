@@ -185,5 +185,22 @@ def add_arguments(p):
                    help=f"fewest drafted tokens worth a verify pass (default {DRAFT_MIN})")
 
 
+def check(draft_max, draft_min):
+    """ValueError with a one-line message unless the pair is usable."""
+    for name, v in (("draft_max", draft_max), ("draft_min", draft_min)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 256:
+            raise ValueError(f"{name}={v!r} is outside 0..256")
+    if draft_max and draft_min > draft_max:
+        raise ValueError(f"draft_min={draft_min} exceeds draft_max={draft_max}")
+
+
 def kwargs(a):
+    check(a.draft_max, a.draft_min)
     return dict(draft_max=a.draft_max, draft_min=a.draft_min)
+
+
+def stats_text(s):
+    """The drafting part of a timings line, from Model.stats."""
+    drafted, accepted = s.get("draft_tokens", 0), s.get("draft_accepted", 0)
+    kept = f" ({100 * accepted / drafted:.0f}%)" if drafted else ""
+    return f"drafted {drafted}, accepted {accepted}{kept} in {s.get('verify_steps', 0)} verify passes"

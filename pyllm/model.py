@@ -8,6 +8,7 @@ import numpy as np
 from . import format
 from ._pyllm import ffi, lib
 from .lookup import DRAFT_MAX, DRAFT_MIN, BatchCost, DraftPolicy, NgramIndex
+from .lookup import check as check_drafting
 from .sample import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -147,11 +148,10 @@ class Model:
             raise PyllmError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx}")
         if max_tokens < 0:
             raise PyllmError(f"max_tokens={max_tokens} is negative")
-        for name, v in (("draft_max", draft_max), ("draft_min", draft_min)):
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 256:
-                raise PyllmError(f"{name}={v!r} is outside 0..256")
-        if draft_max and draft_min > draft_max:
-            raise PyllmError(f"draft_min={draft_min} exceeds draft_max={draft_max}")
+        try:
+            check_drafting(draft_max, draft_min)
+        except ValueError as e:
+            raise PyllmError(str(e)) from None
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
         stops = self.stop_ids if stop_ids is None else set(stop_ids)
