@@ -7,8 +7,9 @@ holds the three pieces it needs, none of which touch the kernel:
   NgramIndex  where each recent 1..3-gram of the context last occurred, updated one token at a
               time; propose() drafts what followed the longest suffix match.
   BatchCost   cost(T)/cost(1): a forward over T new tokens relative to one. Starts from a prior
-              table and learns from the model's own forward times, so drafting pays off as soon
-              as the kernel makes small batches cheap.
+              table and learns from the model's own forward times (one batch is tried early
+              to calibrate it), so drafting pays off as soon as the kernel makes small
+              batches cheap.
   DraftPolicy the draft length: it drafts k tokens only when the expected tokens per pass,
               1 + a + ... + a^k (a: the recent acceptance rate for matches of that n-gram
               order), beat the pass's cost; otherwise it decodes plainly (and still scores the
@@ -23,7 +24,9 @@ DRAFT_MAX, DRAFT_MIN = 16, 0  # llama.cpp's --draft-max / --draft-min defaults
 PRIOR_COST = {1: 1.0, 2: 2.09, 4: 2.17, 8: 2.34, 16: 3.93}
 DECAY = 0.9      # weight of the previous acceptance estimate per observed draft token
 TIME_EMA = 0.25  # weight of a new forward time in the running estimate
-EXPLORE_TOKENS = 1.5  # an unmeasured batch size is tried once when this many tokens per pass are expected
+# Until a batch has been timed, one is tried when it would pay this much on an ideal small-batch
+# kernel, cost(T)/cost(1) = 1 + EXPLORE_SLOPE (T - 1): its time then rescales the prior.
+EXPLORE_GAIN, EXPLORE_SLOPE = 1.3, 0.1
 
 
 class NgramIndex:
@@ -95,12 +98,9 @@ class BatchCost:
         else:  # a descheduled run counts at most twice the estimate: one outlier cannot ban a size
             self.seconds[T] = old + TIME_EMA * (min(seconds, 2 * old) - old)
 
-    def measured(self, T):
-        """Whether ratio(T) rests on measurements: of T, or of a size above 1 at least as large
-        (smaller sizes follow from it); only larger sizes are worth exploring."""
-        if T == 1:
-            return True
-        return 1 in self.seconds and any(x >= T for x in self.seconds if x > 1)
+    def calibrated(self):
+        """Whether a batch of more than one token has been timed (and one token, to compare)."""
+        return 1 in self.seconds and any(x > 1 for x in self.seconds)
 
     def ratio(self, T):
         if T <= 1:
@@ -130,8 +130,8 @@ class DraftPolicy:
 
     def __init__(self, cost, draft_max=DRAFT_MAX, draft_min=DRAFT_MIN, max_n=MAX_N):
         self.cost, self.draft_max, self.draft_min = cost, draft_max, draft_min
-        self.hits = [0.5] * (max_n + 1)    # decayed accepted draft tokens, per match order n
-        self.trials = [1.0] * (max_n + 1)  # decayed drafted tokens scored (a prior of a = 0.5)
+        self.hits = [0.3] * (max_n + 1)    # decayed accepted draft tokens, per match order n
+        self.trials = [1.0] * (max_n + 1)  # decayed drafted tokens scored (a prior of a = 0.3)
 
     def rate(self, n):
         return self.hits[n] / self.trials[n]
@@ -159,7 +159,7 @@ class DraftPolicy:
             return 0
         a = self.rate(n)
         best_k, best = 0, 1.0  # plain decode: 1 token per cost(1)
-        explore_k, explore = 0, 0.0
+        explore_k, explore = 0, EXPLORE_GAIN
         expected, power = 1.0, 1.0
         for k in range(1, hi + 1):
             power *= a
@@ -169,10 +169,12 @@ class DraftPolicy:
             gain = expected / self.cost.ratio(k + 1)
             if gain > best:
                 best_k, best = k, gain
-            if expected >= EXPLORE_TOKENS and not self.cost.measured(k + 1) and expected > explore:
-                explore_k, explore = k, expected
-        if best_k == 0 and explore_k and self.cost.learn:
-            return explore_k  # once per size: its measured time replaces the prior's guess
+            ideal = expected / (1 + EXPLORE_SLOPE * k)
+            if ideal > explore:
+                explore_k, explore = k, ideal
+        c = self.cost
+        if best_k == 0 and explore_k and c.learn and 1 in c.seconds and not c.calibrated():
+            return explore_k  # once, after a plain step: the measured time rescales the prior
         return best_k
 
 

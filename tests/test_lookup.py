@@ -57,18 +57,17 @@ def test_batch_cost_prior_learning_and_outliers():
     assert c.ratio(1) == 1.0 and c.ratio(2) == PRIOR_COST[2]
     assert c.ratio(3) == pytest.approx((PRIOR_COST[2] + PRIOR_COST[4]) / 2)
     assert c.ratio(20) > c.ratio(16) > c.ratio(8)
-    assert not c.measured(5)
     c.observe(1, 0.010)
     c.observe(9, 0.012)
-    assert c.ratio(9) == pytest.approx(1.2) and c.measured(9)
+    assert c.ratio(9) == pytest.approx(1.2) and c.calibrated()
     c.observe(3, 0.014)
     assert c.ratio(5) == pytest.approx(1.4 - 0.2 * 2 / 6)  # between measured sizes
     prior12 = PRIOR_COST[8] + (PRIOR_COST[16] - PRIOR_COST[8]) / 2
     prior9 = PRIOR_COST[8] + (PRIOR_COST[16] - PRIOR_COST[8]) / 8
-    assert not c.measured(12) and c.ratio(12) == pytest.approx(1 + (prior12 - 1) * 0.2 / (prior9 - 1))
+    assert c.ratio(12) == pytest.approx(1 + (prior12 - 1) * 0.2 / (prior9 - 1))
     c.observe(9, 10.0)  # a descheduled run moves the estimate by at most a step towards 2x
     assert c.ratio(9) < 1.6
-    assert not BatchCost().measured(2)
+    assert not BatchCost().calibrated()
     fixed = BatchCost({1: 2.0, 4: 3.0}, learn=False)
     fixed.observe(1, 1.0)
     assert fixed.ratio(4) == 1.5 and fixed.ratio(2) == pytest.approx(1 + 0.5 / 3)
@@ -92,20 +91,28 @@ def test_policy_drafts_only_when_it_pays():
     assert p.choose(1, 10) == 6 and p.choose(1, 3) == 3 and p.choose(1, 2) == 0
 
 
-def test_policy_explores_an_unmeasured_size_once():
+def test_policy_calibrates_the_cost_once():
     c = BatchCost()
     p = DraftPolicy(c, draft_max=8)
-    c.observe(1, 0.01)
-    for _ in range(10):
-        p.shadow(2, True)
     p.hits[2], p.trials[2] = 0.5, 1.0  # 50%: under the prior no size pays
-    assert p.choose(2, 8) == 8  # so the largest one is measured
-    c.observe(9, 0.01 * 3.0)  # and turns out as expensive as the prior said
-    assert p.choose(2, 8) == 0 and p.choose(2, 4) == 0  # sizes below it are interpolated, not explored
-    c.observe(9, 0.01 * 1.1)
-    for _ in range(20):
-        c.observe(9, 0.01 * 1.1)
-    assert p.choose(2, 8) >= 6  # the kernel got cheaper: drafting pays
+    assert p.choose(2, 8) == 0  # no time of one token yet: nothing to compare a batch with
+    c.observe(1, 0.01)
+    k = p.choose(2, 8)
+    assert 1 <= k <= 4  # would pay on an ideal kernel: one pass measures it
+    c.observe(k + 1, 0.01 * c.ratio(k + 1))  # as expensive as the prior said
+    assert c.calibrated() and [p.choose(2, n) for n in (8, 4, 2)] == [0, 0, 0]  # no more exploring
+    p = DraftPolicy(c, draft_max=8)
+    assert p.choose(2, 8) == 0  # a new reply keeps the calibration
+    c = BatchCost()
+    p = DraftPolicy(c, draft_max=8)
+    p.hits[2], p.trials[2] = 0.5, 1.0
+    c.observe(1, 0.01)
+    k = p.choose(2, 8)
+    c.observe(k + 1, 0.01 * (1 + 0.05 * k))  # the kernel is cheaper than the prior: drafting pays
+    assert p.choose(2, 8) >= 2
+    p.hits[2], p.trials[2] = 0.05, 1.0  # unless drafts are never right
+    assert p.choose(2, 8) == 0
+    assert DraftPolicy(BatchCost(learn=False)).choose(2, 8) == 0  # a fixed table: never explores
 
 
 # ---------- on a tiny model ----------
@@ -448,3 +455,21 @@ def test_default_model_greedy_identical(default_model):
         assert s1["verify_steps"] > 0 and s1["draft_accepted"] <= s1["draft_tokens"]
     assert accepted > 20
     assert os.path.exists(default_model)
+
+
+def test_lookup_benchmark_runs_and_checks_identity(tiny, tmp_path, capsys):
+    """benchmarks/lookup.py on the shipped tasks (a tiny model: a smoke test, no timing checked)."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import lookup as lookup_bench
+    out = tmp_path / "r.json"
+    assert lookup_bench.main([tiny, "-t", "1", "-n", "12", "-r", "2", "--json-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "copy tasks, geometric mean" in text and "identical" in text
+    res = json.loads(out.read_text())
+    assert [r["task"] for r in res] == ["summarise", "answer", "edit", "chat"]
+    for r in res:
+        assert r["identical"] and r["plain_ts"] > 0 and r["lookup_ts"] > 0 and r["prompt_tokens"] > 20
+    tasks = lookup_bench.load_tasks(lookup_bench.TASKS)
+    assert all(t["provenance"] for t in tasks) and sum(t["kind"] == "copy" for t in tasks) == 3
