@@ -116,11 +116,11 @@ def test_policy_calibrates_the_cost_once():
 
 
 # ---------- on a tiny model ----------
-def make_nearly_markov_model(path, seed, attention=0.05):
+def make_nearly_markov_model(path, seed, attention=0.05, **overrides):
     """A tiny random model whose attention output is scaled down: its next token depends
     mostly on the current one, so its text repeats and drafts are often right (a plain
     random model's are almost never), while the cache still matters."""
-    make_tiny_model(path, seed=seed)
+    make_tiny_model(path, seed=seed, **overrides)
     spans = [(t["offset"], 2 * int(np.prod(t["shape"]))) for t in format.read(path).meta["tensors"]
              if t["name"].endswith("attn_out")]
     raw = np.memmap(path, dtype=np.uint8, mode="r+")
@@ -457,9 +457,11 @@ def test_default_model_greedy_identical(default_model):
     assert os.path.exists(default_model)
 
 
-def test_lookup_benchmark_runs_and_checks_identity(tiny, tmp_path, capsys):
+def test_lookup_benchmark_runs_and_checks_identity(tmp_path, capsys):
     """benchmarks/lookup.py on the shipped tasks (a tiny model: a smoke test, no timing checked)."""
     import json
+    tiny = str(tmp_path / "long.bin")
+    make_nearly_markov_model(tiny, seed=5, max_seq_len=4096)
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import lookup as lookup_bench
