@@ -86,13 +86,16 @@ class BatchCost:
             raise ValueError("batch costs: a table {T: cost(T)/cost(1)} with T >= 1 and positive costs")
         prior.setdefault(1, 1.0)
         self.prior = {T: c / prior[1] for T, c in prior.items()}
+        self._prior = [1.0] + [_interpolate(self.prior, T) for T in range(1, 258)]  # T <= draft max + 1
         self.learn = learn
         self.seconds = {}  # T -> running estimate of one forward's seconds
+        self._batch_version, self._cache = 0, None
 
     def observe(self, T, seconds):
         if not self.learn or seconds <= 0:
             return
         old = self.seconds.get(T)
+        self._batch_version += T > 1
         if old is None:
             self.seconds[T] = seconds
         else:  # a descheduled run counts at most twice the estimate: one outlier cannot ban a size
@@ -103,22 +106,40 @@ class BatchCost:
         return 1 in self.seconds and any(x > 1 for x in self.seconds)
 
     def ratio(self, T):
-        if T <= 1:
-            return 1.0
+        return self.ratios(T)[T]
+
+    def ratios(self, n):
+        """[cost(T)/cost(1) for T = 0..n] (T = 0 reads as 1); recomputed when a batch's time
+        has changed or one token's by more than 1%, as a decode step asks every token."""
         t1 = self.seconds.get(1)
+        c = self._cache
+        if c and c[0] == n and c[1] == self._batch_version and (t1 == c[2] or (t1 and c[2] and abs(t1 / c[2] - 1) < 0.01)):
+            return c[3]
+        out = self._ratios(n, t1)
+        self._cache = (n, self._batch_version, t1, out)
+        return out
+
+    def _ratios(self, n, t1):
         known = {x: s / t1 for x, s in self.seconds.items() if x > 1} if t1 and self.learn else {}
-        if T in known:
-            return known[T]
-        if not known:
-            return _interpolate(self.prior, T)
-        lower, upper = [x for x in known if x < T], [x for x in known if x > T]
-        if lower and upper:
-            a, b = max(lower), min(upper)
-            return known[a] + (known[b] - known[a]) * (T - a) / (b - a)
-        # outside the measured sizes: the prior's shape, its excess over 1 scaled to the nearest one
-        near = max(lower) if lower else min(upper)
-        scale = (known[near] - 1) / max(_interpolate(self.prior, near) - 1, 1e-9)
-        return 1 + max(scale, 0.0) * (_interpolate(self.prior, T) - 1)
+        xs = sorted(known)
+        top = max([n] + xs)
+        prior = self._prior if top < len(self._prior) else [1.0] + [_interpolate(self.prior, T)
+                                                                    for T in range(1, top + 1)]
+        out = [1.0] + prior[1:n + 1]
+        if not xs:
+            return out
+        for T in range(2, n + 1):
+            if T in known:
+                out[T] = known[T]
+            elif xs[0] < T < xs[-1]:
+                lo = max(x for x in xs if x < T)
+                hi = min(x for x in xs if x > T)
+                out[T] = known[lo] + (known[hi] - known[lo]) * (T - lo) / (hi - lo)
+            else:  # outside the measured sizes: the prior's shape, its excess over 1 scaled to the nearest
+                near = xs[-1] if T > xs[-1] else xs[0]
+                scale = (known[near] - 1) / max(prior[near] - 1, 1e-9)
+                out[T] = 1 + max(scale, 0.0) * (prior[T] - 1)
+        return out
 
     def table(self, sizes=(1, 2, 4, 8, 16)):
         return {T: round(self.ratio(T), 3) for T in sizes}
@@ -158,6 +179,7 @@ class DraftPolicy:
         if n <= 0 or hi < lo:
             return 0
         a = self.rate(n)
+        ratio = self.cost.ratios(hi + 1)
         best_k, best = 0, 1.0  # plain decode: 1 token per cost(1)
         explore_k, explore = 0, EXPLORE_GAIN
         expected, power = 1.0, 1.0
@@ -166,7 +188,7 @@ class DraftPolicy:
             expected += power  # 1 + a + ... + a^k tokens out of a pass over k + 1
             if k < lo:
                 continue
-            gain = expected / self.cost.ratio(k + 1)
+            gain = expected / ratio[k + 1]
             if gain > best:
                 best_k, best = k, gain
             ideal = expected / (1 + EXPLORE_SLOPE * k)
