@@ -475,3 +475,17 @@ def test_lookup_benchmark_runs_and_checks_identity(tmp_path, capsys):
         assert r["identical"] and r["plain_ts"] > 0 and r["lookup_ts"] > 0 and r["prompt_tokens"] > 20
     tasks = lookup_bench.load_tasks(lookup_bench.TASKS)
     assert all(t["provenance"] for t in tasks) and sum(t["kind"] == "copy" for t in tasks) == 3
+
+
+def test_chat_passes_draft_settings_and_reports_them(tiny):
+    from pyllm.chat import Chat
+    m = pyllm.load(tiny, threads=1)
+    m.batch_cost = BatchCost(FREE, learn=False)
+    devnull = open(os.devnull, "w")
+    on = Chat(m, sampling={"temperature": 0, "draft_max": 8}, max_tokens=40, out=devnull)
+    reply = on.ask(PROMPTS[1])
+    assert m.stats["verify_steps"] > 0
+    assert "drafted" in on.stats_line() and "accepted" in on.stats_line()
+    off = Chat(m, sampling={"temperature": 0, "draft_max": 0}, max_tokens=40, out=devnull)
+    assert off.ask(PROMPTS[1]) == reply and m.stats["verify_steps"] == 0
+    assert "drafted 0, accepted 0 in 0 verify passes" in off.stats_line()
