@@ -218,7 +218,7 @@ class Model:
                 if draft:
                     policy.observe(order, len(draft), accepted)
                     self.stats["draft_accepted"] += accepted
-                if done:
+                if done or n >= max_tokens:  # (the last token needs no forward: nothing reads its logits)
                     break
                 if len(self.tokens) >= self.n_ctx:
                     self.stats["stop"] = "context"
