@@ -8,8 +8,11 @@ MODEL  := weights/smollm2-135m-instruct.f16.bin
 THREADS ?=
 ARGS ?=
 PROMPT ?= The capital of France is
+# ruff is pinned: a new release brings new findings and formatting
+RUFF_VERSION := 0.17.5
+LINT_PATHS := pyllm tests benchmarks setup.py
 
-.PHONY: install dev weights run chat test test-paths test-clang test-asan test-neon fixtures bench compare clean
+.PHONY: install dev weights run chat test lint test-paths test-clang test-asan test-neon fixtures bench compare clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h
@@ -20,9 +23,9 @@ $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/py
 	touch $@
 install: $(VENV)/.installed
 
-# tests: the references (Hugging Face tokenizers and transformers on a local CPU torch)
+# tests: the references (Hugging Face tokenizers and transformers on a local CPU torch), ruff
 $(VENV)/.dev: $(VENV)/.installed
-	$(PIP) install pytest pexpect tokenizers hypothesis
+	$(PIP) install pytest pexpect tokenizers hypothesis ruff==$(RUFF_VERSION)
 	$(PIP) install torch==2.13.0
 	$(PIP) install transformers
 	touch $@
@@ -46,8 +49,14 @@ chat: weights
 	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
 
 test: dev weights
+	$(MAKE) lint
 	$(PY) -m pytest -q tests --ignore=tests/test_cross.py
 	$(MAKE) test-paths test-clang test-asan test-neon
+
+# the Python's lint findings and format, as pyproject.toml's [tool.ruff] sets them
+lint: dev
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 # the other vector paths must build and agree with the reference too: the plain C path
 # everywhere, and AVX2 (x86-64-v3) on x86-64 machines that have AVX-512

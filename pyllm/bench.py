@@ -3,7 +3,8 @@
     pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-r 5] [-o md|json] [--roofline]
                       [--batch 1,2,4,8,16] [--batch-depth 512]
 
-Each test is timed on token ids straight through lib.pyllm_forward: no tokenizer, no sampler.
+Each test is timed on token ids straight through the kernel (Model.forward_at): no tokenizer,
+no sampler.
   ppN  one forward of N random tokens at position depth, logits of the last token only
   tgN  N single-token forwards at positions depth, depth+1, ... (logits every step)
   batchT @ dD  one forward of T tokens at position D with every position's logits, as a
@@ -122,6 +123,7 @@ def build_info():
     (llama-bench's build_commit; '-dirty' when csrc/ or pyllm/ differ from it)."""
     import hashlib
     import subprocess
+
     from . import _pyllm
     so = _pyllm.__file__
     with open(so, "rb") as f:
@@ -174,77 +176,65 @@ def model_info(path):
 
 # ---------- the timed runs ----------
 class Runner:
-    """One opened model at one thread count; runs tests on raw token ids."""
+    """One opened model at one thread count; runs tests on raw token ids (Model.forward_at).
+    Between tests the model's cache holds a prefix of depth_ids: the tests' own ids are
+    rewound after each run."""
 
     def __init__(self, path, threads, n_ctx, max_depth, seed=1234):
-        from ._pyllm import ffi, lib
         from .model import load
-        self.ffi, self.lib = ffi, lib
         t0 = time.perf_counter()
         self.model = load(path, threads=threads, n_ctx=n_ctx)
         self.vocab = self.model.vocab_size
-        self.logits = np.empty(self.vocab, dtype=np.float32)
-        self._out = ffi.cast("float *", ffi.from_buffer(self.logits))
+        self.out = np.empty(self.vocab, dtype=np.float32)  # every run's logits land here
         rng = np.random.default_rng(seed)
-        self._tok = ffi.new("int[]", [int(rng.integers(self.vocab))])
-        self._forward(self._tok, 1, 0)  # first touch: every weight page is read once
+        # first touch: a one-token forward reads every weight page once
+        self.model.forward_at([int(rng.integers(self.vocab))], 0, self.out)
+        self.model.reset()
         self.load_s = time.perf_counter() - t0
         self.threads = self.model.threads
         # the depth context (the same for every test) and the ids the tests feed
         self.depth_ids = rng.integers(0, self.vocab, max(max_depth, 1)).tolist()
         self.rng = rng
-        self.filled = 0  # cache positions [0, filled) hold depth_ids[:filled]
-
-    def _forward(self, ids, n, pos):
-        rc = self.lib.pyllm_forward(self.model._m, ids, n, pos, self._out, 0)
-        if rc:
-            from .model import forward_error
-            raise forward_error(rc)
 
     def _fill(self, depth):
-        if self.filled < depth:
-            ids = self.depth_ids[self.filled:depth]
-            self._forward(self.ffi.new("int[]", ids), len(ids), self.filled)
-        self.filled = max(self.filled, depth)
+        """Make the cache hold depth_ids[:depth] (untimed), keeping what it already holds."""
+        m = self.model
+        m.rewind(depth)
+        have = len(m.tokens)
+        if have < depth:
+            m.forward_at(self.depth_ids[have:depth], have, self.out)
 
     def run(self, test, n=None):
         """Nanoseconds for one run of test (n overrides its token count, for warmups)."""
         n = test.n if n is None else n
         self._fill(test.depth)
         ids = self.rng.integers(0, self.vocab, n).tolist()
+        forward, out, pos = self.model.forward_at, self.out, test.depth
         if test.kind == "pp":
-            buf = self.ffi.new("int[]", ids)
             t0 = time.perf_counter_ns()
-            self._forward(buf, n, test.depth)
+            forward(ids, pos, out)
             dt = time.perf_counter_ns() - t0
         elif test.kind == "batch":  # a verify pass: logits at every position
-            buf = self.ffi.new("int[]", ids)
-            out = np.empty((n, self.vocab), dtype=np.float32)
+            rows = np.empty((n, self.vocab), dtype=np.float32)
             t0 = time.perf_counter_ns()
-            rc = self.lib.pyllm_forward(self.model._m, buf, n, test.depth,
-                                        self.ffi.cast("float *", self.ffi.from_buffer(out)), 1)
+            forward(ids, pos, rows)
             dt = time.perf_counter_ns() - t0
-            if rc:
-                from .model import forward_error
-                raise forward_error(rc)
         else:
-            bufs = [self.ffi.new("int[]", [i]) for i in ids]
-            fwd, m, out, pos = self.lib.pyllm_forward, self.model._m, self._out, test.depth
             t0 = time.perf_counter_ns()
-            rc = 0
-            for i, b in enumerate(bufs):
-                rc = fwd(m, b, 1, pos + i, out, 0)
-                if rc:
-                    break
+            for i, t in enumerate(ids):
+                forward([t], pos + i, out)
             dt = time.perf_counter_ns() - t0
-            if rc:
-                from .model import forward_error
-                raise forward_error(rc)
-        self.filled = min(self.filled, test.depth)  # the test overwrote positions depth..
+        self.model.rewind(test.depth)
         return dt
 
+    def logits(self, ids):
+        """The last id's logits (a copy) of ids evaluated from position 0; the depth
+        context is forgotten (the next run fills it again)."""
+        out = self.model.forward_at(ids, 0, self.out).copy()
+        self.model.reset()
+        return out
+
     def close(self):
-        self._out = None
         self.model.close()
 
 
@@ -305,8 +295,8 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
                        "model_n_params": info.n_params, "cpu_info": cpu_info(), "simd": simd,
                        "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
                        "n_threads": r.threads, "n_prompt": test.n_prompt, "n_gen": test.n_gen,
-                       "n_batch": test.n_batch, "n_depth": test.depth, "test_time": datetime.datetime.now(datetime.timezone.utc)
-                       .strftime("%Y-%m-%dT%H:%M:%SZ")}
+                       "n_batch": test.n_batch, "n_depth": test.depth,
+                       "test_time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
                 res.update(summarize(samples, test.n))
                 res.update({"load_s": r.load_s, "peak_rss_bytes": peak_rss_bytes(),
                             "weight_bytes_per_token": info.bytes_per_token if test.kind == "tg" else None,
@@ -364,8 +354,9 @@ MD_HEADER = ("| model | size | params | threads | test | t/s |\n"
 
 
 def md_row(res):
-    return (f"| {res['model_type']} | {fmt_size(res['model_size'])} | {fmt_params(res['model_n_params'])} "
-            f"| {res['n_threads']} | {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+    return (f"| {res['model_type']} | {fmt_size(res['model_size'])} "
+            f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {test_name(res)} "
+            f"| {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
 
 
 def md_footer(results):

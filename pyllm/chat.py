@@ -9,25 +9,33 @@ from datetime import datetime
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_kwargs, text_arg
+
 # Templates for files that carry none (--template NAME), in each family's own format.
 TEMPLATES = {
-    "chatml": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "llama2": "{% if messages and messages[0].role == 'system' %}{% set sys = messages[0].content %}"
-              "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
-              "{% if m.role == 'user' %}{{ bos_token }}[INST] {% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n"
-              "{% endif %}{{ m.content | trim }} [/INST]{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}"
-              "{% endfor %}",
-    "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-              "{{ m.content | trim }}<|eot_id|>{% endfor %}"
-              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-    "zephyr": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
-              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
-    "gemma": "{{ bos_token }}{% set sys = '' %}{% if messages and messages[0].role == 'system' %}"
-             "{% set sys = messages[0].content + '\\n\\n' %}{% set messages = messages[1:] %}{% endif %}"
-             "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
-             "{{ (sys if loop.first else '') + (m.content | trim) }}<end_of_turn>\n{% endfor %}"
-             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "llama2": ("{% if messages and messages[0].role == 'system' %}"
+               "{% set sys = messages[0].content %}"
+               "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
+               "{% if m.role == 'user' %}{{ bos_token }}[INST] "
+               "{% if loop.first and sys %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n"
+               "{% endif %}{{ m.content | trim }} [/INST]"
+               "{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}"
+               "{% endfor %}"),
+    "llama3": ("{{ bos_token }}{% for m in messages %}"
+               "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+               "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+               "{% endif %}"),
+    "zephyr": ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n"
+               "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+    "gemma": ("{{ bos_token }}{% set sys = '' %}{% if messages and messages[0].role == 'system' %}"
+              "{% set sys = messages[0].content + '\\n\\n' %}{% set messages = messages[1:] %}"
+              "{% endif %}{% for m in messages %}"
+              "<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+              "{{ (sys if loop.first else '') + (m.content | trim) }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
 }
 MAX_TEMPLATE_OUTPUT = 1 << 20  # characters
 TEMPLATE_SECONDS = 2
@@ -190,9 +198,9 @@ class Chat:
         tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0
         ft = f"{s['first_token_s'] * 1000:.0f} ms" if s.get("first_token_s") is not None else "-"
         from .lookup import stats_text
-        return (f"context {s['context_tokens']}/{s['n_ctx']} tokens | prefill {s['prefill_tokens']} tokens "
-                f"{pp:.1f} tok/s | reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft} | "
-                + stats_text(s))
+        return (f"context {s['context_tokens']}/{s['n_ctx']} tokens "
+                f"| prefill {s['prefill_tokens']} tokens {pp:.1f} tok/s "
+                f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft} | " + stats_text(s))
 
     def save(self, path):
         data = json.dumps({"format": "pyllm-chat", "version": 1, "system": self.system,
@@ -225,12 +233,11 @@ class Chat:
         self.messages = msgs
 
 
-def add_arguments(p, add_model, add_sampling):
-    from .cli import DEFAULT_MODEL
+def add_arguments(p):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     add_model(p)
-    add_sampling(p)
-    p.set_defaults(n_predict=-1)
+    add_sampling(p, n_predict=-1,
+                 n_predict_help="most tokens per reply (default -1: until it ends or fills the context)")
     p.add_argument("-sys", "--system", default=None, help="system prompt")
     p.add_argument("-p", "--prompt", default=None, help="ask this once, print the reply, exit")
     p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
@@ -250,14 +257,10 @@ def _read_message(prompt="> "):
 
 
 def main(a):
-    from .cli import UsageError, sampling_kwargs
     from .model import load
     for s, what in ((a.system, "system prompt"), (a.prompt, "prompt")):
         if s is not None:
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UsageError(f"the {what} is not valid UTF-8") from None
+            text_arg(s, what)
     interactive = a.prompt is None and sys.stdin.isatty()
     if not interactive and a.prompt is None:
         data = sys.stdin.buffer.read()

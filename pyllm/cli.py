@@ -5,46 +5,8 @@ import os
 import sys
 
 from . import bench, chat, lookup, perplexity
+from .args import UsageError, add_model, add_sampling, sampling_kwargs, text_arg
 from .convert import ConvertError
-
-DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
-
-
-class UsageError(Exception):
-    pass
-
-
-def _text_arg(s, what):
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"the {what} is not valid UTF-8") from None
-    return s
-
-
-def add_sampling(p, temp=0.8):
-    g = p.add_argument_group("sampling (llama.cpp names and defaults)")
-    g.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default 256)")
-    g.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default {temp})")
-    g.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="1.0 = off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="0.0 = off (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 = off (default 1.0)")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="-1 = whole context (default 64)")
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text (default random)")
-    lookup.add_arguments(g)
-
-
-def add_model(p):
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="context size in tokens (default: min(model's, 4096))")
-
-
-def sampling_kwargs(a):
-    return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed,
-                **lookup.kwargs(a))
 
 
 def cmd_convert(a):
@@ -56,7 +18,7 @@ def cmd_convert(a):
 
 def cmd_generate(a):
     from .model import load
-    prompt = _text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
+    prompt = text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
     m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
     for piece in m.generate(prompt, max_tokens=a.n_predict, **sampling_kwargs(a)):
         sys.stdout.write(piece)
@@ -134,7 +96,7 @@ def build_parser():
     i.set_defaults(fn=cmd_info)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
-    chat.add_arguments(ch, add_model, add_sampling)
+    chat.add_arguments(ch)
     ch.set_defaults(fn=chat.main)
 
     b = sub.add_parser("bench", help="prompt-processing and generation speed, llama-bench style")
@@ -142,7 +104,7 @@ def build_parser():
     b.set_defaults(fn=bench.main)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
-    perplexity.add_arguments(pp, add_model)
+    perplexity.add_arguments(pp)
     pp.set_defaults(fn=perplexity.main)
     return p
 

@@ -200,15 +200,6 @@ class DraftPolicy:
         return best_k
 
 
-def add_arguments(p):
-    """--draft-max / --draft-min (llama.cpp's names), beside the sampling flags."""
-    p.add_argument("--draft-max", type=int, default=DRAFT_MAX,
-                   help=f"lookup drafting: most tokens drafted from the context per pass, 0 = off "
-                        f"(default {DRAFT_MAX})")
-    p.add_argument("--draft-min", type=int, default=DRAFT_MIN,
-                   help=f"fewest drafted tokens worth a verify pass (default {DRAFT_MIN})")
-
-
 def check(draft_max, draft_min):
     """ValueError with a one-line message unless the pair is usable."""
     for name, v in (("draft_max", draft_max), ("draft_min", draft_min)):
@@ -216,11 +207,6 @@ def check(draft_max, draft_min):
             raise ValueError(f"{name}={v!r} is outside 0..256")
     if draft_max and draft_min > draft_max:
         raise ValueError(f"draft_min={draft_min} exceeds draft_max={draft_max}")
-
-
-def kwargs(a):
-    check(a.draft_max, a.draft_min)
-    return dict(draft_max=a.draft_max, draft_min=a.draft_min)
 
 
 def stats_text(s):

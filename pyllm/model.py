@@ -132,6 +132,28 @@ class Model:
         self.rewind(keep)
         return self.eval(ids[keep:])
 
+    def forward_at(self, ids, pos, out=None):
+        """Run the kernel once over ids (a list of ints) at cache positions pos, pos + 1, ...;
+        the logits of the last id, written into out (a C-contiguous float32 array of
+        vocab_size) when given, or of every id when out has shape (len(ids), vocab_size), as a
+        lookup verify pass needs. No conversions and no checks beyond the kernel's own (bad
+        ids or positions raise PyllmError, and nothing is run): for a caller that picks its
+        positions and times each call, as `pyllm bench` does. self.tokens follows the cache:
+        its first pos ids, then ids (if pos is past its end, it keeps what it holds)."""
+        if out is None:
+            out = np.empty(self.vocab_size, dtype=np.float32)
+        elif (out.dtype != np.float32 or out.shape not in ((self.vocab_size,), (len(ids), self.vocab_size))
+              or not (out.flags.c_contiguous and out.flags.writeable)):
+            raise ValueError(f"out must be a writable contiguous float32 array of {self.vocab_size}"
+                             f" or ({len(ids)}, {self.vocab_size})")
+        rc = lib.pyllm_forward(self._m, ffi.new("int[]", ids), len(ids), pos,
+                               ffi.cast("float *", ffi.from_buffer(out)), int(out.ndim == 2))
+        if rc:
+            raise forward_error(rc)
+        if pos <= len(self.tokens):
+            self.tokens[pos:] = ids
+        return out
+
     # --- text ---
     def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                  repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None, draft_max=DRAFT_MAX,

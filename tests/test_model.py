@@ -92,3 +92,56 @@ def test_greedy_matches_transformers(model, fx, n):
 def test_paris(model):
     text = "".join(model.generate("The capital of France is", 8, temperature=0.0))
     assert text.startswith(" Paris."), text
+
+
+def test_forward_at_is_eval_at_chosen_positions(model):
+    """Model.forward_at (what `pyllm bench` times): the kernel's own logits at the positions
+    asked for, into the caller's buffer, with self.tokens kept in step with the cache."""
+    ids = model.tokenizer.encode("The capital of France is")
+    model.reset()
+    want = [model.eval(ids)] + [model.eval([t]) for t in (11, 12)]
+    out = np.zeros(model.vocab_size, dtype=np.float32)
+    model.reset()
+    assert model.forward_at(ids, 0, out) is out and np.array_equal(out, want[0])
+    assert model.tokens == ids
+    for k, t in enumerate((11, 12)):  # decode: one id at a time, as bench's tg
+        assert np.array_equal(model.forward_at([t], len(ids) + k), want[k + 1])
+    assert model.tokens == ids + [11, 12]
+    model.forward_at([5, 6], 2, out)  # an earlier position: the cache from there on is replaced
+    assert model.tokens == ids[:2] + [5, 6]
+    model.forward_at([7], 10, out)  # past the known tokens: what is known stays known
+    assert model.tokens == ids[:2] + [5, 6]
+    model.reset()
+
+
+def test_forward_at_every_position(model):
+    """An out of shape (len(ids), vocab): every position's logits, as a lookup verify pass."""
+    ids = model.tokenizer.encode("The capital of France is")
+    want = model.logits(ids)
+    rows = np.zeros((len(ids) - 2, model.vocab_size), dtype=np.float32)
+    model.reset()
+    model.forward_at(ids[:2], 0)
+    assert model.forward_at(ids[2:], 2, rows) is rows and np.array_equal(rows, want[2:])
+    with pytest.raises(ValueError, match="contiguous float32"):
+        model.forward_at(ids[2:], 2, np.zeros((2, model.vocab_size), dtype=np.float32))
+    model.reset()
+
+
+def test_forward_at_refuses(model):
+    model.reset()
+    model.forward_at([1, 2, 3], 0)
+    for bad in ([model.vocab_size], [-1], []):
+        with pytest.raises(pyllm.PyllmError):
+            model.forward_at(bad, 3)
+    with pytest.raises(pyllm.PyllmError, match="context full"):
+        model.forward_at([1, 2], model.n_ctx - 1)
+    assert model.tokens == [1, 2, 3]  # nothing ran
+    for out in (np.zeros(model.vocab_size, np.float64), np.zeros(model.vocab_size + 1, np.float32),
+                np.zeros((2, model.vocab_size), np.float32)[:, 0]):
+        with pytest.raises(ValueError, match="out must be"):
+            model.forward_at([1], 3, out)
+    frozen = np.zeros(model.vocab_size, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be"):
+        model.forward_at([1], 3, frozen)
+    model.reset()
