@@ -296,14 +296,15 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
                        "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
                        "n_threads": r.threads, "n_prompt": test.n_prompt, "n_gen": test.n_gen,
                        "n_batch": test.n_batch, "n_depth": test.depth,
-                       "test_time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                       "test_time": datetime.datetime.now(datetime.timezone.utc)
+                       .strftime("%Y-%m-%dT%H:%M:%SZ")}
                 res.update(summarize(samples, test.n))
                 res.update({"load_s": r.load_s, "peak_rss_bytes": peak_rss_bytes(),
                             "weight_bytes_per_token": info.bytes_per_token if test.kind == "tg" else None,
                             "bandwidth_gbs": info.bytes_per_token * res["avg_ts"] / 1e9
                             if test.kind == "tg" else None,
-                            "read_bandwidth_gbs": None, "roofline_ts": None, "roofline_fraction": None,
-                            "batch_cost": None})
+                            "read_bandwidth_gbs": None, "roofline_ts": None,
+                            "roofline_fraction": None, "batch_cost": None})
                 results.append(res)
                 if on_result:
                     on_result(res)
@@ -325,7 +326,8 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
 
 
 def batch_costs(results):
-    """cost(T)/cost(1) for the batch rows: their time over batch1's at the same threads and depth."""
+    """cost(T)/cost(1) for the batch rows: their time over batch1's at the same threads and
+    depth."""
     one = {(r["n_threads"], r["n_depth"]): r["avg_ns"] for r in results if r.get("n_batch") == 1}
     for r in results:
         base = one.get((r["n_threads"], r["n_depth"]))
@@ -384,7 +386,8 @@ def md_footer(results):
         lines.append("| threads | depth | " + " | ".join(f"T={T}" for T in sizes) + " |")
         lines.append("| ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |")
         for key in sorted({(r["n_threads"], r["n_depth"]) for r in batch}):
-            cost = {r["n_batch"]: r["batch_cost"] for r in batch if (r["n_threads"], r["n_depth"]) == key}
+            cost = {r["n_batch"]: r["batch_cost"] for r in batch
+                    if (r["n_threads"], r["n_depth"]) == key}
             lines.append(f"| {key[0]} | {key[1]} | "
                          + " | ".join(f"{cost[T]:.2f}" if T in cost else "-" for T in sizes) + " |")
     loads = {}
@@ -409,8 +412,8 @@ def add_arguments(p):
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
     p.add_argument("--batch", default="0", metavar="T,..",
-                   help="also time small batches of T tokens as lookup-drafting verify passes and report "
-                        "cost(T)/cost(1), e.g. 1,2,4,8,16 (default 0 = none)")
+                   help="also time small batches of T tokens as lookup-drafting verify passes "
+                        "and report cost(T)/cost(1), e.g. 1,2,4,8,16 (default 0 = none)")
     p.add_argument("--batch-depth", type=int, default=512,
                    help="tokens in the KV cache before each small-batch pass (default 512)")
     p.add_argument("--roofline", action="store_true",

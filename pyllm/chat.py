@@ -200,7 +200,8 @@ class Chat:
         from .lookup import stats_text
         return (f"context {s['context_tokens']}/{s['n_ctx']} tokens "
                 f"| prefill {s['prefill_tokens']} tokens {pp:.1f} tok/s "
-                f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft} | " + stats_text(s))
+                f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft} "
+                f"| {stats_text(s)}")
 
     def save(self, path):
         data = json.dumps({"format": "pyllm-chat", "version": 1, "system": self.system,

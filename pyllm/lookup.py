@@ -20,9 +20,10 @@ holds the three pieces it needs, none of which touch the kernel:
 MAX_N = 3  # longest n-gram matched
 DRAFT_MAX, DRAFT_MIN = 16, 0  # llama.cpp's --draft-max / --draft-min defaults
 # cost(T)/cost(1) of today's kernel at depth ~500 (1 thread, benchmarks/ANCHORS): the prior, until
-# the model's own forward times say otherwise. Linear between these points, beyond 16 by the last slope.
+# the model's own forward times say otherwise. Linear between these points, beyond 16 by the
+# last slope.
 PRIOR_COST = {1: 1.0, 2: 2.09, 4: 2.17, 8: 2.34, 16: 3.93}
-DECAY = 0.9      # weight of the previous acceptance estimate per observed draft token
+DECAY = 0.9  # weight of the previous acceptance estimate per observed draft token
 TIME_EMA = 0.25  # weight of a new forward time in the running estimate
 # Until a batch has been timed, one is tried when it would pay this much on an ideal small-batch
 # kernel, cost(T)/cost(1) = 1 + EXPLORE_SLOPE (T - 1): its time then rescales the prior.
@@ -36,14 +37,16 @@ class NgramIndex:
     def __init__(self, tokens=(), max_n=MAX_N):
         self.max_n = max_n
         self.tokens = []
-        self.follower = [None] + [{} for _ in range(max_n)]  # follower[n][ngram] = index of the next token
+        self.follower = [None] + [
+            {} for _ in range(max_n)
+        ]  # follower[n][ngram] = index of the next token
         for t in tokens:
             self.append(t)
 
     def append(self, tok):
         t, i = self.tokens, len(self.tokens)
         for n in range(1, min(self.max_n, i) + 1):
-            self.follower[n][tuple(t[i - n:i])] = i
+            self.follower[n][tuple(t[i - n : i])] = i
         t.append(tok)
 
     def propose(self, k):
@@ -53,9 +56,9 @@ class NgramIndex:
         if k <= 0:
             return 0, []
         for n in range(min(self.max_n, size), 0, -1):
-            i = self.follower[n].get(tuple(t[size - n:]))
+            i = self.follower[n].get(tuple(t[size - n :]))
             if i is not None:
-                return n, t[i:i + k]
+                return n, t[i : i + k]
         return 0, []
 
 
@@ -83,10 +86,14 @@ class BatchCost:
     def __init__(self, prior=None, learn=True):
         prior = dict(PRIOR_COST if prior is None else prior)
         if any(not (isinstance(T, int) and T >= 1 and c > 0) for T, c in prior.items()):
-            raise ValueError("batch costs: a table {T: cost(T)/cost(1)} with T >= 1 and positive costs")
+            raise ValueError(
+                "batch costs: a table {T: cost(T)/cost(1)} with T >= 1 and positive costs"
+            )
         prior.setdefault(1, 1.0)
         self.prior = {T: c / prior[1] for T, c in prior.items()}
-        self._prior = [1.0] + [_interpolate(self.prior, T) for T in range(1, 258)]  # T <= draft max + 1
+        self._prior = [1.0] + [
+            _interpolate(self.prior, T) for T in range(1, 258)
+        ]  # T <= draft max + 1
         self.learn = learn
         self.seconds = {}  # T -> running estimate of one forward's seconds
         self._batch_version, self._cache = 0, None
@@ -113,7 +120,12 @@ class BatchCost:
         has changed or one token's by more than 1%, as a decode step asks every token."""
         t1 = self.seconds.get(1)
         c = self._cache
-        if c and c[0] == n and c[1] == self._batch_version and (t1 == c[2] or (t1 and c[2] and abs(t1 / c[2] - 1) < 0.01)):
+        if (
+            c
+            and c[0] == n
+            and c[1] == self._batch_version
+            and (t1 == c[2] or (t1 and c[2] and abs(t1 / c[2] - 1) < 0.01))
+        ):
             return c[3]
         out = self._ratios(n, t1)
         self._cache = (n, self._batch_version, t1, out)
@@ -123,9 +135,12 @@ class BatchCost:
         known = {x: s / t1 for x, s in self.seconds.items() if x > 1} if t1 and self.learn else {}
         xs = sorted(known)
         top = max([n] + xs)
-        prior = self._prior if top < len(self._prior) else [1.0] + [_interpolate(self.prior, T)
-                                                                    for T in range(1, top + 1)]
-        out = [1.0] + prior[1:n + 1]
+        prior = (
+            self._prior
+            if top < len(self._prior)
+            else [1.0] + [_interpolate(self.prior, T) for T in range(1, top + 1)]
+        )
+        out = [1.0] + prior[1 : n + 1]
         if not xs:
             return out
         for T in range(2, n + 1):
@@ -135,7 +150,7 @@ class BatchCost:
                 lo = max(x for x in xs if x < T)
                 hi = min(x for x in xs if x > T)
                 out[T] = known[lo] + (known[hi] - known[lo]) * (T - lo) / (hi - lo)
-            else:  # outside the measured sizes: the prior's shape, its excess over 1 scaled to the nearest
+            else:  # outside the measured sizes: the prior's shape, its excess scaled to the nearest
                 near = xs[-1] if T > xs[-1] else xs[0]
                 scale = (known[near] - 1) / max(prior[near] - 1, 1e-9)
                 out[T] = 1 + max(scale, 0.0) * (prior[T] - 1)
@@ -151,7 +166,7 @@ class DraftPolicy:
 
     def __init__(self, cost, draft_max=DRAFT_MAX, draft_min=DRAFT_MIN, max_n=MAX_N):
         self.cost, self.draft_max, self.draft_min = cost, draft_max, draft_min
-        self.hits = [0.3] * (max_n + 1)    # decayed accepted draft tokens, per match order n
+        self.hits = [0.3] * (max_n + 1)  # decayed accepted draft tokens, per match order n
         self.trials = [1.0] * (max_n + 1)  # decayed drafted tokens scored (a prior of a = 0.3)
 
     def rate(self, n):
@@ -173,7 +188,8 @@ class DraftPolicy:
         self._score(n, 1.0 if hit else 0.0)
 
     def choose(self, n, available):
-        """Draft tokens to verify (0 = a plain step) for an order-n proposal of `available` tokens."""
+        """Draft tokens to verify (0 = a plain step) for an order-n proposal of `available`
+        tokens."""
         hi = min(self.draft_max, available)
         lo = max(self.draft_min, 1)
         if n <= 0 or hi < lo:
@@ -213,4 +229,6 @@ def stats_text(s):
     """The drafting part of a timings line, from Model.stats."""
     drafted, accepted = s.get("draft_tokens", 0), s.get("draft_accepted", 0)
     kept = f" ({100 * accepted / drafted:.0f}%)" if drafted else ""
-    return f"drafted {drafted}, accepted {accepted}{kept} in {s.get('verify_steps', 0)} verify passes"
+    return (
+        f"drafted {drafted}, accepted {accepted}{kept} in {s.get('verify_steps', 0)} verify passes"
+    )

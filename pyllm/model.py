@@ -142,7 +142,8 @@ class Model:
         its first pos ids, then ids (if pos is past its end, it keeps what it holds)."""
         if out is None:
             out = np.empty(self.vocab_size, dtype=np.float32)
-        elif (out.dtype != np.float32 or out.shape not in ((self.vocab_size,), (len(ids), self.vocab_size))
+        elif (out.dtype != np.float32
+              or out.shape not in ((self.vocab_size,), (len(ids), self.vocab_size))
               or not (out.flags.c_contiguous and out.flags.writeable)):
             raise ValueError(f"out must be a writable contiguous float32 array of {self.vocab_size}"
                              f" or ({len(ids)}, {self.vocab_size})")
@@ -156,8 +157,8 @@ class Model:
 
     # --- text ---
     def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None, draft_max=DRAFT_MAX,
-                 draft_min=DRAFT_MIN):
+                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None,
+                 draft_max=DRAFT_MAX, draft_min=DRAFT_MIN):
         """Yield text pieces as they are produced. Stops at an end-of-turn token, after
         max_tokens, or when the context is full (self.stats["stop"] says which).
 
@@ -236,11 +237,12 @@ class Model:
                         yield piece
                     if not ok:
                         break
-                self.rewind(len(self.tokens) - len(rows) + i + 1)  # inputs past row i were rejected drafts
+                # inputs past row i were rejected drafts
+                self.rewind(len(self.tokens) - len(rows) + i + 1)
                 if draft:
                     policy.observe(order, len(draft), accepted)
                     self.stats["draft_accepted"] += accepted
-                if done or n >= max_tokens:  # (the last token needs no forward: nothing reads its logits)
+                if done or n >= max_tokens:  # the last token needs no forward: no one reads it
                     break
                 if len(self.tokens) >= self.n_ctx:
                     self.stats["stop"] = "context"

@@ -2,6 +2,7 @@
 cost model and policy, and that drafting never changes the output: greedy text identical,
 sampled text identical for a seed, and the sampled distribution checked by a chi-square test
 that also rejects deliberately wrong acceptance rules."""
+
 import math
 import os
 
@@ -15,7 +16,9 @@ from pyllm.lookup import PRIOR_COST, BatchCost, DraftPolicy, NgramIndex
 from pyllm.sample import Sampler
 from tiny import make_tiny_model
 
-FREE = {T: 1.0 for T in range(1, 300)}  # batches as cheap as one token: the policy drafts whenever it can
+FREE = {
+    T: 1.0 for T in range(1, 300)
+}  # batches as cheap as one token: the policy drafts whenever it can
 
 
 # ---------- the index ----------
@@ -28,7 +31,10 @@ def test_index_proposes_the_longest_latest_match():
     idx = NgramIndex([5, 6, 0, 6, 1, 6])
     assert idx.propose(2) == (1, [1, 6])  # the latest earlier 6 is followed by 1
     idx = NgramIndex([7, 7, 7])
-    assert idx.propose(5) == (2, [7])  # (7, 7) occurred at 0..1, followed by the last 7; never itself
+    assert idx.propose(5) == (
+        2,
+        [7],
+    )  # (7, 7) occurred at 0..1, followed by the last 7; never itself
     assert NgramIndex([]).propose(3) == (0, []) and NgramIndex([4]).propose(3) == (0, [])
     assert idx.propose(0) == (0, [])
 
@@ -39,14 +45,14 @@ def test_index_incremental_equals_a_rescan():
     idx = NgramIndex()
     for i, t in enumerate(toks):
         idx.append(t)
-        ctx = toks[:i + 1]
+        ctx = toks[: i + 1]
         want = (0, [])
         for n in (3, 2, 1):  # brute force: the latest start j < len - n with the same n tokens
             if len(ctx) <= n:
                 continue
-            js = [j for j in range(len(ctx) - n) if ctx[j:j + n] == ctx[-n:]]
+            js = [j for j in range(len(ctx) - n) if ctx[j : j + n] == ctx[-n:]]
             if js:
-                want = (n, ctx[js[-1] + n:js[-1] + n + 4])
+                want = (n, ctx[js[-1] + n : js[-1] + n + 4])
                 break
         assert idx.propose(4) == want, i
 
@@ -121,11 +127,14 @@ def make_nearly_markov_model(path, seed, attention=0.05, **overrides):
     mostly on the current one, so its text repeats and drafts are often right (a plain
     random model's are almost never), while the cache still matters."""
     make_tiny_model(path, seed=seed, **overrides)
-    spans = [(t["offset"], 2 * int(np.prod(t["shape"]))) for t in format.read(path).meta["tensors"]
-             if t["name"].endswith("attn_out")]
+    spans = [
+        (t["offset"], 2 * int(np.prod(t["shape"])))
+        for t in format.read(path).meta["tensors"]
+        if t["name"].endswith("attn_out")
+    ]
     raw = np.memmap(path, dtype=np.uint8, mode="r+")
     for off, nbytes in spans:  # elementwise, so the stored block layout does not matter
-        raw[off:off + nbytes].view(np.float16)[:] *= np.float16(attention)
+        raw[off : off + nbytes].view(np.float16)[:] *= np.float16(attention)
     raw.flush()
     del raw
 
@@ -142,8 +151,13 @@ def run(m, prompt, **kw):
     return text, dict(m.stats)
 
 
-PROMPTS = ["the cat sat on the mat. the cat sat on the mat. the dog", "hello world! hello world! hello",
-           "def main():\n    return 1 + 2\ndef main():\n", "12345 12345 1234", "The capital of France is"]
+PROMPTS = [
+    "the cat sat on the mat. the cat sat on the mat. the dog",
+    "hello world! hello world! hello",
+    "def main():\n    return 1 + 2\ndef main():\n",
+    "12345 12345 1234",
+    "The capital of France is",
+]
 
 
 def test_batch_logits_equal_one_at_a_time_after_rewinds(tiny):
@@ -156,12 +170,17 @@ def test_batch_logits_equal_one_at_a_time_after_rewinds(tiny):
     fresh = m.logits(ctx)
     for depth, T in ((0, 5), (40, 17), (89, 2), (60, 9), (100, 1)):
         m.reset()
-        m.eval(ctx[:depth] + rng.integers(0, m.vocab_size, 20).tolist())  # stale positions past depth
+        m.eval(
+            ctx[:depth] + rng.integers(0, m.vocab_size, 20).tolist()
+        )  # stale positions past depth
         m.rewind(depth)
-        block = m._forward(ctx[depth:depth + T], True)
+        block = m._forward(ctx[depth : depth + T], True)
         m.rewind(depth)
-        one = np.stack([m.eval([t]) for t in ctx[depth:depth + T]])
-        assert np.array_equal(block, one) and np.array_equal(block, fresh[depth:depth + T]), (depth, T)
+        one = np.stack([m.eval([t]) for t in ctx[depth : depth + T]])
+        assert np.array_equal(block, one) and np.array_equal(block, fresh[depth : depth + T]), (
+            depth,
+            T,
+        )
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -174,15 +193,25 @@ def test_greedy_identical_with_and_without_drafting(tiny, threads):
             plain, s0 = run(m, prompt, max_tokens=200, temperature=0, draft_max=0, stop_ids=[])
             text, s1 = run(m, prompt, max_tokens=200, temperature=0, draft_max=8, stop_ids=[])
             assert text == plain, prompt
-            assert (s1["gen_tokens"], s1["stop"], s1["last_token"]) == (s0["gen_tokens"], s0["stop"], s0["last_token"])
+            assert (s1["gen_tokens"], s1["stop"], s1["last_token"]) == (
+                s0["gen_tokens"],
+                s0["stop"],
+                s0["last_token"],
+            )
             assert s0["draft_tokens"] == 0 and s1["draft_accepted"] <= s1["draft_tokens"]
             drafted += s1["draft_accepted"]
     assert drafted > 300  # drafts were really accepted
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0),
-                                dict(temperature=0.7, top_k=5, top_p=0.9, repeat_penalty=1.3, repeat_last_n=8),
-                                dict(temperature=1.0, min_p=0.2, repeat_penalty=1.1, repeat_last_n=-1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.8),
+        dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0),
+        dict(temperature=0.7, top_k=5, top_p=0.9, repeat_penalty=1.3, repeat_last_n=8),
+        dict(temperature=1.0, min_p=0.2, repeat_penalty=1.1, repeat_last_n=-1),
+    ],
+)
 def test_sampled_text_identical_for_a_seed(tiny, kw):
     m = pyllm.load(tiny, threads=1)
     m.batch_cost = BatchCost(FREE, learn=False)
@@ -207,6 +236,7 @@ def agreed_drafts(monkeypatch):
         if ok:
             agreed.append(draft)
         return tok, ok
+
     monkeypatch.setattr(Sampler, "verify", logged)
     return agreed
 
@@ -218,22 +248,28 @@ def test_stops_limits_and_context_as_without_drafting(tiny, monkeypatch):
     m.batch_cost = BatchCost(FREE, learn=False)
     prompt = m.tokenizer.encode(PROMPTS[0])
     run(m, prompt, max_tokens=20, temperature=0, draft_max=0, stop_ids=[])
-    prompt = list(m.tokens) + [m.stats["last_token"]]  # the model's own text: its continuation repeats it
+    prompt = list(m.tokens) + [
+        m.stats["last_token"]
+    ]  # the model's own text: its continuation repeats it
     run(m, prompt, max_tokens=40, temperature=0, draft_max=0, stop_ids=[])
-    gen = m.tokens[len(prompt):]
+    gen = m.tokens[len(prompt) :]
     agreed = agreed_drafts(monkeypatch)
     inside = 0
     for stop in sorted(set(gen) & set(prompt)):
         plain, s0 = run(m, prompt, max_tokens=40, temperature=0, draft_max=0, stop_ids=[stop])
         agreed.clear()
         text, s1 = run(m, prompt, max_tokens=40, temperature=0, draft_max=8, stop_ids=[stop])
-        assert text == plain and s1["stop"] == s0["stop"] and s1["gen_tokens"] == s0["gen_tokens"], stop
+        assert (
+            text == plain and s1["stop"] == s0["stop"] and s1["gen_tokens"] == s0["gen_tokens"]
+        ), stop
         inside += stop in agreed
     assert inside > 0
     for n in (0, 1, 2, 3, 7, 13):
         plain, s0 = run(m, prompt, max_tokens=n, temperature=0, draft_max=0, stop_ids=[])
         text, s1 = run(m, prompt, max_tokens=n, temperature=0, draft_max=8, stop_ids=[])
-        assert text == plain and s1["gen_tokens"] == s0["gen_tokens"] == n and s1["stop"] == "length", n
+        assert (
+            text == plain and s1["gen_tokens"] == s0["gen_tokens"] == n and s1["stop"] == "length"
+        ), n
     plain, s0 = run(m, prompt, max_tokens=1000, temperature=0, draft_max=0, stop_ids=[])
     text, s1 = run(m, prompt, max_tokens=1000, temperature=0, draft_max=16, stop_ids=[])
     assert s0["stop"] == s1["stop"] == "context" and text == plain and len(m.tokens) == m.n_ctx
@@ -253,21 +289,54 @@ def test_generator_closed_mid_draft_leaves_a_usable_cache(tiny):
 
 def test_bad_draft_arguments(tiny):
     m = pyllm.load(tiny, threads=1)
-    for kw in (dict(draft_max=-1), dict(draft_min=-2), dict(draft_max=1000), dict(draft_max=2, draft_min=5),
-               dict(draft_max=2.5), dict(draft_max="4")):
+    for kw in (
+        dict(draft_max=-1),
+        dict(draft_min=-2),
+        dict(draft_max=1000),
+        dict(draft_max=2, draft_min=5),
+        dict(draft_max=2.5),
+        dict(draft_max="4"),
+    ):
         with pytest.raises(pyllm.PyllmError, match="draft"):
             m.generate("hi", **kw)
-    assert "".join(m.generate("hi", max_tokens=3, draft_max=0, draft_min=5, temperature=0))  # off: min is moot
+    assert "".join(
+        m.generate("hi", max_tokens=3, draft_max=0, draft_min=5, temperature=0)
+    )  # off: min is moot
 
 
 def test_cli_flags(tiny, capsys):
-    rc = cli.main(["generate", tiny, "hello world! hello world! hello", "-n", "20", "--temp", "0",
-                   "--draft-max", "4", "--draft-min", "1", "--timings"])
+    rc = cli.main(
+        [
+            "generate",
+            tiny,
+            "hello world! hello world! hello",
+            "-n",
+            "20",
+            "--temp",
+            "0",
+            "--draft-max",
+            "4",
+            "--draft-min",
+            "1",
+            "--timings",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0 and out.strip()
     assert "drafted" in err and "accepted" in err
-    rc = cli.main(["generate", tiny, "hello world! hello world! hello", "-n", "20", "--temp", "0",
-                   "--draft-max", "0"])
+    rc = cli.main(
+        [
+            "generate",
+            tiny,
+            "hello world! hello world! hello",
+            "-n",
+            "20",
+            "--temp",
+            "0",
+            "--draft-max",
+            "0",
+        ]
+    )
     out0, _ = capsys.readouterr()
     assert rc == 0 and out0 == out
     for bad in (["--draft-max", "-3"], ["--draft-max", "2", "--draft-min", "3"]):
@@ -277,7 +346,9 @@ def test_cli_flags(tiny, capsys):
 
 
 # ---------- the sampled distribution: chi-square against plain sampling ----------
-SETTINGS = dict(temperature=1.2, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.2, repeat_last_n=16)
+SETTINGS = dict(
+    temperature=1.2, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.2, repeat_last_n=16
+)
 N_RUNS = 3000
 
 
@@ -295,9 +366,11 @@ def tokens_2_and_3(m, prompt, seeds, draft_max):
     """(token 1, token 2, token 3) of each run; token 1 comes from the prefill, never drafted."""
     out, verified = [], [0, 0]
     for seed in seeds:
-        g = m.generate(prompt, max_tokens=3, seed=seed, stop_ids=[], draft_max=draft_max, **SETTINGS)
+        g = m.generate(
+            prompt, max_tokens=3, seed=seed, stop_ids=[], draft_max=draft_max, **SETTINGS
+        )
         list(g)
-        out.append(tuple(m.tokens[len(prompt):]) + (m.stats["last_token"],))
+        out.append(tuple(m.tokens[len(prompt) :]) + (m.stats["last_token"],))
         verified[0] += m.stats["draft_tokens"]
         verified[1] += m.stats["draft_accepted"]
     m.verified = verified
@@ -392,7 +465,9 @@ def plain_and_drafted(tiny):
 
 def test_sampled_distribution_unchanged_by_drafting(plain_and_drafted):
     m, prompt, plain, drafted, (n_drafted, n_accepted) = plain_and_drafted
-    assert n_drafted > N_RUNS / 4 and n_accepted > N_RUNS / 50  # drafts at token 2 and 3, some accepted
+    assert (
+        n_drafted > N_RUNS / 4 and n_accepted > N_RUNS / 50
+    )  # drafts at token 2 and 3, some accepted
     for pick in (lambda t: t[1], lambda t: t[2], lambda t: t[1:]):  # token 2, token 3, and the pair
         p, df = homogeneity_p([pick(t) for t in plain], [pick(t) for t in drafted])
         assert df >= 8 and p > 1e-3, (p, df)
@@ -405,19 +480,30 @@ def test_chi_square_detects_a_wrong_rule(plain_and_drafted, monkeypatch, wrong):
     m, prompt, plain, _, _ = plain_and_drafted
     monkeypatch.setattr(Sampler, "verify", wrong)
     bad = tokens_2_and_3(m, prompt, range(N_RUNS, 2 * N_RUNS), 4)
-    p = min(homogeneity_p([t[1] for t in plain], [t[1] for t in bad])[0],
-            homogeneity_p([t[1:] for t in plain], [t[1:] for t in bad])[0],
-            homogeneity_p(agreement(prompt, plain), agreement(prompt, bad))[0])
+    p = min(
+        homogeneity_p([t[1] for t in plain], [t[1] for t in bad])[0],
+        homogeneity_p([t[1:] for t in plain], [t[1:] for t in bad])[0],
+        homogeneity_p(agreement(prompt, plain), agreement(prompt, bad))[0],
+    )
     assert p < 1e-4, p  # the right rule passes at p > 1e-3
 
 
 # ---------- the default model ----------
-TASKS = [("Summarise in two sentences:\n\nThe Python Software Foundation is the organisation behind Python. "
-          "It holds the intellectual property rights behind the language, runs the PyPI package index, "
-          "organises PyCon US and supports the community with grants.", 60),
-         ("Copy this line exactly, then stop: `for i in range(10): print(i * i)`", 30),
-         ("Rename the function add to plus:\n\ndef add(a, b):\n    return a + b\n\nprint(add(1, 2))", 50),
-         ("Tell me a short story about a lighthouse.", 50)]
+TASKS = [
+    (
+        "Summarise in two sentences:\n\nThe Python Software Foundation is the organisation "
+        "behind Python. It holds the intellectual property rights behind the language, runs "
+        "the PyPI package index, "
+        "organises PyCon US and supports the community with grants.",
+        60,
+    ),
+    ("Copy this line exactly, then stop: `for i in range(10): print(i * i)`", 30),
+    (
+        "Rename the function add to plus:\n\ndef add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+        50,
+    ),
+    ("Tell me a short story about a lighthouse.", 50),
+]
 
 
 def test_default_model_stop_inside_an_accepted_draft(default_model, monkeypatch):
@@ -425,7 +511,9 @@ def test_default_model_stop_inside_an_accepted_draft(default_model, monkeypatch)
     a draft ends the reply there, as without drafting."""
     m = pyllm.load(default_model, threads=2, n_ctx=512)
     m.batch_cost = BatchCost(FREE, learn=False)
-    ids = m.tokenizer.encode(Template(m.chat_template).render([{"role": "user", "content": TASKS[1][0]}]))
+    ids = m.tokenizer.encode(
+        Template(m.chat_template).render([{"role": "user", "content": TASKS[1][0]}])
+    )
     base, _ = run(m, ids, max_tokens=30, temperature=0, draft_max=0)
     gen = m.tokenizer.encode(base)
     agreed = agreed_drafts(monkeypatch)
@@ -434,7 +522,11 @@ def test_default_model_stop_inside_an_accepted_draft(default_model, monkeypatch)
         agreed.clear()
         plain, s0 = run(m, ids, max_tokens=30, temperature=0, draft_max=0, stop_ids=[stop])
         text, s1 = run(m, ids, max_tokens=30, temperature=0, draft_max=8, stop_ids=[stop])
-        assert text == plain and s1["stop"] == s0["stop"] == "eos" and s1["gen_tokens"] == s0["gen_tokens"]
+        assert (
+            text == plain
+            and s1["stop"] == s0["stop"] == "eos"
+            and s1["gen_tokens"] == s0["gen_tokens"]
+        )
         inside += stop in agreed
     assert inside > 0
 
@@ -460,11 +552,16 @@ def test_default_model_greedy_identical(default_model):
 def test_lookup_benchmark_runs_and_checks_identity(tmp_path, capsys):
     """benchmarks/lookup.py on the shipped tasks (a tiny model: a smoke test, no timing checked)."""
     import json
+
     tiny = str(tmp_path / "long.bin")
     make_nearly_markov_model(tiny, seed=5, max_seq_len=4096)
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    )
     import lookup as lookup_bench
+
     out = tmp_path / "r.json"
     assert lookup_bench.main([tiny, "-t", "1", "-n", "12", "-r", "2", "--json-out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -472,13 +569,16 @@ def test_lookup_benchmark_runs_and_checks_identity(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert [r["task"] for r in res] == ["summarise", "answer", "edit", "chat"]
     for r in res:
-        assert r["identical"] and r["plain_ts"] > 0 and r["lookup_ts"] > 0 and r["prompt_tokens"] > 20
+        assert (
+            r["identical"] and r["plain_ts"] > 0 and r["lookup_ts"] > 0 and r["prompt_tokens"] > 20
+        )
     tasks = lookup_bench.load_tasks(lookup_bench.TASKS)
     assert all(t["provenance"] for t in tasks) and sum(t["kind"] == "copy" for t in tasks) == 3
 
 
 def test_chat_passes_draft_settings_and_reports_them(tiny):
     from pyllm.chat import Chat
+
     m = pyllm.load(tiny, threads=1)
     m.batch_cost = BatchCost(FREE, learn=False)
     devnull = open(os.devnull, "w")
