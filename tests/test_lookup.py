@@ -589,3 +589,24 @@ def test_chat_passes_draft_settings_and_reports_them(tiny):
     off = Chat(m, sampling={"temperature": 0, "draft_max": 0}, max_tokens=40, out=devnull)
     assert off.ask(PROMPTS[1]) == reply and m.stats["verify_steps"] == 0
     assert "drafted 0, accepted 0 in 0 verify passes" in off.stats_line()
+
+
+def test_policy_on_unrepeated_text_stays_plain():
+    """Drafts that are right 10% of the time are never worth a pass at today's costs: after
+    at most the one calibrating pass the policy decodes plainly (open chat is not slower)."""
+    rng = np.random.default_rng(0)
+    c = BatchCost()
+    p = DraftPolicy(c)
+    passes = 0
+    for step in range(500):
+        n = int(rng.integers(1, 4))
+        k = p.choose(n, 16)
+        hit = rng.random() < 0.1
+        if k:
+            passes += 1
+            c.observe(k + 1, 0.01 * PRIOR_COST[8])
+            p.observe(n, k, int(hit))
+        else:
+            c.observe(1, 0.01)
+            p.shadow(n, hit)
+    assert passes <= 1
