@@ -598,7 +598,7 @@ def test_policy_on_unrepeated_text_stays_plain():
     c = BatchCost()
     p = DraftPolicy(c)
     passes = 0
-    for step in range(500):
+    for _ in range(500):
         n = int(rng.integers(1, 4))
         k = p.choose(n, 16)
         hit = rng.random() < 0.1
