@@ -19,10 +19,10 @@ holds the three pieces it needs, none of which touch the kernel:
 
 MAX_N = 3  # longest n-gram matched
 DRAFT_MAX, DRAFT_MIN = 16, 0  # llama.cpp's --draft-max / --draft-min defaults
-# cost(T)/cost(1) of today's kernel at depth ~500 (1 thread, benchmarks/ANCHORS): the prior, until
-# the model's own forward times say otherwise. Linear between these points, beyond 16 by the
-# last slope.
-PRIOR_COST = {1: 1.0, 2: 2.09, 4: 2.17, 8: 2.34, 16: 3.93}
+# cost(T)/cost(1) of a verify pass (every position's logits) on the kernel of a3eaadc, SmolLM2-135M
+# at depth 512, 1 thread (`pyllm bench --batch`): the prior, until the model's own forward times
+# say otherwise. Linear between these points, beyond 16 by the last slope.
+PRIOR_COST = {1: 1.0, 2: 2.7, 4: 2.95, 8: 3.2, 16: 5.3}
 DECAY = 0.9  # weight of the previous acceptance estimate per observed draft token
 TIME_EMA = 0.25  # weight of a new forward time in the running estimate
 # Until a batch has been timed, one is tried when it would pay this much on an ideal small-batch
