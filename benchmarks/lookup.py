@@ -153,6 +153,13 @@ def main(argv=None):
     p.add_argument("--draft-min", type=int, default=DRAFT_MIN)
     p.add_argument("--warm", action="store_true", help="keep the learnt cost model across runs")
     p.add_argument("--tasks", default=TASKS, help="a folder with tasks.json")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this task (repeatable)",
+    )
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)
@@ -162,6 +169,11 @@ def main(argv=None):
     if a.repetitions < 1 or a.n_predict < 1 or a.draft_max < 1:
         p.error("-r, -n and --draft-max must be at least 1")
     tasks = load_tasks(a.tasks)
+    if a.only:
+        unknown = set(a.only) - {t["name"] for t in tasks}
+        if unknown:
+            p.error(f"--only: no task {sorted(unknown)[0]!r}")
+        tasks = [t for t in tasks if t["name"] in a.only]
     results = []
     md = a.output == "md"
     if md:
