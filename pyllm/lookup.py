@@ -23,6 +23,9 @@ DRAFT_MAX, DRAFT_MIN = 16, 0  # llama.cpp's --draft-max / --draft-min defaults
 # at depth 512, 1 thread (`pyllm bench --batch`): the prior, until the model's own forward times
 # say otherwise. Linear between these points, beyond 16 by the last slope.
 PRIOR_COST = {1: 1.0, 2: 2.7, 4: 2.95, 8: 3.2, 16: 5.3}
+# a pass is drafted only when it is expected to beat plain decode by this factor: the acceptance
+# and cost estimates are noisy, and a wasted pass costs more than a skipped one loses
+GAIN_MARGIN = 1.2
 DECAY = 0.9  # weight of the previous acceptance estimate per observed draft token
 TIME_EMA = 0.25  # weight of a new forward time in the running estimate
 # Until a batch has been timed, one is tried when it would pay this much on an ideal small-batch
@@ -196,7 +199,7 @@ class DraftPolicy:
             return 0
         a = self.rate(n)
         ratio = self.cost.ratios(hi + 1)
-        best_k, best = 0, 1.0  # plain decode: 1 token per cost(1)
+        best_k, best = 0, GAIN_MARGIN  # plain decode: 1 token per cost(1), times the margin
         explore_k, explore = 0, EXPLORE_GAIN
         expected, power = 1.0, 1.0
         for k in range(1, hi + 1):
