@@ -12,10 +12,10 @@ PROMPT ?= The capital of France is
 RUFF_VERSION := 0.17.5
 LINT_PATHS := pyllm tests benchmarks setup.py
 
-.PHONY: install dev weights run chat test lint test-paths test-clang test-asan test-neon fixtures bench compare clean
+.PHONY: install dev weights run chat test lint format format-check test-paths test-clang test-asan test-neon fixtures bench compare clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
-$(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h
+$(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h csrc/bandwidth.c csrc/pyllm_pool.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install setuptools cffi wheel
 	rm -f pyllm/_pyllm*.so  # a stale build under another suffix (cffi 2 names it abi3) would shadow the new one
@@ -26,6 +26,7 @@ install: $(VENV)/.installed
 # tests: the references (Hugging Face tokenizers and transformers on a local CPU torch), ruff
 $(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install pytest pexpect tokenizers hypothesis ruff==$(RUFF_VERSION)
+	$(PIP) install clang-format==23.1.3  # pinned: the C style's line breaks change between versions
 	$(PIP) install torch==2.13.0
 	$(PIP) install transformers
 	touch $@
@@ -49,7 +50,7 @@ chat: weights
 	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
 
 test: dev weights
-	$(MAKE) lint
+	$(MAKE) lint format-check
 	$(PY) -m pytest -q tests --ignore=tests/test_cross.py
 	$(MAKE) test-paths test-clang test-asan test-neon
 
@@ -57,6 +58,14 @@ test: dev weights
 lint: dev
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
+
+# the C style of .clang-format (100 columns, one statement per line): make format rewrites the
+# files, make test fails if it would change any
+C_FILES := csrc/*.c csrc/*.h tests/kernel_main.c
+format: dev
+	$(VENV)/bin/clang-format -i $(C_FILES)
+format-check: dev
+	$(VENV)/bin/clang-format --dry-run --Werror $(C_FILES)
 
 # the other vector paths must build and agree with the reference too: the plain C path
 # everywhere, and AVX2 (x86-64-v3) on x86-64 machines that have AVX-512

@@ -14,7 +14,9 @@ def compile_args():
     # PYLLM_ARCH to build for another target, e.g. PYLLM_ARCH=x86-64-v3 (AVX2) for a
     # portable x86 wheel, or PYLLM_ARCH=none for the plain scalar path.
     arch = os.environ.get("PYLLM_ARCH", "native")
-    args = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno"]
+    # -ffp-contract=off: FMAs only where the kernel writes them, so gcc and clang (which fuses
+    # a * b + c by default) compute the same logits, bit for bit
+    args = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-ffp-contract=off"]
     args += os.environ.get("PYLLM_CFLAGS", "").split()  # e.g. sanitizers for make test-asan
     if arch == "none":
         return args
@@ -29,7 +31,7 @@ with open(os.path.join(CSRC, "pyllm.h")) as f:
 ffibuilder.set_source(
     "pyllm._pyllm",
     '#include "pyllm.h"',
-    sources=[os.path.relpath(os.path.join(CSRC, "pyllm.c"))],
+    sources=[os.path.relpath(os.path.join(CSRC, f)) for f in ("pyllm.c", "bandwidth.c")],
     include_dirs=[CSRC],
     extra_compile_args=compile_args(),
     libraries=["m", "pthread"],

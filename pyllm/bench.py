@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import format
+from .safeio import printable
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -356,7 +357,7 @@ MD_HEADER = ("| model | size | params | threads | test | t/s |\n"
 
 
 def md_row(res):
-    return (f"| {res['model_type']} | {fmt_size(res['model_size'])} "
+    return (f"| {printable(res['model_type'])} | {fmt_size(res['model_size'])} "
             f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {test_name(res)} "
             f"| {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
 

@@ -1,12 +1,14 @@
 """pyllm's command line: argparse subcommands that call the modules, nothing more."""
 import argparse
 import json
+import math
 import os
 import sys
 
 from . import bench, chat, lookup, perplexity
 from .args import UsageError, add_model, add_sampling, sampling_kwargs, text_arg
 from .convert import ConvertError
+from .safeio import printable, printable_json
 
 
 def cmd_convert(a):
@@ -37,38 +39,39 @@ def timings_line(s):
 
 def cmd_info(a):
     from . import format
-    mf = format.read(a.model, map_tensors=False)
-    tok, meta = mf.meta.get("tokenizer", {}), mf.meta
-    names = tok.get("tokens", [])
-    special = {k: (v, names[v] if isinstance(v, int) and 0 <= v < len(names) else None)
-               for k, v in tok.items() if k.endswith("_token_id")}
+    mf = format.read(a.model, map_tensors=False)  # validated: the types below are as metadata.py says
+    tok, meta = mf.meta["tokenizer"], mf.meta
+    names = tok["tokens"]
+    special = {k: (v, names[v] if v is not None else None) for k, v in tok.items() if k.endswith("_token_id")}
     info = {
         "file": a.model,
         "size_bytes": os.path.getsize(a.model),
         "config": mf.config,
-        "parameters": sum(int(__import__("numpy").prod(t["shape"])) for t in meta.get("tensors", [])),
-        "tokenizer": {"model": tok.get("model"), "pre": tok.get("pre"), "vocab": len(names),
-                      "merges": len(tok.get("merges", [])), "special_tokens": special,
+        "parameters": sum(math.prod(t["shape"]) for t in meta["tensors"]),
+        "tokenizer": {"model": tok["model"], "pre": tok.get("pre"), "vocab": len(names),
+                      "merges": len(tok.get("merges") or []), "special_tokens": special,
                       "add_bos_token": tok.get("add_bos_token")},
         "chat_template": meta.get("chat_template"),
         "provenance": meta.get("provenance"),
     }
-    if a.json:
-        print(json.dumps(info, indent=2, ensure_ascii=False))
+    if a.json:  # control characters inside strings become \u escapes: the same JSON, safe to print
+        print(printable_json(json.dumps(info, indent=2, ensure_ascii=False)))
         return
-    print(f"file        {info['file']} ({info['size_bytes'] / 2**20:.1f} MiB, "
+    sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that cannot show a character
+    p = printable  # everything below comes from the file
+    print(f"file        {p(info['file'])} ({info['size_bytes'] / 2**20:.1f} MiB, "
           f"{info['parameters'] / 1e6:.1f} M parameters)")
     for k, v in info["config"].items():
-        print(f"  {k:22} {v}")
+        print(f"  {p(k):22} {p(v)}")
     t = info["tokenizer"]
-    print(f"tokenizer   {t['model']} (pre {t['pre']}), {t['vocab']} tokens, {t['merges']} merges, "
-          f"add_bos {t['add_bos_token']}")
+    print(f"tokenizer   {p(t['model'])} (pre {p(t['pre'])}), {t['vocab']} tokens, "
+          f"{t['merges']} merges, add_bos {t['add_bos_token']}")
     for k, (i, s) in special.items():
-        print(f"  {k:22} {i} {s!r}")
+        print(f"  {p(k):22} {i} {p(repr(s))}")
     tmpl = info["chat_template"]
-    print("template    " + ("(none)" if not tmpl else f"{len(tmpl)} chars: {tmpl[:160]!r}..."))
+    print("template    " + ("(none)" if not tmpl else f"{len(tmpl)} chars: {p(repr(tmpl[:160]))}..."))
     for k, v in (info["provenance"] or {}).items():
-        print(f"  {k:22} {v}")
+        print(f"  {p(k):22} {p(v)}")
 
 
 def build_parser():
@@ -123,8 +126,11 @@ def main(argv=None):
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a word
         return 0
-    except errors as e:
-        print(f"pyllm: error: {e}", file=sys.stderr)
+    except errors as e:  # the message may quote a file: escaped, and so on one line
+        print(f"pyllm: error: {printable(e)}", file=sys.stderr)
+        return 1
+    except MemoryError:  # the checks before each allocation should make this unreachable
+        print("pyllm: error: out of memory", file=sys.stderr)
         return 1
 
 

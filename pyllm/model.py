@@ -1,11 +1,12 @@
 """The binding: load a parameters file, run the C kernel, generate text. Owns the KV position."""
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 
-from . import format
+from . import format, memory, safeio
 from ._pyllm import ffi, lib
 from .lookup import DRAFT_MAX, DRAFT_MIN, BatchCost, DraftPolicy, NgramIndex
 from .lookup import check as check_drafting
@@ -32,6 +33,10 @@ def forward_error(rc):
 
 
 def _native_open(path, threads=1, n_ctx=0):
+    try:  # the kernel's open() would block on a FIFO
+        safeio.open_regular(path).close()
+    except OSError as e:
+        raise PyllmError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
     err = ffi.new("char[]", 512)
     m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
     if m == ffi.NULL:
@@ -40,14 +45,20 @@ def _native_open(path, threads=1, n_ctx=0):
 
 
 class Model:
+    """A model and its KV cache. Safe to share between threads: the methods that use the
+    cache run one at a time (a lock), close() waits for the one running, and any use after
+    close() raises PyllmError. generate() takes the lock for each step only, so two
+    generations (or a generation and logits) may interleave: each step re-prefills what
+    the other displaced, and each gets the text it would get alone."""
+
     def __init__(self, path, threads=None, n_ctx=None):
+        self._lock = threading.RLock()
+        self._m = None
+        self._cache_owner = None  # the generation that made the cache, if it is one
         try:
             mf = format.read(path)
         except format.FormatError as e:
             raise PyllmError(str(e)) from None
-        for name, t in mf.tensors.items():  # a few KB: worth a look before trusting them
-            if name.endswith("norm") and not np.isfinite(t).all():
-                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
         self.path = path
         self.config = mf.config
         self.meta = mf.meta
@@ -61,7 +72,15 @@ class Model:
             raise PyllmError(f"context size {n_ctx} is outside 1..{max_ctx} (the model's context length)")
         if threads is not None and not 0 < threads <= 64:
             raise PyllmError(f"threads={threads} is outside 1..64")
-        self._m = _native_open(path, threads or 0, n_ctx or min(max_ctx, DEFAULT_CTX))
+        n_ctx = n_ctx or min(max_ctx, DEFAULT_CTX)
+        try:  # before the kernel allocates: the cache of a lying header grows without bound
+            memory.check_context(self.config, n_ctx, threads, map_bytes=os.path.getsize(path))
+        except ValueError as e:
+            raise PyllmError(f"{path}: {e}") from None
+        self._m = _native_open(path, threads or 0, n_ctx)
+        for name, t in mf.tensors.items():  # a few KB: worth a look (once the file has loaded)
+            if name.endswith("norm") and not np.isfinite(t).all():
+                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
         self.n_ctx = lib.pyllm_n_ctx(self._m)
         self.threads = lib.pyllm_n_threads(self._m)
         self.vocab_size = self.config["vocab_size"]
@@ -76,9 +95,17 @@ class Model:
         return {i for i in ids | set(index.values()) if isinstance(i, int) and 0 <= i < self.vocab_size}
 
     def close(self):
-        m, self._m = self._m, None
-        if m is not None:
-            ffi.release(m)  # runs pyllm_close now rather than at garbage collection
+        """Free the kernel's model, once any running forward pass has finished."""
+        with self._lock:
+            m, self._m = self._m, None
+            if m is not None:
+                ffi.release(m)  # runs pyllm_close now rather than at garbage collection
+
+    def _native(self):
+        """The open kernel model; the caller holds self._lock."""
+        if self._m is None:
+            raise PyllmError("the model is closed")
+        return self._m
 
     def __enter__(self):
         return self
@@ -88,11 +115,15 @@ class Model:
 
     # --- the KV cache ---
     def reset(self):
-        self.tokens = []
+        with self._lock:
+            self.tokens = []
+            self._cache_owner = None
 
     def rewind(self, n):
         """Forget all but the first n tokens of the cache."""
-        del self.tokens[n:]
+        with self._lock:
+            del self.tokens[n:]
+            self._cache_owner = None
 
     def _forward(self, ids, all_positions):
         ids = [int(i) for i in ids]
@@ -101,16 +132,19 @@ class Model:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise PyllmError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        pos = len(self.tokens)
-        if pos + len(ids) > self.n_ctx:
-            raise PyllmError(f"{pos + len(ids)} tokens do not fit the context of {self.n_ctx}")
-        out = np.empty((len(ids) if all_positions else 1, self.vocab_size), dtype=np.float32)
-        rc = lib.pyllm_forward(self._m, ffi.new("int[]", ids), len(ids), pos,
-                               ffi.cast("float *", ffi.from_buffer(out)), int(all_positions))
-        if rc:
-            raise forward_error(rc)
-        self.tokens += ids
-        return out
+        with self._lock:
+            m = self._native()
+            pos = len(self.tokens)
+            if pos + len(ids) > self.n_ctx:
+                raise PyllmError(f"{pos + len(ids)} tokens do not fit the context of {self.n_ctx}")
+            out = np.empty((len(ids) if all_positions else 1, self.vocab_size), dtype=np.float32)
+            rc = lib.pyllm_forward(m, ffi.new("int[]", ids), len(ids), pos,
+                                   ffi.cast("float *", ffi.from_buffer(out)), int(all_positions))
+            if rc:
+                raise forward_error(rc)
+            self.tokens += ids
+            self._cache_owner = None
+            return out
 
     def eval(self, ids):
         """Append ids to the cache; the logits of the last one."""
@@ -118,19 +152,21 @@ class Model:
 
     def logits(self, ids):
         """Logits at every position of ids, in a fresh context: shape (len(ids), vocab)."""
-        self.reset()
-        return self._forward(ids, True)
+        with self._lock:
+            self.reset()
+            return self._forward(ids, True)
 
     def prefill(self, ids):
         """Make the cache hold ids, reusing the longest prefix it already holds (at least
         the last id is evaluated); the logits of the last id."""
-        keep = 0
-        for a, b in zip(self.tokens, ids[:-1]):
-            if a != b:
-                break
-            keep += 1
-        self.rewind(keep)
-        return self.eval(ids[keep:])
+        with self._lock:
+            keep = 0
+            for a, b in zip(self.tokens, ids[:-1]):
+                if a != b:
+                    break
+                keep += 1
+            self.rewind(keep)
+            return self.eval(ids[keep:])
 
     def forward_at(self, ids, pos, out=None):
         """Run the kernel once over ids (a list of ints) at cache positions pos, pos + 1, ...;
@@ -147,12 +183,14 @@ class Model:
               or not (out.flags.c_contiguous and out.flags.writeable)):
             raise ValueError(f"out must be a writable contiguous float32 array of {self.vocab_size}"
                              f" or ({len(ids)}, {self.vocab_size})")
-        rc = lib.pyllm_forward(self._m, ffi.new("int[]", ids), len(ids), pos,
-                               ffi.cast("float *", ffi.from_buffer(out)), int(out.ndim == 2))
-        if rc:
-            raise forward_error(rc)
-        if pos <= len(self.tokens):
-            self.tokens[pos:] = ids
+        with self._lock:
+            rc = lib.pyllm_forward(self._native(), ffi.new("int[]", ids), len(ids), pos,
+                                   ffi.cast("float *", ffi.from_buffer(out)), int(out.ndim == 2))
+            if rc:
+                raise forward_error(rc)
+            if pos <= len(self.tokens):
+                self.tokens[pos:] = ids
+            self._cache_owner = None
         return out
 
     # --- text ---
@@ -193,21 +231,29 @@ class Model:
         self._batch_cost = cost
 
     def _generate(self, ids, max_tokens, sampler, stops, draft_max=0, draft_min=0):
+        # The lock is held for one step at a time, never across a yield: a consumer that
+        # stops iterating (or iterates from another thread) cannot block anyone. A step whose
+        # cache another user of the model moved re-prefills the history first.
         t0 = time.perf_counter()
-        kept = len(self.tokens)
-        logits = self.prefill(ids)
+        with self._lock:
+            kept = len(self.tokens)
+            logits = self.prefill(ids)
+            prefilled = len(self.tokens) - min(kept, len(ids))
+            me = self._cache_owner = object()  # this generation, until another use of the cache
         t1 = time.perf_counter()
-        self.stats = {"prompt_tokens": len(ids), "prefill_tokens": len(self.tokens) - min(kept, len(ids)),
-                      "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0, "stop": "length",
-                      "draft_tokens": 0, "draft_accepted": 0, "verify_steps": 0}
+        stats = self.stats = {"prompt_tokens": len(ids), "prefill_tokens": prefilled,
+                              "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0,
+                              "stop": "length", "draft_tokens": 0, "draft_accepted": 0,
+                              "verify_steps": 0}
         dec = StreamDecoder(self.tokenizer)
         history = list(ids)
         index = NgramIndex(history) if draft_max > 0 else None
         policy = DraftPolicy(self.batch_cost, draft_max, draft_min) if index else None
         cost = self.batch_cost
-        # rows[i]: the logits after the pass's input i = ([last token] + draft)[i]; the cache holds
-        # every input, and input i + 1 is worth keeping only if draft[i] is what row i yields
-        rows, draft, order, shadow = logits[None], [], 0, None
+        # rows[i]: the logits after the pass's input i = ([last token] + draft)[i]; the cache
+        # holds every input, and input i + 1 is worth keeping only if draft[i] is what row i
+        # yields. `start`: the cache length before the pass.
+        rows, draft, order, shadow, start = logits[None], [], 0, None, len(ids) - 1
         n = 0
         try:
             while True:
@@ -224,12 +270,12 @@ class Model:
                     if shadow is not None:
                         policy.shadow(order, tok == shadow)
                     if tok in stops:
-                        self.stats["stop"] = "eos"
+                        stats["stop"] = "eos"
                         done = True
                         break
                     history.append(tok)
                     n += 1
-                    self.stats["gen_tokens"] = n
+                    stats["gen_tokens"] = n
                     if index is not None:
                         index.append(tok)
                     piece = dec.push(tok)
@@ -237,35 +283,42 @@ class Model:
                         yield piece
                     if not ok:
                         break
-                # inputs past row i were rejected drafts
-                self.rewind(len(self.tokens) - len(rows) + i + 1)
+                with self._lock:  # forget the rejected drafts: the inputs past row i
+                    if self._cache_owner is me and len(self.tokens) == start + len(rows):
+                        self.rewind(start + i + 1)
+                        self._cache_owner = me
                 if draft:
                     policy.observe(order, len(draft), accepted)
-                    self.stats["draft_accepted"] += accepted
+                    stats["draft_accepted"] += accepted
                 if done or n >= max_tokens:  # the last token needs no forward: no one reads it
                     break
-                if len(self.tokens) >= self.n_ctx:
-                    self.stats["stop"] = "context"
+                if len(history) > self.n_ctx:  # the cache is full
+                    stats["stop"] = "context"
                     break
                 draft, shadow = [], None
                 if index is not None:
-                    room = min(draft_max, self.n_ctx - len(self.tokens) - 1, max_tokens - n - 1)
+                    room = min(draft_max, self.n_ctx - len(history), max_tokens - n - 1)
                     order, proposal = index.propose(room)
                     draft = proposal[:policy.choose(order, len(proposal))]
                     if proposal and not draft:
                         shadow = proposal[0]
                     if draft:
-                        self.stats["draft_tokens"] += len(draft)
-                        self.stats["verify_steps"] += 1
-                ts = time.perf_counter()
-                rows = self._forward([history[-1]] + draft, bool(draft))
-                cost.observe(len(rows), time.perf_counter() - ts)
+                        stats["draft_tokens"] += len(draft)
+                        stats["verify_steps"] += 1
+                with self._lock:
+                    if not (self._cache_owner is me and len(self.tokens) == len(history) - 1):
+                        self.prefill(history[:-1])  # another user moved the cache: hold ours again
+                    start = len(self.tokens)
+                    ts = time.perf_counter()
+                    rows = self._forward([history[-1]] + draft, bool(draft))
+                    cost.observe(len(rows), time.perf_counter() - ts)
+                    self._cache_owner = me
             tail = dec.flush()
             if tail:
                 yield tail
         finally:
-            self.stats["decode_s"] = time.perf_counter() - t1
-            self.stats["last_token"] = history[-1]
+            stats["decode_s"] = time.perf_counter() - t1
+            stats["last_token"] = history[-1]
 
 
 def load(path, threads=None, n_ctx=None):

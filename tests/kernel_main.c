@@ -1,22 +1,50 @@
 /* A plain C driver of the kernel, for paths Python cannot load here (e.g. the NEON
-   build under qemu-aarch64): prints the logits of every position, one per line. */
+   build under qemu-aarch64): feeds the ids in forward calls of the given sizes and prints
+   the logits of every position, one per line. */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "pyllm.h"
 
 int main(int argc, char **argv) {
-    if (argc < 4) { fprintf(stderr, "usage: %s MODEL VOCAB ID...\n", argv[0]); return 2; }
+    if (argc < 6) {
+        fprintf(stderr, "usage: %s MODEL THREADS CHUNK,CHUNK,... VOCAB ID...\n", argv[0]);
+        return 2;
+    }
     char err[256];
-    pyllm_model *m = pyllm_open(argv[1], 2, 0, err, sizeof err);
-    if (!m) { fprintf(stderr, "%s\n", err); return 1; }
-    int n = argc - 3, vocab = atoi(argv[2]), *ids = malloc(sizeof(int) * n);
+    pyllm_model *m = pyllm_open(argv[1], atoi(argv[2]), 0, err, sizeof err);
+    if (!m) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    int n = argc - 5;
+    int vocab = atoi(argv[4]);
+    int *ids = malloc(sizeof(int) * n);
     float *logits = malloc(sizeof(float) * (size_t)n * vocab);
-    for (int i = 0; i < n; i++) ids[i] = atoi(argv[3 + i]);
-    int rc = pyllm_forward(m, ids, n, 0, logits, 1);
-    if (rc) { fprintf(stderr, "pyllm_forward: error %d\n", rc); return 1; }
+    for (int i = 0; i < n; i++) {
+        ids[i] = atoi(argv[5 + i]);
+    }
+    int pos = 0;
+    for (char *chunk = argv[3]; pos < n && *chunk; chunk++) {
+        int len = (int)strtol(chunk, &chunk, 10);
+        int rc = pyllm_forward(m, ids + pos, len, pos, logits + (size_t)pos * vocab, 1);
+        if (rc) {
+            fprintf(stderr, "pyllm_forward: error %d at position %d\n", rc, pos);
+            return 1;
+        }
+        pos += len;
+        if (!*chunk) {
+            break;
+        }
+    }
+    if (pos != n) {
+        fprintf(stderr, "the chunks feed %d of %d ids\n", pos, n);
+        return 2;
+    }
     printf("%s\n", pyllm_simd());
-    for (long i = 0; i < (long)n * vocab; i++) printf("%.9g\n", logits[i]);
+    for (long i = 0; i < (long)n * vocab; i++) {
+        printf("%.9g\n", logits[i]);
+    }
     pyllm_close(m);
     return 0;
 }

@@ -1,32 +1,36 @@
 """The arm64 NEON path, cross-compiled and run under qemu-aarch64 (make test-neon)."""
-import os
 import shutil
-import subprocess
 
 import numpy as np
 
+import make_logit_hashes as mlh
 from pyllm import format
 from reference import reference_logits
 from tiny import VARIANTS, make_tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CC = os.environ.get("PYLLM_CROSS_CC", "aarch64-linux-gnu-gcc")
-
 
 def test_neon_path_matches_reference(tmp_path):
-    assert shutil.which(CC) and shutil.which("qemu-aarch64"), "make test-neon installs the cross toolchain"
-    exe = tmp_path / "kernel"
-    subprocess.run([CC, "-std=c11", "-O2", "-march=armv8.2-a", "-static", "-pthread", "-I", f"{ROOT}/csrc",
-                    f"{ROOT}/csrc/pyllm.c", f"{ROOT}/tests/kernel_main.c", "-lm", "-o", str(exe)], check=True)
+    assert shutil.which(mlh.CROSS_CC) and \
+        shutil.which("qemu-aarch64"), "make test-neon installs the cross toolchain"
+    exe = mlh.neon_exe(str(tmp_path))
     for name in ("base", "odd", "window_bias_gqa4"):
         path = tmp_path / f"{name}.bin"
         make_tiny_model(path, **{k: v for k, v in VARIANTS[name].items()})
         mf = format.read(str(path))
-        vocab = mf.config["vocab_size"]
-        ids = [int(i) for i in np.random.default_rng(1).integers(0, vocab, 40)]
-        out = subprocess.run(["qemu-aarch64", str(exe), str(path), str(vocab), *map(str, ids)],
-                             capture_output=True, text=True, check=True).stdout.split()
-        assert out[0] == "neon"
-        got = np.array(out[1:], dtype=np.float32).reshape(len(ids), vocab)
+        ids = [int(i) for i in np.random.default_rng(1).integers(0, mf.config["vocab_size"], 40)]
+        got = mlh.run_neon(exe, str(path), ids, (40,), 2)
         want = reference_logits(mf, ids)
         assert np.abs(got - want).max() < 5e-3, name
+
+
+def test_neon_logits_hash_as_stored(tmp_path):
+    """The byte-identity check of test_kernel.py, for the NEON path (the default model is
+    left out: too slow under qemu)."""
+    exe = mlh.neon_exe(str(tmp_path))
+    stored = mlh.load_fixture().get("neon")
+    assert stored, f"no stored logit hashes for the neon path in {mlh.FIXTURE}"
+    got = mlh.compute(lambda *a: mlh.run_neon(exe, *a), str(tmp_path), only=lambda n: not n.startswith("smollm2"))
+    missing = sorted(set(got) - set(stored))
+    assert not missing, f"neon: no stored hash for {missing}"
+    differ = sorted(k for k in got if got[k] != stored[k])
+    assert not differ, f"neon: logits changed in {differ}"

@@ -6,6 +6,7 @@ now and then an element rounds to the neighbouring f16 value. Each such flip mov
 by up to ~1e-3, hence max |diff| < 5e-3 plus a mean that only a faithful kernel meets
 (an f32 cache instead of f16 is ~1e-2 max, ~1e-3 mean away from the reference).
 """
+import os
 import struct
 
 import numpy as np
@@ -244,3 +245,22 @@ def test_segments_straddled_and_out_of_window(tmp_path, window):
         diff = np.abs(got - want[[499, 599, 600, 601, 899]])
         assert diff.max() < MAX_TOL, f"threads {threads}: max {diff.max():.2e}"
         del m
+
+
+# --- byte identity: the logits of fixed inputs hash as the fixture says for this path ---
+
+def test_logits_hash_as_stored(tmp_path):
+    """Every case of tests/make_logit_hashes.py, at 1 and 2 threads, hashes as stored for the
+    compiled path (a path without stored hashes fails: generate them from a trusted build)."""
+    import make_logit_hashes as mlh
+    from pyllm._pyllm import ffi, lib
+    simd = ffi.string(lib.pyllm_simd()).decode()
+    stored = mlh.load_fixture().get(simd)
+    assert stored, f"no stored logit hashes for the {simd} path in {mlh.FIXTURE}"
+    got = mlh.compute(mlh.run_python, str(tmp_path))
+    if os.path.exists(mlh.DEFAULT_MODEL):
+        assert "smollm2/decode@t1" in got
+    missing = sorted(set(got) - set(stored))
+    assert not missing, f"{simd}: no stored hash for {missing}"
+    differ = sorted(k for k in got if got[k] != stored[k])
+    assert not differ, f"{simd}: logits changed in {differ}"
