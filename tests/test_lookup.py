@@ -609,3 +609,23 @@ def test_policy_on_unrepeated_text_stays_plain():
             c.observe(1, 0.01)
             p.shadow(n, hit)
     assert passes <= 1
+
+
+def test_interleaved_drafting_generators_keep_their_own_text(tiny):
+    """Two drafting generations on one model, stepped in turn (each moves the cache under the
+    other): each yields the text it yields alone."""
+    m = pyllm.load(tiny, threads=1)
+    m.batch_cost = BatchCost(FREE, learn=False)
+    kw = dict(max_tokens=60, temperature=0, draft_max=8, stop_ids=[])
+    alone = [run(m, p, **kw)[0] for p in PROMPTS[:2]]
+    gens = [m.generate(p, **kw) for p in PROMPTS[:2]]
+    out = ["", ""]
+    live = [True, True]
+    while any(live):
+        for j, g in enumerate(gens):
+            if live[j]:
+                try:
+                    out[j] += next(g)
+                except StopIteration:
+                    live[j] = False
+    assert out == alone
