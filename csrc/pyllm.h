@@ -1,9 +1,16 @@
 /* pyllm: the C API. Declarations only: cffi's cdef reads this file. */
 typedef struct pyllm_model pyllm_model;
 
+/* The element type of the KV cache's keys and of its values. */
+enum {
+    PYLLM_CACHE_F16 = 0, /* rounded to f16, as llama.cpp's default */
+    PYLLM_CACHE_F32 = 1  /* kept exact: twice the memory */
+};
+
 /* Map and validate a parameters file. n_threads <= 0: one per core; n_ctx <= 0: the
    model's context length. NULL on failure, with a one-line message in err. */
-pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int err_len);
+pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, int cache_type_k,
+                        int cache_type_v, char *err, int err_len);
 
 /* Run n_tokens tokens at positions pos.. (the KV cache holds positions < pos).
    logits: vocab floats for the last token, or n_tokens * vocab if all_positions.
@@ -17,6 +24,7 @@ enum {
 };
 int pyllm_n_ctx(const pyllm_model *m);
 int pyllm_n_threads(const pyllm_model *m);
+long long pyllm_cache_bytes(const pyllm_model *m); /* the KV cache's mapping, keys and values */
 const char *pyllm_simd(void); /* the vector path compiled in: "avx512", "avx2", "neon", "scalar" */
 void pyllm_close(pyllm_model *m);
 

@@ -32,13 +32,25 @@ def forward_error(rc):
     return PyllmError(_FORWARD_ERRORS.get(rc, f"pyllm_forward: error {rc}"))
 
 
-def _native_open(path, threads=1, n_ctx=0):
+# the KV cache's element types, for keys and for values (llama.cpp's names), and their sizes
+CACHE_TYPES = {"f16": lib.PYLLM_CACHE_F16, "f32": lib.PYLLM_CACHE_F32}
+CACHE_TYPE_BYTES = {"f16": 2, "f32": 4}
+
+
+def _cache_code(cache_type, what):
+    if cache_type not in CACHE_TYPES:
+        raise PyllmError(f"{what} cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    return CACHE_TYPES[cache_type]
+
+
+def _native_open(path, threads=1, n_ctx=0, cache_type_k="f16", cache_type_v="f16"):
+    codes = _cache_code(cache_type_k, "key"), _cache_code(cache_type_v, "value")
     try:  # the kernel's open() would block on a FIFO
         safeio.open_regular(path).close()
     except OSError as e:
         raise PyllmError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
     err = ffi.new("char[]", 512)
-    m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
+    m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, *codes, err, 512)
     if m == ffi.NULL:
         raise PyllmError(ffi.string(err).decode(errors="replace"))
     return ffi.gc(m, lib.pyllm_close)
@@ -51,7 +63,11 @@ class Model:
     generations (or a generation and logits) may interleave: each step re-prefills what
     the other displaced, and each gets the text it would get alone."""
 
-    def __init__(self, path, threads=None, n_ctx=None):
+    def __init__(self, path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
+        # the cache's element types (keys, values): f16 as llama.cpp's default, or f32 (exact)
+        self.cache_types = (cache_type_k or cache_type, cache_type_v or cache_type)
+        _cache_code(self.cache_types[0], "key")
+        _cache_code(self.cache_types[1], "value")
         self._lock = threading.RLock()
         self._m = None
         self._cache_owner = None  # the generation that made the cache, if it is one
@@ -74,10 +90,11 @@ class Model:
             raise PyllmError(f"threads={threads} is outside 1..64")
         n_ctx = n_ctx or min(max_ctx, DEFAULT_CTX)
         try:  # before the kernel allocates: the cache of a lying header grows without bound
-            memory.check_context(self.config, n_ctx, threads, map_bytes=os.path.getsize(path))
+            element = sum(CACHE_TYPE_BYTES[t] for t in self.cache_types) // 2  # keys' and values' mean
+            memory.check_context(self.config, n_ctx, threads, cache_bytes=element, map_bytes=os.path.getsize(path))
         except ValueError as e:
             raise PyllmError(f"{path}: {e}") from None
-        self._m = _native_open(path, threads or 0, n_ctx)
+        self._m = _native_open(path, threads or 0, n_ctx, *self.cache_types)
         for name, t in mf.tensors.items():  # a few KB: worth a look (once the file has loaded)
             if name.endswith("norm") and not np.isfinite(t).all():
                 print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
@@ -321,6 +338,8 @@ class Model:
             stats["last_token"] = history[-1]
 
 
-def load(path, threads=None, n_ctx=None):
-    """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...)."""
-    return Model(path, threads=threads, n_ctx=n_ctx)
+def load(path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
+    """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...).
+    cache_type: the KV cache's element type, "f16" or "f32"; cache_type_k/_v set keys' or values'."""
+    return Model(path, threads=threads, n_ctx=n_ctx, cache_type=cache_type, cache_type_k=cache_type_k,
+                 cache_type_v=cache_type_v)
