@@ -12,7 +12,7 @@ PROMPT ?= The capital of France is
 RUFF_VERSION := 0.17.5
 LINT_PATHS := pyllm tests benchmarks setup.py
 
-.PHONY: install dev weights run chat serve chromium test lint format format-check test-paths test-clang test-asan test-neon fixtures bench compare clean
+.PHONY: install dev weights run chat serve chromium test lint format format-check test-paths test-clang test-asan test-neon fixtures bench compare bench-scale clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h csrc/bandwidth.c csrc/pyllm_pool.h
@@ -130,6 +130,12 @@ $(VENV)/.peers: $(VENV)/.dev
 compare: dev weights $(VENV)/.peers
 	$(PY) benchmarks/compare.py $(MODEL)
 	$(PY) benchmarks/plot.py
+
+# how cost grows with the model: 135M, and random-weight files of Llama-3.2-1B's and -3B's shapes
+# (built under weights/ when missing: 2.5 and 6.4 GB), pyllm and llama.cpp side by side; a table,
+# benchmarks/out/scale.json and scale.png. ARGS, e.g. ARGS="--models 135m,1b -t 1,2 -r 3"
+bench-scale: dev weights $(VENV)/.peers
+	$(PY) benchmarks/scale.py $(ARGS)
 
 clean:
 	rm -rf build *.egg-info pyllm/_pyllm*.so pyllm/__pycache__ tests/__pycache__

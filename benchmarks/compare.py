@@ -26,7 +26,9 @@ Prints a table with each engine's t/s (mean ± stddev) and pyllm/peer ratios, an
 load": the largest share of the machine that processes outside this run used during any of
 the test's timed runs (from /proc/stat). The machine is shared: before each timed run the
 coordinator waits for other processes to fall under --max-other-load, and redoes a run they
-disturbed (--retries); a row whose other load is still high is contaminated. Writes JSON
+disturbed (--retries); a row whose other load is still high is contaminated. After the runs,
+the machine's ceilings (pyllm.bench.ceilings) and pyllm's fraction of them (--no-roofline: not).
+Writes JSON
 (--json-out) for benchmarks/plot.py. Before timing, every engine's last-token logits for one
 prompt are compared with pyllm's (a same-weights check).
 """
@@ -109,44 +111,58 @@ def write_gguf(src, out):
         w.add_chat_template(mf.meta["chat_template"])
 
     def f16(name):
-        return np.asarray(mf.matrix(name), dtype=np.float16)
+        return lambda: np.asarray(mf.matrix(name), dtype=np.float16)
 
     def f32(name):
-        return np.asarray(mf.matrix(name), dtype=np.float32)
+        return lambda: np.asarray(mf.matrix(name), dtype=np.float32)
 
-    w.add_tensor("token_embd.weight", f16("tok_embd"))
+    def part(load, i, splits, permute=None):  # rows [splits[i], splits[i + 1]) of a fused matrix
+        def rows():
+            a = np.ascontiguousarray(load()[splits[i]:splits[i + 1]])
+            return np.ascontiguousarray(hf_to_gguf_rows(a, permute)) if permute else a
+        return rows
+
+    # (name, loader, shape, dtype): the tensors are listed first and written one at a time
+    # after the header, so the writer holds one tensor at a time (a 3B model streams too)
+    tensors = [("token_embd.weight", f16("tok_embd"), (c["vocab_size"], d), np.float16)]
     # llama.cpp computes the frequencies from freq_base; a rope_freqs tensor divides them
-    ours = f32("rope_freqs")
+    ours = np.asarray(mf.matrix("rope_freqs"), dtype=np.float32)
     base = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
     factors = (base / ours).astype(np.float32)
     if np.abs(factors - 1).max() > 1e-6:
-        w.add_tensor("rope_freqs.weight", factors)
+        tensors.append(("rope_freqs.weight", lambda: factors, factors.shape, np.float32))
+    qs = [0, nh * hd, (nh + nkv) * hd, (nh + 2 * nkv) * hd]
     for i in range(c["n_layers"]):
-        p, g = f"blk.{i}.", f"blk.{i}."
+        p = g = f"blk.{i}."
         qkv = f16(p + "attn_qkv")
-        q, k, v = np.split(qkv, [nh * hd, (nh + nkv) * hd])
-        w.add_tensor(g + "attn_norm.weight", f32(p + "attn_norm"))
-        w.add_tensor(g + "attn_q.weight", np.ascontiguousarray(hf_to_gguf_rows(q, nh)))
-        w.add_tensor(g + "attn_k.weight", np.ascontiguousarray(hf_to_gguf_rows(k, nkv)))
-        w.add_tensor(g + "attn_v.weight", np.ascontiguousarray(v))
+        tensors += [(g + "attn_norm.weight", f32(p + "attn_norm"), (d,), np.float32),
+                    (g + "attn_q.weight", part(qkv, 0, qs, nh), (nh * hd, d), np.float16),
+                    (g + "attn_k.weight", part(qkv, 1, qs, nkv), (nkv * hd, d), np.float16),
+                    (g + "attn_v.weight", part(qkv, 2, qs), (nkv * hd, d), np.float16)]
         if c["flags"] & format.FLAG_QKV_BIAS:
             b = f32(p + "attn_qkv_bias")
-            bq, bk, bv = np.split(b, [nh * hd, (nh + nkv) * hd])
-            w.add_tensor(g + "attn_q.bias", np.ascontiguousarray(hf_to_gguf_rows(bq, nh)))
-            w.add_tensor(g + "attn_k.bias", np.ascontiguousarray(hf_to_gguf_rows(bk, nkv)))
-            w.add_tensor(g + "attn_v.bias", bv)
-        w.add_tensor(g + "attn_output.weight", f16(p + "attn_out"))
-        w.add_tensor(g + "ffn_norm.weight", f32(p + "ffn_norm"))
-        gate, up = np.split(f16(p + "ffn_gate_up"), 2)
-        w.add_tensor(g + "ffn_gate.weight", np.ascontiguousarray(gate))
-        w.add_tensor(g + "ffn_up.weight", np.ascontiguousarray(up))
-        w.add_tensor(g + "ffn_down.weight", f16(p + "ffn_down"))
-    w.add_tensor("output_norm.weight", f32("output_norm"))
+            tensors += [(g + "attn_q.bias", part(b, 0, qs, nh), (nh * hd,), np.float32),
+                        (g + "attn_k.bias", part(b, 1, qs, nkv), (nkv * hd,), np.float32),
+                        (g + "attn_v.bias", part(b, 2, qs), (nkv * hd,), np.float32)]
+        gu = f16(p + "ffn_gate_up")
+        tensors += [(g + "attn_output.weight", f16(p + "attn_out"), (d, nh * hd), np.float16),
+                    (g + "ffn_norm.weight", f32(p + "ffn_norm"), (d,), np.float32),
+                    (g + "ffn_gate.weight", part(gu, 0, [0, hid, 2 * hid]), (hid, d), np.float16),
+                    (g + "ffn_up.weight", part(gu, 1, [0, hid, 2 * hid]), (hid, d), np.float16),
+                    (g + "ffn_down.weight", f16(p + "ffn_down"), (d, hid), np.float16)]
+    tensors.append(("output_norm.weight", f32("output_norm"), (d,), np.float32))
     if not c["flags"] & format.FLAG_TIED_OUTPUT:
-        w.add_tensor("output.weight", f16("output"))
+        tensors.append(("output.weight", f16("output"), (c["vocab_size"], d), np.float16))
+    for name, _, shape, dtype in tensors:
+        w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for name, load, shape, dtype in tensors:
+        a = load()
+        if a.shape != tuple(shape) or a.dtype != dtype:
+            raise SystemExit(f"compare: {name}: {a.dtype}{a.shape}, expected {np.dtype(dtype)}{tuple(shape)}")
+        w.write_tensor_data(a)
     w.close()
     os.replace(tmp, out)
 
@@ -590,6 +606,8 @@ def parse_args(argv):
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet (default 600)")
     ap.add_argument("--retries", type=int, default=3, help="redos of a disturbed run (default 3)")
     ap.add_argument("--json-out", default=DEFAULT_JSON)
+    ap.add_argument("--no-roofline", dest="roofline", action="store_false",
+                    help="skip the ceilings (pyllm's fractions of the read and FMA ceilings) after the runs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-ctx", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--max-depth", type=int, default=0, help=argparse.SUPPRESS)
@@ -787,6 +805,31 @@ def print_loads(doc):
         print(f"  {e}: " + ", ".join(f"{k}={v}" for k, v in i.items() if k != "system_info"))
 
 
+def print_roofline(run):
+    """The machine's ceilings (bench.ceilings, on pyllm's pool, after the runs) and pyllm's
+    fraction of them: tg of the read ceiling, pp of the f32 FMA ceiling (run.doc["roofline"])."""
+    ceil = {nt: bench.ceilings(run.a.model, nt) for nt in run.threads}
+    rows = []
+    for r in run.doc["results"]:
+        if r["engine"] != "pyllm":
+            continue
+        res = bench.apply_roofline({k: r[k] for k in ("n_prompt", "n_gen", "n_depth", "n_threads", "avg_ts")},
+                                   run.info.config, run.info, ceil[r["n_threads"]])
+        rows.append({"n_threads": r["n_threads"], "test": r["test"], **{k: res[k] for k in (
+            "roofline_bound", "roofline_ts", "roofline_fraction", "roofline_warning")}})
+    run.doc["roofline"] = {"ceilings": {str(k): v for k, v in ceil.items()}, "pyllm": rows}
+    print("\nceilings, timed on pyllm's pool after the runs: " + "; ".join(
+        f"{nt} thread{'s' if nt > 1 else ''}: read {c['read_gbs']:.1f} GB/s ({c['read_pattern']}), "
+        f"f32 FMA {c['fma_gflops']:.0f} GFLOP/s" for nt, c in ceil.items()))
+    print("| threads | test | bound by | pyllm of its ceiling |\n| ---: | ---: | ---: | ---: |")
+    for r in rows:
+        frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
+        print(f"| {r['n_threads']} | {r['test']} | {r['roofline_bound']} | {frac} |")
+    for r in rows:
+        if r["roofline_warning"]:
+            print("warning: " + r["roofline_warning"])
+
+
 def write_json(doc, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -805,6 +848,8 @@ def main(argv=None):
     for nt in run.threads:
         run_threads(run, nt)
     print_loads(run.doc)
+    if a.roofline:
+        print_roofline(run)
     if a.json_out:
         write_json(run.doc, a.json_out)
     return 0

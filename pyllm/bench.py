@@ -1,19 +1,25 @@
 """`pyllm bench`: prompt-processing (pp) and generation (tg) speed with llama-bench's conventions.
 
     pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-r 5] [-o md|json] [--roofline]
+                      [--batch 1,2,4,8,16] [--batch-depth 512]
 
 Each test is timed on token ids straight through the kernel (Model.forward_at): no tokenizer,
 no sampler.
   ppN  one forward of N random tokens at position depth, logits of the last token only
   tgN  N single-token forwards at positions depth, depth+1, ... (logits every step)
+  batchT @ dD  one forward of T tokens at position D with every position's logits, as a
+       lookup-drafting verify pass; reported also as cost(T)/cost(1), its time over batch1's
 `@ dD` (-d D): D tokens are already in the KV cache before the test (filled, untimed).
 Like llama-bench: one warmup run per test (pp: the same pp; tg: one token), then -r timed
 repetitions; t/s is the mean ± sample stddev of the per-repetition tokens/s.
 
 Also reported: load time (open + first touch: pyllm.load and a one-token forward, which
 reads every weight page once), peak RSS, and for tg the weight bytes read per token x t/s
-(effective GB/s). --roofline measures the machine's read bandwidth with
-lib.pyllm_read per thread count and reports tg as a fraction of that ceiling.
+(effective GB/s). --roofline times the machine's two ceilings on the model's own pool, per
+thread count (ceilings(): the best of several read patterns, and the f32 FMA peak), and reports
+tg as a fraction of the read ceiling (weights and KV cache per token) and pp as a fraction of
+the compute ceiling (FLOPs per token counted from the config, attention at the test's depth).
+A fraction over 100% is not reported: a warning says the probe read low.
 """
 import datetime
 import json
@@ -38,13 +44,17 @@ GIB = 1 << 30
 # ---------- what to run ----------
 @dataclass(frozen=True)
 class Test:
-    kind: str  # "pp" or "tg"
+    kind: str  # "pp", "tg" or "batch"
     n: int
     depth: int = 0
 
     @property
     def name(self):
         return f"{self.kind}{self.n}" + (f" @ d{self.depth}" if self.depth else "")
+
+    @property
+    def n_batch(self):
+        return self.n if self.kind == "batch" else 0
 
     @property
     def n_prompt(self):
@@ -208,6 +218,11 @@ class Runner:
             t0 = time.perf_counter_ns()
             forward(ids, pos, out)
             dt = time.perf_counter_ns() - t0
+        elif test.kind == "batch":  # a verify pass: logits at every position
+            rows = np.empty((n, self.vocab), dtype=np.float32)
+            t0 = time.perf_counter_ns()
+            forward(ids, pos, rows)
+            dt = time.perf_counter_ns() - t0
         else:
             t0 = time.perf_counter_ns()
             for i, t in enumerate(ids):
@@ -236,30 +251,136 @@ def summarize(samples_ns, n_tokens):
             "samples_ns": [int(s) for s in samples_ns], "samples_ts": ts}
 
 
-def read_bandwidth(path, threads, nbytes=GIB, reps=3, tries=3):
-    """The machine's read bandwidth in bytes/s, best of `tries` timed lib.pyllm_read calls: the
-    model's threads read an anonymous mapping (4 KiB pages where THP is madvise-only, as the
-    weights' mapping) of nbytes, reps times."""
+READ_STREAMS = (1, 2, 4, 8)  # per thread: the read ceiling is the best of these, on both page sizes
+PAGES = ("4 KiB", "2 MiB")
+
+
+def _anon_buffer(nbytes, pages):
+    """A touched anonymous mapping of nbytes; '2 MiB' asks for transparent huge pages."""
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if pages == "2 MiB" and hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    np.frombuffer(buf, np.uint64)[:] = 1  # touched, so every page is really there
+    return buf
+
+
+def ceilings(path, threads, nbytes=512 * MIB, tries=3, fma_seconds=0.1, progress=None):
+    """The machine's two ceilings, each timed on the model's own thread pool (lib.pyllm_read,
+    lib.pyllm_fma in csrc/bandwidth.c):
+      read_gbs     the best of READ_STREAMS streams per thread x 4 KiB / 2 MiB pages, each
+                   pattern the best of `tries` (the patterns alternate between tries)
+      fma_gflops   the f32 FMA peak (independent chains for the ISA), best of `tries`
+    and every pattern's figure (read_patterns), so a reader sees what was tried."""
     from ._pyllm import ffi, lib
     from .model import PyllmError, _native_open
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    np.frombuffer(buf, np.uint64)[:] = 1  # touched, so every page is really there
-    m, best = _native_open(path, threads, 16), 0.0
+
+    m = _native_open(path, threads, 16)
+    patterns = {}
     try:
-        with ffi.from_buffer(buf) as p:
-            for _ in range(tries):
-                t0 = time.perf_counter()
-                n = lib.pyllm_read(m, p, nbytes, reps)
-                if n < 0:
-                    raise PyllmError(f"pyllm_read refused {nbytes} bytes")
-                best = max(best, n / (time.perf_counter() - t0))
+        for pages in PAGES:  # one buffer at a time: the probe's memory stays nbytes
+            if progress:
+                progress(f"threads {threads}: read ceiling ({nbytes / MIB:.0f} MiB, {pages} pages)")
+            buf = _anon_buffer(nbytes, pages)
+            try:
+                with ffi.from_buffer(buf) as p:
+                    reps = max(1, int(64 * MIB // nbytes))  # a timing of at least 64 MiB read
+                    for _ in range(tries):
+                        for s in READ_STREAMS:
+                            t0 = time.perf_counter()
+                            n = lib.pyllm_read(m, p, nbytes, reps, s)
+                            dt = time.perf_counter() - t0
+                            if n < 0:
+                                raise PyllmError(f"pyllm_read refused {nbytes} bytes")
+                            key = f"{s} stream{'s' if s > 1 else ''}/thread, {pages} pages"
+                            patterns[key] = max(patterns.get(key, 0.0), n / dt / 1e9)
+            finally:
+                buf.close()
+        if progress:
+            progress(f"threads {threads}: compute ceiling (f32 FMA)")
+        iters, fma = 1 << 16, 0.0
+        while True:  # grow the run until it lasts about fma_seconds, then time the best of tries
+            t0 = time.perf_counter()
+            lib.pyllm_fma(m, iters, ffi.NULL)
+            if time.perf_counter() - t0 > fma_seconds / 4 or iters > 1 << 40:
+                break
+            iters *= 4
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            flops = lib.pyllm_fma(m, iters, ffi.NULL)
+            fma = max(fma, flops / (time.perf_counter() - t0) / 1e9)
     finally:
         ffi.release(m)
-        buf.close()
-    return best
+    best = max(patterns, key=patterns.get)
+    return {"read_gbs": patterns[best], "read_pattern": best, "read_patterns": patterns, "fma_gflops": fma}
 
 
-def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=GIB,
+def matmul_flops_per_token(cfg):
+    """FLOPs of one token through every layer's matrices (2 per weight: a multiply and an add),
+    from the config's own sizes (no padding), the output head excluded."""
+    d, hd, hid = cfg["dim"], cfg["head_dim"], cfg["hidden_dim"]
+    q, kv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+    per_layer = d * (q + 2 * kv) + q * d + 2 * hid * d + hid * d  # qkv, output, gate and up, down
+    return 2 * cfg["n_layers"] * per_layer
+
+
+def attention_flops(cfg, pos):
+    """FLOPs of one token's attention at position pos (it sees pos + 1 positions, or the sliding
+    window): scores q.k and the weighted sum of v, 2 FLOPs per product, every head and layer."""
+    seen = pos + 1 if not cfg.get("sliding_window") else min(pos + 1, cfg["sliding_window"])
+    return 2 * 2 * cfg["n_layers"] * cfg["n_heads"] * cfg["head_dim"] * seen
+
+
+def test_flops(cfg, test):
+    """FLOPs of one run of test: every token's matmuls and attention at its position, and the
+    output head for the tokens whose logits are computed (pp: the last; tg: every one)."""
+    n = test.n
+    head = 2 * cfg["vocab_size"] * cfg["dim"]
+    first, last = test.depth, test.depth + n - 1  # attention: the sum over the positions, closed form
+    if cfg.get("sliding_window"):
+        att = sum(attention_flops(cfg, p) for p in range(first, last + 1))
+    else:
+        att = 2 * 2 * cfg["n_layers"] * cfg["n_heads"] * cfg["head_dim"] * (first + last + 2) * n // 2
+    return n * matmul_flops_per_token(cfg) + att + head * (1 if test.kind == "pp" else n)
+
+
+def kv_bytes_read(cfg, test, elem_bytes=2):
+    """Bytes of KV cache a tg run reads, summed over its tokens (K and V of every position seen)."""
+    per_pos = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * elem_bytes
+    sw = cfg.get("sliding_window")
+    return sum(per_pos * (min(p + 1, sw) if sw else p + 1) for p in range(test.depth, test.depth + test.n))
+
+
+def apply_roofline(res, cfg, info, ceil):
+    """Adds the ceilings and the test's fraction of its own: tg of the read ceiling (weights and
+    the KV cache read per token), pp of the compute ceiling (FLOPs counted from the config). A
+    fraction over 100% is no result: the probe read low (or the data stayed in the caches), and
+    a warning says so instead."""
+    test = Test("pp" if res["n_prompt"] else "tg", res["n_prompt"] or res["n_gen"], res["n_depth"])
+    flops = test_flops(cfg, test) / test.n
+    res.update({"read_bandwidth_gbs": ceil["read_gbs"], "read_pattern": ceil["read_pattern"],
+                "read_patterns": ceil.get("read_patterns"), "fma_gflops": ceil["fma_gflops"],
+                "flops_per_token": flops})
+    if test.kind == "tg":
+        per_token = info.bytes_per_token + kv_bytes_read(cfg, test) / test.n
+        res["bytes_per_token"] = per_token
+        res["roofline_bound"] = "read"
+        res["roofline_ts"] = ceil["read_gbs"] * 1e9 / per_token
+        what = f"decode reads {per_token * res['avg_ts'] / 1e9:.1f} GB/s, the read ceiling {ceil['read_gbs']:.1f} GB/s"
+    else:
+        res["roofline_bound"] = "compute"
+        res["roofline_ts"] = ceil["fma_gflops"] * 1e9 / flops
+        what = (f"prefill computes {flops * res['avg_ts'] / 1e9:.1f} GFLOP/s, "
+                f"the FMA ceiling {ceil['fma_gflops']:.1f} GFLOP/s")
+    fraction = res["avg_ts"] / res["roofline_ts"]
+    res["roofline_fraction"], res["roofline_warning"] = fraction, None
+    if fraction > 1:
+        res["roofline_fraction"] = None
+        res["roofline_warning"] = (f"{test.name} at {res['n_threads']} threads: {what}: the probe read low "
+                                   "(or the data stayed in the caches); no fraction reported")
+    return res
+
+
+def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=512 * MIB,
           on_result=None, progress=None):
     """Run every test at every thread count; a list of llama-bench-style result dicts."""
     info = model_info(path)
@@ -284,36 +405,47 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
                        "model_n_params": info.n_params, "cpu_info": cpu_info(), "simd": simd,
                        "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
                        "n_threads": r.threads, "n_prompt": test.n_prompt, "n_gen": test.n_gen,
-                       "n_depth": test.depth, "test_time": datetime.datetime.now(datetime.timezone.utc)
+                       "n_batch": test.n_batch, "n_depth": test.depth,
+                       "test_time": datetime.datetime.now(datetime.timezone.utc)
                        .strftime("%Y-%m-%dT%H:%M:%SZ")}
                 res.update(summarize(samples, test.n))
                 res.update({"load_s": r.load_s, "peak_rss_bytes": peak_rss_bytes(),
                             "weight_bytes_per_token": info.bytes_per_token if test.kind == "tg" else None,
                             "bandwidth_gbs": info.bytes_per_token * res["avg_ts"] / 1e9
                             if test.kind == "tg" else None,
-                            "read_bandwidth_gbs": None, "roofline_ts": None, "roofline_fraction": None})
+                            "read_bandwidth_gbs": None, "fma_gflops": None, "roofline_ts": None,
+                            "roofline_fraction": None, "roofline_warning": None,
+                            "batch_cost": None})
                 results.append(res)
                 if on_result:
                     on_result(res)
         finally:
             r.close()
-    if roofline:  # last: its 1 GiB buffer must not count in the models' peak RSS
-        bw = {}
-        for nt in sorted({res["n_threads"] for res in results}):
-            if progress:
-                progress(f"threads {nt}: read bandwidth ({bw_bytes / MIB:.0f} MiB)")
-            bw[nt] = read_bandwidth(path, nt, bw_bytes)
+    batch_costs(results)
+    if roofline:  # last: its buffer must not count in the models' peak RSS
+        ceil = {nt: ceilings(path, nt, bw_bytes, progress=progress)
+                for nt in sorted({res["n_threads"] for res in results})}
         for res in results:
-            res["read_bandwidth_gbs"] = bw[res["n_threads"]] / 1e9
-            if res["n_gen"]:
-                res["roofline_ts"] = bw[res["n_threads"]] / info.bytes_per_token
-                res["roofline_fraction"] = res["avg_ts"] / res["roofline_ts"]
+            if not res.get("n_batch"):  # a verify pass has no single ceiling
+                apply_roofline(res, info.config, info, ceil[res["n_threads"]])
     return results
+
+
+def batch_costs(results):
+    """cost(T)/cost(1) for the batch rows: their time over batch1's at the same threads and
+    depth."""
+    one = {(r["n_threads"], r["n_depth"]): r["avg_ns"] for r in results if r.get("n_batch") == 1}
+    for r in results:
+        base = one.get((r["n_threads"], r["n_depth"]))
+        if r.get("n_batch") and base:
+            r["batch_cost"] = r["avg_ns"] / base
 
 
 # ---------- output ----------
 def test_name(res):
     kind, n = ("pp", res["n_prompt"]) if res["n_prompt"] else ("tg", res["n_gen"])
+    if res.get("n_batch"):
+        kind, n = "batch", res["n_batch"]
     return Test(kind, n, res["n_depth"]).name
 
 
@@ -341,16 +473,41 @@ def md_footer(results):
     if tg:
         lines.append("")
         lines.append(f"weights read per generated token: {tg[0]['weight_bytes_per_token'] / 1e6:.1f} MB")
-        roof = tg[0]["roofline_fraction"] is not None
-        lines.append("| threads | test | weights GB/s" + (" | read GB/s | roofline t/s | fraction |"
-                                                          if roof else " |"))
-        lines.append("| ---: | ---: | ---:" + (" | ---: | ---: | ---: |" if roof else " |"))
+        lines.append("| threads | test | weights GB/s |")
+        lines.append("| ---: | ---: | ---: |")
         for r in tg:
-            row = f"| {r['n_threads']} | {test_name(r)} | {r['bandwidth_gbs']:.2f}"
-            if roof:
-                row += (f" | {r['read_bandwidth_gbs']:.2f} | {r['roofline_ts']:.1f} "
-                        f"| {100 * r['roofline_fraction']:.0f}% |")
-            lines.append(row + (" |" if not roof else ""))
+            lines.append(f"| {r['n_threads']} | {test_name(r)} | {r['bandwidth_gbs']:.2f} |")
+    if any(r.get("roofline_bound") for r in results):
+        lines.append("")
+        lines.append("roofline: decode (tg) against the read ceiling (weights and KV cache read per token), "
+                     "prefill (pp) against the f32 FMA ceiling (FLOPs per token from the config); "
+                     "ceilings timed on the model's own thread pool")
+        lines.append("| threads | test | t/s | bound by | ceiling | roofline t/s | fraction |")
+        lines.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in results:
+            if not r.get("roofline_bound"):
+                continue
+            ceiling = (f"{r['read_bandwidth_gbs']:.1f} GB/s ({r['read_pattern']})" if r["roofline_bound"] == "read"
+                       else f"{r['fma_gflops']:.1f} GFLOP/s")
+            frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
+            lines.append(f"| {r['n_threads']} | {test_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
+                         f"| {ceiling} | {r['roofline_ts']:.1f} | {frac} |")
+        for r in results:
+            if r.get("roofline_warning"):
+                lines.append(f"warning: {r['roofline_warning']}")
+    batch = [r for r in results if r.get("n_batch") and r["batch_cost"] is not None]
+    if batch:
+        sizes = sorted({r["n_batch"] for r in batch})
+        lines.append("")
+        lines.append("small-batch cost: one forward over T new tokens with every position's logits "
+                     "(a lookup-drafting verify pass), relative to T = 1")
+        lines.append("| threads | depth | " + " | ".join(f"T={T}" for T in sizes) + " |")
+        lines.append("| ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |")
+        for key in sorted({(r["n_threads"], r["n_depth"]) for r in batch}):
+            cost = {r["n_batch"]: r["batch_cost"] for r in batch
+                    if (r["n_threads"], r["n_depth"]) == key}
+            lines.append(f"| {key[0]} | {key[1]} | "
+                         + " | ".join(f"{cost[T]:.2f}" if T in cost else "-" for T in sizes) + " |")
     loads = {}
     for r in results:
         loads.setdefault(r["n_threads"], r["load_s"])
@@ -372,9 +529,14 @@ def add_arguments(p):
     p.add_argument("-t", "--threads", default=None, help="thread counts, comma-separated (default: all cores)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
+    p.add_argument("--batch", default="0", metavar="T,..",
+                   help="also time small batches of T tokens as lookup-drafting verify passes "
+                        "and report cost(T)/cost(1), e.g. 1,2,4,8,16 (default 0 = none)")
+    p.add_argument("--batch-depth", type=int, default=512,
+                   help="tokens in the KV cache before each small-batch pass (default 512)")
     p.add_argument("--roofline", action="store_true",
-                   help="measure the machine's read bandwidth and report tg as a fraction of it")
-    p.add_argument("--bw-mib", type=int, default=1024, help="buffer for --roofline in MiB (default 1024)")
+                   help="measure the machine's read and f32 FMA ceilings; report tg and pp as fractions of them")
+    p.add_argument("--bw-mib", type=int, default=512, help="buffer of the read ceiling in MiB (default 512; many times the last-level cache, or it reads the cache)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warmup run of each test")
     p.add_argument("--progress", action="store_true", help="print each test as it starts, to stderr")
 
@@ -386,11 +548,16 @@ def main(a):
     threads = int_list(a.threads, "-t", lo=1) if a.threads is not None else [default_threads()]
     if a.repetitions < 1:
         raise ValueError(f"-r: {a.repetitions} repetitions; at least 1")
-    if not 1 <= a.bw_mib < 16384:  # the read job indexes 64-bit words with an int
+    if not 1 <= a.bw_mib < 16384:
         raise ValueError(f"--bw-mib: {a.bw_mib}; 1 to 16383")
+    batch = [T for T in int_list(a.batch, "--batch") if T > 0]
+    if a.batch_depth < 0:
+        raise ValueError(f"--batch-depth: {a.batch_depth} is below 0")
     tests = make_tests(n_prompt, n_gen, depths)
+    if batch:  # batch1 first: the others are reported relative to it
+        tests += [Test("batch", T, a.batch_depth) for T in sorted(set(batch) | {1})]
     if not tests:
-        raise ValueError("nothing to run: every -p and -n is 0")
+        raise ValueError("nothing to run: every -p, -n and --batch is 0")
     md = a.output == "md"
     if md:
         print(MD_HEADER, flush=True)

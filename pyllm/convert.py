@@ -28,6 +28,7 @@ import datetime
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import reprlib
@@ -74,8 +75,8 @@ class ConvertError(Exception):
 
 # --- small helpers ---------------------------------------------------------------------------
 def _f16(name, a):
-    """float16 copy of a (any float array); refuses values float16 cannot hold."""
-    b = np.asarray(a).astype(np.float16)
+    """a as float16 (any float array; no copy if it is float16); refuses values float16 cannot hold."""
+    b = np.asarray(a, dtype=np.float16)  # a copy only if a is not float16 already
     if not np.isfinite(b).all():
         bad = np.asarray(a, dtype=np.float32)
         raise ConvertError(
@@ -83,6 +84,14 @@ def _f16(name, a):
             f"(max |x| = {float(np.nanmax(np.abs(bad))):.4g}, or NaN/inf in the source)"
         )
     return b
+
+
+def _drop_mapped_pages(memmap):
+    """Drop a read-only file mapping's pages from this process's resident set (they stay in the
+    page cache): a big source read tensor by tensor then costs one tensor's memory, not the file's."""
+    mm = getattr(memmap, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _unpermute(w, n_head):
@@ -689,12 +698,16 @@ def _read_gguf(path):
 
     def deq(name):
         t = tensors[name]
-        try:
-            a = gguf.quants.dequantize(t.data, t.tensor_type)
+        try:  # F16 as it is (a copy; dequantize would double it as f32)
+            if t.tensor_type == gguf.GGMLQuantizationType.F16:
+                a = np.array(t.data.view(np.float16))
+            else:
+                a = np.array(gguf.quants.dequantize(t.data, t.tensor_type))
         except NotImplementedError:
             raise ConvertError(
                 f"tensor {name}: unsupported GGUF tensor type {t.tensor_type.name}"
             ) from None
+        _drop_mapped_pages(reader.data)
         return a.reshape(shapes[name])
 
     def rope():

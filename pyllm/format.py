@@ -81,7 +81,7 @@ def to_blocks(name, a):
         pad = -p.shape[0] % ROW_BLOCK
         p = np.concatenate([p, np.zeros((pad, p.shape[1]), p.dtype)]) if pad else p
         out.append(p.reshape(-1, ROW_BLOCK, p.shape[1]).transpose(0, 2, 1))
-    return np.ascontiguousarray(np.concatenate(out))
+    return np.ascontiguousarray(out[0] if len(out) == 1 else np.concatenate(out))  # one copy for one part
 
 
 def from_blocks(name, stored, rows):

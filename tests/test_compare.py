@@ -102,10 +102,17 @@ def test_pyllm_only_end_to_end(tiny, tmp_path, capsys):
                        "--json-out", str(out)])
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [ln for ln in lines if ln.startswith("| 1 |")]
-    assert "| threads | test | pyllm t/s | other load |" in lines
+    speed = lines.index("| threads | test | pyllm t/s | other load |")
+    roof = lines.index("| threads | test | bound by | pyllm of its ceiling |")
+    rows = [ln for ln in lines[speed:roof] if ln.startswith("| 1 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["pp8", "tg2", "tg2 @ d4"]
+    # after the runs: the ceilings, and pyllm's fraction of them (or "probe low" with a warning)
+    fracs = [ln.split("|")[3:5] for ln in lines[roof + 2:roof + 5]]
+    assert [b.strip() for b, _ in fracs] == ["compute", "read", "read"]
+    assert all(f.strip() == "probe low" or 0 <= int(f.strip().rstrip("%")) <= 100 for _, f in fracs)
     doc = json.loads(out.read_text())
+    assert [r["test"] for r in doc["roofline"]["pyllm"]] == ["pp8", "tg2", "tg2 @ d4"]
+    assert doc["roofline"]["ceilings"]["1"]["read_gbs"] > 0 and doc["roofline"]["ceilings"]["1"]["fma_gflops"] > 0
     assert [r["test"] for r in doc["results"]] == ["pp8", "tg2", "tg2 @ d4"]
     assert all(r["engine"] == "pyllm" and r["avg_ts"] > 0 for r in doc["results"])
     assert doc["model"]["file"] == tiny and doc["model"]["gguf"] is None
