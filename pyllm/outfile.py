@@ -129,10 +129,12 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
     _committed.discard(os.path.abspath(path))
     d, base = os.path.split(os.path.abspath(path))
     with signals_raise():
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{base}.", suffix=".tmp", dir=d
-        )  # O_EXCL|O_NOFOLLOW, 0600
+        tmp = None
         try:
+            # blocked: a signal between mkstemp's open and the assignment would leave the file
+            # behind; one that arrives meanwhile is handled once tmp is known
+            with _signals_blocked():
+                fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)  # O_EXCL
             with open(fd, mode, encoding=encoding) as f:
                 yield f
                 f.flush()
@@ -145,7 +147,8 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
         except BaseException:
             with _signals_blocked():
                 try:
-                    os.unlink(tmp)
+                    if tmp is not None:
+                        os.unlink(tmp)
                 except FileNotFoundError:
                     pass
             raise
