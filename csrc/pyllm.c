@@ -400,24 +400,13 @@ static matmul_t operands(const matrix_t *w, const float *x, float *y, int n_toke
                       .n_tokens = n_tokens};
 }
 
-/* Rows r.. of token t's outputs, z[v] holding rows r + v * LANES on: whole vectors, or lane by
-   lane in a last block that is partial (the bias has n_out values). */
+/* Rows r.. of token t's outputs, s[i] for row r + i, up to n_out (a last block is partial). */
 static inline __attribute__((always_inline)) void store_block(const matmul_t *op, int r, int t,
-                                                              const vec *z) {
+                                                              const float *s) {
     float *y = op->y + (size_t)t * op->ldy + r;
-    if (r + BLOCK_ROWS <= op->n_out) {
-        for (int v = 0; v < VECS; v++) {
-            vec s = op->bias ? z[v] + vloadh(op->bias + r + v * LANES) : z[v];
-            vstore(y + v * LANES, op->accumulate ? vload(y + v * LANES) + s : s);
-        }
-        return;
-    }
-    float s[BLOCK_ROWS];
-    for (int v = 0; v < VECS; v++)
-        vstore(s + v * LANES, z[v]);
-    for (int i = 0; i < BLOCK_ROWS && r + i < op->n_out; i++) {
-        float zi = op->bias ? s[i] + h2f(op->bias[r + i]) : s[i];
-        y[i] = op->accumulate ? y[i] + zi : zi;
+    for (int i = 0; i < imin(BLOCK_ROWS, op->n_out - r); i++) {
+        float z = op->bias ? s[i] + h2f(op->bias[r + i]) : s[i];
+        y[i] = op->accumulate ? y[i] + z : z;
     }
 }
 
@@ -463,10 +452,10 @@ static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b
     int nt = imin(op->n_tokens - t0, NT);
     for (int i = 0; i < NB; i++) {
         for (int t = 0; t < nt; t++) {
-            vec z[VECS];
+            float s[BLOCK_ROWS];
             for (int v = 0; v < VECS; v++)
-                z[v] = acc[i * VECS + v][t];
-            store_block(op, (b + i * spacing) * BLOCK_ROWS, t0 + t, z);
+                vstore(s + v * LANES, acc[i * VECS + v][t]);
+            store_block(op, (b + i * spacing) * BLOCK_ROWS, t0 + t, s);
         }
     }
 }
