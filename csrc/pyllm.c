@@ -387,17 +387,8 @@ typedef struct {
 
 /* The operands of y (+)= x W^T (+ bias): the rows of x and y are n_in and n_out long. */
 static matmul_t operands(const matrix_t *w, const float *x, float *y, int n_tokens, int add) {
-    return (matmul_t){.w = w->w,
-                      .n_in = w->n_in,
-                      .stride = w->n_in,
-                      .n_out = w->n_out,
-                      .bias = w->bias,
-                      .accumulate = add,
-                      .x = x,
-                      .ldx = w->n_in,
-                      .y = y,
-                      .ldy = w->n_out,
-                      .n_tokens = n_tokens};
+    return (matmul_t){w->w, w->n_in, w->n_in, w->n_out, w->bias, add,
+                      x,    w->n_in, y,       w->n_out, n_tokens};
 }
 
 /* Rows r.. of token t's outputs, s[i] for row r + i, up to n_out (a last block is partial). */
@@ -1000,16 +991,10 @@ void pyllm_close(pyllm_model *m) {
         munmap((void *)m->map, m->h.file_size);
     if (m->k_cache)
         munmap(m->k_cache, m->kv_bytes);
+    float *buffers[] = {m->x, m->xb, m->qkv, m->att, m->hb, m->hb2, m->rope, m->scratch, m->part};
+    for (int i = 0; i < 9; i++)
+        free(buffers[i]);
     free(m->layers);
-    free(m->x);
-    free(m->xb);
-    free(m->qkv);
-    free(m->att);
-    free(m->hb);
-    free(m->hb2);
-    free(m->rope);
-    free(m->scratch);
-    free(m->part);
     free(m);
 }
 
