@@ -118,7 +118,7 @@ static size_t blocked(size_t r, size_t k, size_t n) {
     return (r / BLOCK_ROWS * n + k) * BLOCK_ROWS + r % BLOCK_ROWS;
 }
 
-/* A one-line message into err (if any); returns -1. */
+/* A one-line message into err; returns -1. */
 static int say(char *err, int err_len, const char *fmt, ...) {
     va_list args;
     va_start(args, fmt);
@@ -451,8 +451,7 @@ static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b
     }
 }
 
-/* A prefill tile: a panel's first (t0 0) converts its blocks to f32 as it reads them, the
-   others read that copy. */
+/* A prefill tile: a panel's first converts its blocks to f32, the others read that copy. */
 static inline __attribute__((always_inline)) void panel_tile(const matmul_t *op, int b, int t0,
                                                              const f16 *prefetch, int NB) {
     if (t0 == 0)
@@ -502,7 +501,7 @@ static inline __attribute__((always_inline)) void attention_tiles(const matmul_t
         tile(op, b, 0, 1, NULL, 1, NT, W_F16_AHEAD);
 }
 
-/* The same, for the op's 1 to ATTN_ROWS rows: a kernel for each count. */
+/* The same for 1 to ATTN_ROWS rows: a kernel for each count. */
 static void attention_product(const matmul_t *op, int b0, int b1) {
     if (op->n_tokens == 1)
         attention_tiles(op, b0, b1, 1);
@@ -596,8 +595,8 @@ static float *partials(const pyllm_model *m, const attention_t *a, int kvh, int 
     return m->part + at * ATTN_ROWS * (m->h.head_dim + 2);
 }
 
-/* Attention of one row tile of KV head kvh over the positions of segment sg only: each row's
-   unnormalized o, its max score and its sum of exponentials, into its partials. */
+/* One row tile of KV head kvh over segment sg: each row's unnormalized o, max score and sum of
+   exponentials, into its partials. */
 static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int sg, float *scores) {
     int hd = (int)m->h.head_dim, group = (int)(m->h.n_heads / m->h.n_kv_heads);
     int window = (int)m->h.sliding_window, r0 = tile * ATTN_ROWS;
@@ -711,7 +710,7 @@ static void *worker(void *arg) {
     }
 }
 
-/* Runs job on every thread of the pool, the caller's too; job NULL: the workers quit. */
+/* Runs job on every thread, the caller's too; job NULL: the workers quit. */
 static void pool_run(pyllm_model *m, job_t *job) {
     m->job = job;
     atomic_store(&m->done, 0);
@@ -887,12 +886,9 @@ int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logi
     }
     for (int i = 0; i < n; i += PASS_TOKENS) {
         int T = imin(n - i, PASS_TOKENS);
-        float *out = NULL; /* every pass's logits, or the last one's */
-        if (logits && all)
-            out = logits + (size_t)i * m->h.vocab;
-        else if (logits && i + T == n)
-            out = logits;
-        forward_pass(m, tokens + i, T, pos + i, out, all);
+        /* every pass's logits, or the last one's */
+        float *out = logits && all ? logits + (size_t)i * m->h.vocab : logits;
+        forward_pass(m, tokens + i, T, pos + i, all || i + T == n ? out : NULL, all);
     }
     return 0;
 }
