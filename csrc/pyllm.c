@@ -616,9 +616,8 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
     }
     lo = imin(lo, hi + 1); /* no row sees sg: an empty range */
     /* scores[k][j] = q[k] . K[j]: K is SEGMENT rows by hd inputs; a tile prefetches the next */
-    matmul_t qk = operands(&(matrix_t){m->k_cache + off, hd, hi + 1, NULL}, q, scores, n, 0);
-    qk.ldy = lds;
-    qk.lookahead = (size_t)ATTN_BLOCKS * hd * BLOCK_ROWS;
+    size_t ahead = (size_t)ATTN_BLOCKS * hd * BLOCK_ROWS;
+    matmul_t qk = {m->k_cache + off, hd, hd, hi + 1, NULL, 0, q, hd, scores, lds, n, ahead};
     attention_product(&qk, lo / BLOCK_ROWS, (hi + BLOCK_ROWS) / BLOCK_ROWS);
     for (int k = 0; k < n; k++) {
         float *s = scores + k * lds;
@@ -630,11 +629,8 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
     }
     /* o[k] = sum_j scores[k][j] V[j]: V is hd rows by SEGMENT inputs, prefetched 16 on */
     const f16 *v = m->v_cache + off + (size_t)lo * BLOCK_ROWS;
-    matmul_t sv = operands(&(matrix_t){v, hi + 1 - lo, hd, NULL}, scores + lo, part, n, 0);
-    sv.stride = SEGMENT;
-    sv.ldx = lds;
-    sv.ldy = hd + 2;
-    sv.lookahead = 16 * BLOCK_ROWS;
+    matmul_t sv = {v,           hi + 1 - lo, SEGMENT, hd,     NULL, 0,
+                   scores + lo, lds,         part,    hd + 2, n,    16 * BLOCK_ROWS};
     attention_product(&sv, 0, (hd + BLOCK_ROWS - 1) / BLOCK_ROWS);
 }
 
