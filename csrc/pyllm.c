@@ -387,8 +387,8 @@ typedef struct {
 
 /* The operands of y (+)= x W^T (+ bias): the rows of x and y are n_in and n_out long. */
 static matmul_t operands(const matrix_t *w, const float *x, float *y, int n_tokens, int add) {
-    return (matmul_t){w->w, w->n_in, w->n_in, w->n_out, w->bias, add,
-                      x,    w->n_in, y,       w->n_out, n_tokens};
+    return (matmul_t){w->w,    w->n_in, w->n_in,  w->n_out, w->bias, add, x,
+                      w->n_in, y,       w->n_out, n_tokens, 0,       NULL};
 }
 
 /* Rows r.. of token t's outputs, s[i] for row r + i, up to n_out (a last block is partial). */
@@ -617,7 +617,7 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
     lo = imin(lo, hi + 1); /* no row sees sg: an empty range */
     /* scores[k][j] = q[k] . K[j]: K is SEGMENT rows by hd inputs; a tile prefetches the next */
     size_t ahead = (size_t)ATTN_BLOCKS * hd * BLOCK_ROWS;
-    matmul_t qk = {m->k_cache + off, hd, hd, hi + 1, NULL, 0, q, hd, scores, lds, n, ahead};
+    matmul_t qk = {m->k_cache + off, hd, hd, hi + 1, NULL, 0, q, hd, scores, lds, n, ahead, NULL};
     attention_product(&qk, lo / BLOCK_ROWS, (hi + BLOCK_ROWS) / BLOCK_ROWS);
     for (int k = 0; k < n; k++) {
         float *s = scores + k * lds;
@@ -629,8 +629,8 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
     }
     /* o[k] = sum_j scores[k][j] V[j]: V is hd rows by SEGMENT inputs, prefetched 16 on */
     const f16 *v = m->v_cache + off + (size_t)lo * BLOCK_ROWS;
-    matmul_t sv = {v,           hi + 1 - lo, SEGMENT, hd,     NULL, 0,
-                   scores + lo, lds,         part,    hd + 2, n,    16 * BLOCK_ROWS};
+    matmul_t sv = {v,      hi + 1 - lo, SEGMENT,         hd,  NULL, 0, scores + lo, lds, part,
+                   hd + 2, n,           16 * BLOCK_ROWS, NULL};
     attention_product(&sv, 0, (hd + BLOCK_ROWS - 1) / BLOCK_ROWS);
 }
 
