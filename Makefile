@@ -8,8 +8,11 @@ MODEL  := weights/smollm2-135m-instruct.f16.bin
 THREADS ?=
 ARGS ?=
 PROMPT ?= The capital of France is
+# ruff is pinned: a new release brings new findings and formatting
+RUFF_VERSION := 0.17.5
+LINT_PATHS := pyllm tests benchmarks setup.py
 
-.PHONY: install dev weights run chat test format format-check test-paths test-clang test-asan test-neon fixtures bench compare clean
+.PHONY: install dev weights run chat serve chromium test lint format format-check test-paths test-clang test-asan test-neon fixtures bench compare bench-scale clean
 
 # runtime: the package (compiles the C kernel through cffi) and its dependencies
 $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/pyllm.h csrc/bandwidth.c csrc/pyllm_pool.h
@@ -20,9 +23,9 @@ $(VENV)/.installed: setup.py pyproject.toml pyllm/_build.py csrc/pyllm.c csrc/py
 	touch $@
 install: $(VENV)/.installed
 
-# tests: the references (Hugging Face tokenizers and transformers on a local CPU torch)
+# tests: the references (Hugging Face tokenizers and transformers on a local CPU torch), ruff
 $(VENV)/.dev: $(VENV)/.installed
-	$(PIP) install pytest pexpect tokenizers hypothesis
+	$(PIP) install pytest pexpect tokenizers hypothesis openai selenium ruff==$(RUFF_VERSION)
 	$(PIP) install clang-format==23.1.3  # pinned: the C style's line breaks change between versions
 	$(PIP) install torch==2.13.0
 	$(PIP) install transformers
@@ -46,9 +49,20 @@ run: weights
 chat: weights
 	$(PY) -m pyllm chat $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
 
-test: dev weights format-check
+# the chat page's test drives Debian's chromium through its chromedriver; Debian/Ubuntu hosts install them
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: dev weights chromium
+	$(MAKE) lint format-check
 	$(PY) -m pytest -q tests --ignore=tests/test_cross.py
 	$(MAKE) test-paths test-clang test-asan test-neon
+
+# the Python's lint findings and format, as pyproject.toml's [tool.ruff] sets them
+lint: dev
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 # the C style of .clang-format (100 columns, one statement per line): make format rewrites the
 # files, make test fails if it would change any
@@ -102,6 +116,9 @@ test-asan: dev
 fixtures: dev weights
 	$(PY) tests/make_fixtures.py $(MODEL)
 
+serve: weights
+	$(PY) -m pyllm serve $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
+
 bench: weights
 	$(PY) -m pyllm bench $(MODEL) $(if $(THREADS),-t $(THREADS)) $(ARGS)
 
@@ -113,6 +130,12 @@ $(VENV)/.peers: $(VENV)/.dev
 compare: dev weights $(VENV)/.peers
 	$(PY) benchmarks/compare.py $(MODEL)
 	$(PY) benchmarks/plot.py
+
+# how cost grows with the model: 135M, and random-weight files of Llama-3.2-1B's and -3B's shapes
+# (built under weights/ when missing: 2.5 and 6.4 GB), pyllm and llama.cpp side by side; a table,
+# benchmarks/out/scale.json and scale.png. ARGS, e.g. ARGS="--models 135m,1b -t 1,2 -r 3"
+bench-scale: dev weights $(VENV)/.peers
+	$(PY) benchmarks/scale.py $(ARGS)
 
 clean:
 	rm -rf build *.egg-info pyllm/_pyllm*.so pyllm/__pycache__ tests/__pycache__

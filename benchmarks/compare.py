@@ -1,12 +1,12 @@
 """pyllm against its peers, side by side in one run: the same tests, model, thread counts.
 
     python benchmarks/compare.py [MODEL] [-p 512] [-n 128] [-t 1,2] [-r 3] [-d 0]
-                                 [--decode-depths 512,2048,4096] [--engines pyllm,llama.cpp,hf-f32,hf-bf16]
+        [--decode-depths 512,2048,4096] [--engines pyllm,llama.cpp,hf-f32,hf-bf16]
     (or: make compare)
 
 Engines (each in its own worker process, so peak RSS, thread pools and OpenMP runtimes
 stay apart; the idle ones block on a pipe):
-  pyllm         lib.pyllm_forward on token ids (pyllm/bench.py's Runner, exactly `pyllm bench`)
+  pyllm         Model.forward_at on token ids (pyllm/bench.py's Runner, exactly `pyllm bench`)
   llama.cpp     llama-cpp-python's low-level API on an F16 GGUF written from MODEL (the same
                 f16 weights; Q/K rows permuted back to llama.cpp's interleaved RoPE order), timed
                 as llama-bench times: pp = llama_decode of one batch of n tokens (n_batch 2048,
@@ -26,7 +26,9 @@ Prints a table with each engine's t/s (mean ± stddev) and pyllm/peer ratios, an
 load": the largest share of the machine that processes outside this run used during any of
 the test's timed runs (from /proc/stat). The machine is shared: before each timed run the
 coordinator waits for other processes to fall under --max-other-load, and redoes a run they
-disturbed (--retries); a row whose other load is still high is contaminated. Writes JSON
+disturbed (--retries); a row whose other load is still high is contaminated. After the runs,
+the machine's ceilings (pyllm.bench.ceilings) and pyllm's fraction of them (--no-roofline: not).
+Writes JSON
 (--json-out) for benchmarks/plot.py. Before timing, every engine's last-token logits for one
 prompt are compared with pyllm's (a same-weights check).
 """
@@ -36,11 +38,11 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,6 +57,7 @@ DEFAULT_MODEL = os.path.join(ROOT, "weights", "smollm2-135m-instruct.f16.bin")
 DEFAULT_JSON = os.path.join(HERE, "out", "compare.json")
 ALL_ENGINES = ("pyllm", "llama.cpp", "llama.cpp-norepack", "hf-f32", "hf-bf16")
 DEFAULT_ENGINES = "pyllm,llama.cpp,hf-f32,hf-bf16"
+CHECK_TOKENS = 32  # random ids whose last logits every engine must agree on
 
 
 # ---------------- the F16 GGUF of the same weights ----------------
@@ -108,44 +111,58 @@ def write_gguf(src, out):
         w.add_chat_template(mf.meta["chat_template"])
 
     def f16(name):
-        return np.asarray(mf.matrix(name), dtype=np.float16)
+        return lambda: np.asarray(mf.matrix(name), dtype=np.float16)
 
     def f32(name):
-        return np.asarray(mf.matrix(name), dtype=np.float32)
+        return lambda: np.asarray(mf.matrix(name), dtype=np.float32)
 
-    w.add_tensor("token_embd.weight", f16("tok_embd"))
+    def part(load, i, splits, permute=None):  # rows [splits[i], splits[i + 1]) of a fused matrix
+        def rows():
+            a = np.ascontiguousarray(load()[splits[i]:splits[i + 1]])
+            return np.ascontiguousarray(hf_to_gguf_rows(a, permute)) if permute else a
+        return rows
+
+    # (name, loader, shape, dtype): the tensors are listed first and written one at a time
+    # after the header, so the writer holds one tensor at a time (a 3B model streams too)
+    tensors = [("token_embd.weight", f16("tok_embd"), (c["vocab_size"], d), np.float16)]
     # llama.cpp computes the frequencies from freq_base; a rope_freqs tensor divides them
-    ours = f32("rope_freqs")
+    ours = np.asarray(mf.matrix("rope_freqs"), dtype=np.float32)
     base = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
     factors = (base / ours).astype(np.float32)
     if np.abs(factors - 1).max() > 1e-6:
-        w.add_tensor("rope_freqs.weight", factors)
+        tensors.append(("rope_freqs.weight", lambda: factors, factors.shape, np.float32))
+    qs = [0, nh * hd, (nh + nkv) * hd, (nh + 2 * nkv) * hd]
     for i in range(c["n_layers"]):
-        p, g = f"blk.{i}.", f"blk.{i}."
+        p = g = f"blk.{i}."
         qkv = f16(p + "attn_qkv")
-        q, k, v = np.split(qkv, [nh * hd, (nh + nkv) * hd])
-        w.add_tensor(g + "attn_norm.weight", f32(p + "attn_norm"))
-        w.add_tensor(g + "attn_q.weight", np.ascontiguousarray(hf_to_gguf_rows(q, nh)))
-        w.add_tensor(g + "attn_k.weight", np.ascontiguousarray(hf_to_gguf_rows(k, nkv)))
-        w.add_tensor(g + "attn_v.weight", np.ascontiguousarray(v))
+        tensors += [(g + "attn_norm.weight", f32(p + "attn_norm"), (d,), np.float32),
+                    (g + "attn_q.weight", part(qkv, 0, qs, nh), (nh * hd, d), np.float16),
+                    (g + "attn_k.weight", part(qkv, 1, qs, nkv), (nkv * hd, d), np.float16),
+                    (g + "attn_v.weight", part(qkv, 2, qs), (nkv * hd, d), np.float16)]
         if c["flags"] & format.FLAG_QKV_BIAS:
             b = f32(p + "attn_qkv_bias")
-            bq, bk, bv = np.split(b, [nh * hd, (nh + nkv) * hd])
-            w.add_tensor(g + "attn_q.bias", np.ascontiguousarray(hf_to_gguf_rows(bq, nh)))
-            w.add_tensor(g + "attn_k.bias", np.ascontiguousarray(hf_to_gguf_rows(bk, nkv)))
-            w.add_tensor(g + "attn_v.bias", bv)
-        w.add_tensor(g + "attn_output.weight", f16(p + "attn_out"))
-        w.add_tensor(g + "ffn_norm.weight", f32(p + "ffn_norm"))
-        gate, up = np.split(f16(p + "ffn_gate_up"), 2)
-        w.add_tensor(g + "ffn_gate.weight", np.ascontiguousarray(gate))
-        w.add_tensor(g + "ffn_up.weight", np.ascontiguousarray(up))
-        w.add_tensor(g + "ffn_down.weight", f16(p + "ffn_down"))
-    w.add_tensor("output_norm.weight", f32("output_norm"))
+            tensors += [(g + "attn_q.bias", part(b, 0, qs, nh), (nh * hd,), np.float32),
+                        (g + "attn_k.bias", part(b, 1, qs, nkv), (nkv * hd,), np.float32),
+                        (g + "attn_v.bias", part(b, 2, qs), (nkv * hd,), np.float32)]
+        gu = f16(p + "ffn_gate_up")
+        tensors += [(g + "attn_output.weight", f16(p + "attn_out"), (d, nh * hd), np.float16),
+                    (g + "ffn_norm.weight", f32(p + "ffn_norm"), (d,), np.float32),
+                    (g + "ffn_gate.weight", part(gu, 0, [0, hid, 2 * hid]), (hid, d), np.float16),
+                    (g + "ffn_up.weight", part(gu, 1, [0, hid, 2 * hid]), (hid, d), np.float16),
+                    (g + "ffn_down.weight", f16(p + "ffn_down"), (d, hid), np.float16)]
+    tensors.append(("output_norm.weight", f32("output_norm"), (d,), np.float32))
     if not c["flags"] & format.FLAG_TIED_OUTPUT:
-        w.add_tensor("output.weight", f16("output"))
+        tensors.append(("output.weight", f16("output"), (c["vocab_size"], d), np.float16))
+    for name, _, shape, dtype in tensors:
+        w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for name, load, shape, dtype in tensors:
+        a = load()
+        if a.shape != tuple(shape) or a.dtype != dtype:
+            raise SystemExit(f"compare: {name}: {a.dtype}{a.shape}, expected {np.dtype(dtype)}{tuple(shape)}")
+        w.write_tensor_data(a)
     w.close()
     os.replace(tmp, out)
 
@@ -172,10 +189,7 @@ class PyllmEngine:
         return self.r.run(test, n)
 
     def logits(self, ids):
-        r = self.r
-        r._forward(r.ffi.new("int[]", ids), len(ids), 0)
-        r.filled = 0
-        return r.logits.copy()
+        return self.r.logits(ids)
 
 
 class LlamaCppEngine:
@@ -553,7 +567,7 @@ def engine_available(name):
                                                          importlib.util.find_spec("torch") is not None)
 
 
-def check_logits(workers, vocab, n=32, seed=7):
+def check_logits(workers, vocab, n=CHECK_TOKENS, seed=7):
     ids = np.random.default_rng(seed).integers(0, vocab, n).tolist()
     got = {w.engine: np.frombuffer(base64.b64decode(w.call(cmd="logits", ids=ids)["logits"]), "<f4")
            for w in workers}
@@ -572,7 +586,8 @@ def fmt_ts(s):
     return f"{s['avg_ts']:.2f} ± {s['stddev_ts']:.2f}"
 
 
-def main(argv=None):
+# ---------------- the plan: options, tests, engines ----------------
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     ap.add_argument("-p", "--n-prompt", default="512")
@@ -591,26 +606,33 @@ def main(argv=None):
     ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet (default 600)")
     ap.add_argument("--retries", type=int, default=3, help="redos of a disturbed run (default 3)")
     ap.add_argument("--json-out", default=DEFAULT_JSON)
+    ap.add_argument("--no-roofline", dest="roofline", action="store_false",
+                    help="skip the ceilings (pyllm's fractions of the read and FMA ceilings) after the runs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-ctx", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--max-depth", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.gguf is None:
         a.gguf = os.path.splitext(a.model)[0] + ".gguf"
-    if a.worker:
-        a.threads = int(a.threads)
-        return worker_main(a)
+    return a
 
-    cores = bench.default_threads()
-    threads = bench.int_list(a.threads, "-t", lo=1) if a.threads else sorted({1, cores})
+
+def plan_tests(a):
+    """-p and -n at every -d depth, then tg at each --decode-depths depth; by depth, since
+    the engines' caches only grow."""
     depths = bench.int_list(a.n_depth, "-d")
-    tests = bench.make_tests(bench.int_list(a.n_prompt, "-p"), bench.int_list(a.n_gen, "-n"), depths)
+    n_gen = bench.int_list(a.n_gen, "-n")
+    tests = bench.make_tests(bench.int_list(a.n_prompt, "-p"), n_gen, depths)
     extra = bench.int_list(a.decode_depths, "--decode-depths") if a.decode_depths.strip() else []
-    tests += [Test("tg", n, d) for d in extra if d not in depths
-              for n in bench.int_list(a.n_gen, "-n") if n > 0]
-    tests.sort(key=lambda t: t.depth)  # the caches only grow
+    tests += [Test("tg", n, d) for d in extra if d not in depths for n in n_gen if n > 0]
+    tests.sort(key=lambda t: t.depth)
+    return tests
+
+
+def select_engines(names):
+    """The --engines that are installed, in order (pyllm required: ratios are pyllm/peer)."""
     engines = []
-    for e in a.engines.split(","):
+    for e in names.split(","):
         e = e.strip()
         if e not in ALL_ENGINES:
             raise SystemExit(f"compare: unknown engine {e!r} (choose from {', '.join(ALL_ENGINES)})")
@@ -620,96 +642,216 @@ def main(argv=None):
             print(f"compare: {e} is not installed; skipped", file=sys.stderr)
     if "pyllm" not in engines:
         raise SystemExit("compare: pyllm must be one of the engines (ratios are pyllm/peer)")
+    return engines
+
+
+@dataclass
+class Run:
+    """One comparison: the options, the machine, what to run, and the record (doc, the JSON)."""
+    a: argparse.Namespace
+    cores: int
+    threads: list
+    tests: list
+    engines: list
+    info: bench.ModelInfo
+    doc: dict = None
+
+    @property
+    def peers(self):
+        return [e for e in self.engines if e != "pyllm"]
+
+    @property
+    def n_ctx(self):  # every test's context fits, and the logits check's
+        return max([t.depth + t.n for t in self.tests] + [CHECK_TOKENS])
+
+    @property
+    def max_depth(self):
+        return max(t.depth for t in self.tests)
+
+
+def plan(a):
+    cores = bench.default_threads()
+    try:
+        threads = bench.int_list(a.threads, "-t", lo=1) if a.threads else sorted({1, cores})
+        tests = plan_tests(a)
+    except ValueError as e:
+        raise SystemExit(f"compare: {e}") from None
+    engines = select_engines(a.engines)
     if any(e.startswith("llama.cpp") for e in engines):
         ensure_gguf(a.model, a.gguf)
-    info = bench.model_info(a.model)
-    need = max(t.depth + t.n for t in tests)
-    max_depth = max(t.depth for t in tests)
-    peers = [e for e in engines if e != "pyllm"]
+    run = Run(a, cores, threads, tests, engines, bench.model_info(a.model))
+    run.doc = new_doc(run)
+    return run
 
-    header = "| threads | test | " + " | ".join(f"{e} t/s" for e in engines) + " | " + \
-             " | ".join(f"pyllm/{e}" for e in peers) + " | other load |"
-    print(f"{info.desc}, {a.model}; {bench.cpu_info()}, {cores} cores; -r {a.repetitions}; "
-          f"engines: {', '.join(engines)}", flush=True)
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-           "machine": {"cpu": bench.cpu_info(), "cores": cores, "platform": platform.platform(),
-                       "python": platform.python_version()},
-           "model": {"file": a.model, "gguf": a.gguf if any(e.startswith("llama") for e in engines) else None,
-                     "type": info.desc, "size": info.size, "n_params": info.n_params,
-                     "weight_bytes_per_token": info.bytes_per_token},
-           "repetitions": a.repetitions, "engines": {}, "loads": [], "check": None, "results": []}
-    table = []
-    for nt in threads:
-        workers = []
+
+def new_doc(run):
+    a, info = run.a, run.info
+    gguf = a.gguf if any(e.startswith("llama") for e in run.engines) else None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            "machine": {"cpu": bench.cpu_info(), "cores": run.cores, "platform": platform.platform(),
+                        "python": platform.python_version()},
+            "model": {"file": a.model, "gguf": gguf, "type": info.desc, "size": info.size,
+                      "n_params": info.n_params, "weight_bytes_per_token": info.bytes_per_token},
+            "repetitions": a.repetitions, "engines": {}, "loads": [], "check": None, "results": []}
+
+
+# ---------------- the runs: one thread count, one test ----------------
+def run_threads(run, nt):
+    """Every test at nt threads: start a worker per engine, check their logits (once per
+    comparison), time the tests, close the workers."""
+    workers = []
+    try:
+        for e in run.engines:
+            print(f"[threads {nt}] loading {e} ...", file=sys.stderr, flush=True)
+            workers.append(Worker(e, run.a, nt, run.n_ctx, run.max_depth))
+            run.doc["engines"].setdefault(e, workers[-1].info)
+        if run.doc["check"] is None:
+            run.doc["check"] = check_logits(workers, run.info.config["vocab_size"])
+            print_check(run.doc["check"])
+        print("\n" + table_header(run.engines, run.peers), flush=True)
+        for test in run.tests:
+            print(time_test(run, workers, nt, test), flush=True)
+    finally:
+        close_workers(run, workers, nt)
+
+
+def print_check(check):
+    for name, c in check["vs_pyllm"].items():
+        print(f"same-weights check, {name} vs pyllm, last-token logits of {check['n_tokens']} "
+              f"random ids: max |diff| {c['max_abs_diff']:.3g} "
+              f"(logits up to {c['logit_scale']:.1f}), "
+              f"argmax {'agrees' if c['argmax_agree'] else 'DIFFERS'}, top-5 overlap "
+              f"{c['top5_overlap']}/5", flush=True)
+
+
+def table_header(engines, peers):
+    cells = ["threads", "test"] + [f"{e} t/s" for e in engines] + [f"pyllm/{e}" for e in peers]
+    cells.append("other load")
+    return "| " + " | ".join(cells) + " |\n|" + " ---: |" * len(cells)
+
+
+def time_test(run, workers, nt, test):
+    """One test on every engine: a warmup each (like llama-bench), then -r rounds, each
+    running every engine once in turn (A/B/A/B..., rotating who goes first). Records the
+    results in run.doc; returns the table row."""
+    a = run.a
+    print(f"[threads {nt}] {test.name}", file=sys.stderr, flush=True)
+    for w in workers:
+        w.run(test, 1 if test.kind == "tg" else None)
+        time.sleep(a.gap)
+    samples = {w.engine: [] for w in workers}
+    other = {w.engine: [] for w in workers}
+    for rep in range(a.repetitions):
+        for k in range(len(workers)):
+            w = workers[(rep + k) % len(workers)]
+            ns, busy = quiet_run(w, test, a, run.cores)
+            samples[w.engine].append(ns)
+            if busy is not None:
+                other[w.engine].append(busy)
+            time.sleep(a.gap)
+    return record_test(run, nt, test, samples, other)
+
+
+def quiet_run(w, test, a, cores):
+    """One timed run once other processes are quiet (--max-other-load), redone up to
+    --retries times while they disturbed it; (ns, their share of the machine or None)."""
+    for attempt in range(a.retries + 1):
+        if a.max_other_load < 1:
+            wait_quiet(cores, a.max_other_load, a.max_wait)
+        ns, busy = timed_run(w, test, cores)
+        if busy is None or busy <= a.max_other_load:
+            break
+        print(f"  ({w.engine}: other processes used {100 * busy:.0f}% during the run; "
+              f"{'again' if attempt < a.retries else 'kept'})", file=sys.stderr, flush=True)
+    return ns, busy
+
+
+def record_test(run, nt, test, samples, other):
+    """Each engine's statistics into run.doc["results"]; the table row (t/s, pyllm/peer
+    ratios, the most other processes used during any timed run)."""
+    stats = {e: bench.summarize(s, test.n) for e, s in samples.items()}
+    for e in stats:
+        stats[e]["other_load"] = max(other[e]) if other[e] else None
+    busiest = max((v for e in stats for v in other[e]), default=None)
+    for e, s in stats.items():
+        run.doc["results"].append(dict(engine=e, n_threads=nt, test=test.name, n_prompt=test.n_prompt,
+                                       n_gen=test.n_gen, n_depth=test.depth, **s))
+    cells = [str(nt), test.name] + [fmt_ts(stats[e]) for e in run.engines]
+    cells += [f"{stats['pyllm']['avg_ts'] / stats[p]['avg_ts']:.2f}" for p in run.peers]
+    cells.append("?" if busiest is None else f"{100 * busiest:.0f}%")
+    return "| " + " | ".join(cells) + " |"
+
+
+def close_workers(run, workers, nt):
+    """Quit the workers; each one's load time and peak RSS (None if it failed) into run.doc."""
+    for w in workers:
         try:
-            for e in engines:
-                print(f"[threads {nt}] loading {e} ...", file=sys.stderr, flush=True)
-                workers.append(Worker(e, a, nt, need, max_depth))
-                doc["engines"].setdefault(e, workers[-1].info)
-            if doc["check"] is None:
-                doc["check"] = check_logits(workers, info.config["vocab_size"])
-                for name, c in doc["check"]["vs_pyllm"].items():
-                    print(f"same-weights check, {name} vs pyllm, last-token logits of 32 random ids: "
-                          f"max |diff| {c['max_abs_diff']:.3g} (logits up to {c['logit_scale']:.1f}), "
-                          f"argmax {'agrees' if c['argmax_agree'] else 'DIFFERS'}, top-5 overlap "
-                          f"{c['top5_overlap']}/5", flush=True)
-            print(f"\n{header}\n|" + " ---: |" * (3 + len(engines) + len(peers)), flush=True)
-            for test in tests:
-                print(f"[threads {nt}] {test.name}", file=sys.stderr, flush=True)
-                for w in workers:  # warmup, like llama-bench
-                    w.run(test, 1 if test.kind == "tg" else None)
-                    time.sleep(a.gap)
-                samples = {w.engine: [] for w in workers}
-                other = {w.engine: [] for w in workers}
-                for rep in range(a.repetitions):  # A/B/A/B..., rotating who goes first
-                    for k in range(len(workers)):
-                        w = workers[(rep + k) % len(workers)]
-                        for attempt in range(a.retries + 1):  # a run disturbed by others is redone
-                            if a.max_other_load < 1:
-                                wait_quiet(cores, a.max_other_load, a.max_wait)
-                            ns, busy = timed_run(w, test, cores)
-                            if busy is None or busy <= a.max_other_load:
-                                break
-                            print(f"  ({w.engine}: other processes used {100 * busy:.0f}% during the run; "
-                                  f"{'again' if attempt < a.retries else 'kept'})", file=sys.stderr, flush=True)
-                        samples[w.engine].append(ns)
-                        if busy is not None:
-                            other[w.engine].append(busy)
-                        time.sleep(a.gap)
-                stats = {e: bench.summarize(s, test.n) for e, s in samples.items()}
-                for e in stats:
-                    stats[e]["other_load"] = max(other[e]) if other[e] else None
-                busiest = max((v for e in stats for v in other[e]), default=None)
-                ratios = {p: stats["pyllm"]["avg_ts"] / stats[p]["avg_ts"] for p in peers}
-                for e, s in stats.items():
-                    doc["results"].append(dict(engine=e, n_threads=nt, test=test.name, n_prompt=test.n_prompt,
-                                               n_gen=test.n_gen, n_depth=test.depth, **s))
-                row = (f"| {nt} | {test.name} | " + " | ".join(fmt_ts(stats[e]) for e in engines) + " | "
-                       + " | ".join(f"{ratios[p]:.2f}" for p in peers) + " | "
-                       + ("?" if busiest is None else f"{100 * busiest:.0f}%") + " |")
-                table.append(row)
-                print(row, flush=True)
-        finally:
-            for w in workers:
-                try:
-                    rss = w.close()
-                except Exception as ex:  # noqa: BLE001
-                    print(f"compare: closing {w.engine}: {ex}", file=sys.stderr)
-                    rss = None
-                doc["loads"].append({"engine": w.engine, "n_threads": nt, "load_s": w.load_s,
-                                     "peak_rss_bytes": rss})
+            rss = w.close()
+        except Exception as ex:  # noqa: BLE001
+            print(f"compare: closing {w.engine}: {ex}", file=sys.stderr)
+            rss = None
+        run.doc["loads"].append({"engine": w.engine, "n_threads": nt, "load_s": w.load_s,
+                                 "peak_rss_bytes": rss})
+
+
+# ---------------- the report ----------------
+def print_loads(doc):
     print("\nload (open + first touch) and peak RSS per engine:")
     for r in doc["loads"]:
         rss = f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r["peak_rss_bytes"] else "?"
         print(f"  {r['engine']:20} threads {r['n_threads']}: load {r['load_s']:.2f} s, peak RSS {rss}")
     for e, i in doc["engines"].items():
         print(f"  {e}: " + ", ".join(f"{k}={v}" for k, v in i.items() if k != "system_info"))
+
+
+def print_roofline(run):
+    """The machine's ceilings (bench.ceilings, on pyllm's pool, after the runs) and pyllm's
+    fraction of them: tg of the read ceiling, pp of the f32 FMA ceiling (run.doc["roofline"])."""
+    ceil = {nt: bench.ceilings(run.a.model, nt) for nt in run.threads}
+    rows = []
+    for r in run.doc["results"]:
+        if r["engine"] != "pyllm":
+            continue
+        res = bench.apply_roofline({k: r[k] for k in ("n_prompt", "n_gen", "n_depth", "n_threads", "avg_ts")},
+                                   run.info.config, run.info, ceil[r["n_threads"]])
+        rows.append({"n_threads": r["n_threads"], "test": r["test"], **{k: res[k] for k in (
+            "roofline_bound", "roofline_ts", "roofline_fraction", "roofline_warning")}})
+    run.doc["roofline"] = {"ceilings": {str(k): v for k, v in ceil.items()}, "pyllm": rows}
+    print("\nceilings, timed on pyllm's pool after the runs: " + "; ".join(
+        f"{nt} thread{'s' if nt > 1 else ''}: read {c['read_gbs']:.1f} GB/s ({c['read_pattern']}), "
+        f"f32 FMA {c['fma_gflops']:.0f} GFLOP/s" for nt, c in ceil.items()))
+    print("| threads | test | bound by | pyllm of its ceiling |\n| ---: | ---: | ---: | ---: |")
+    for r in rows:
+        frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
+        print(f"| {r['n_threads']} | {r['test']} | {r['roofline_bound']} | {frac} |")
+    for r in rows:
+        if r["roofline_warning"]:
+            print("warning: " + r["roofline_warning"])
+
+
+def write_json(doc, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker:
+        a.threads = int(a.threads)
+        return worker_main(a)
+    run = plan(a)
+    print(f"{run.info.desc}, {a.model}; {bench.cpu_info()}, {run.cores} cores; -r {a.repetitions}; "
+          f"engines: {', '.join(run.engines)}", flush=True)
+    for nt in run.threads:
+        run_threads(run, nt)
+    print_loads(run.doc)
+    if a.roofline:
+        print_roofline(run)
     if a.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
-        with open(a.json_out, "w") as f:
-            json.dump(doc, f, indent=1)
-        print(f"wrote {a.json_out}", file=sys.stderr)
+        write_json(run.doc, a.json_out)
     return 0
 
 

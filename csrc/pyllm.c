@@ -78,7 +78,8 @@ struct pyllm_model {
     matrix_t output;         /* [vocab][dim]: embd if tied */
     /* The KV cache, one mapping of kv_bytes: [segment][layer][KV head] blocked matrices, K of
        SEGMENT rows (positions) by head_dim inputs, V of head_dim rows by SEGMENT inputs */
-    f16 *k_cache, *v_cache;
+    void *k_cache, *v_cache;
+    int k_type, v_type; /* PYLLM_CACHE_F16 or PYLLM_CACHE_F32 */
     size_t kv_bytes;
     /* The activations, each its own allocation (so ASan sees an overrun from one into the next),
        of PASS_TOKENS + TILE_TOKENS rows: zeroed, as a tile reads up to TILE_TOKENS - 1 rows past
@@ -381,8 +382,9 @@ typedef struct {
     float *y; /* n_tokens rows, ldy apart */
     size_t ldy;
     int n_tokens;
-    size_t lookahead; /* attention: each block's line this many f16 on is prefetched */
-    float *panel;     /* prefill: the thread's f32 copy of the blocks its tiles read */
+    size_t lookahead; /* attention: each block's line this many elements on is prefetched */
+    float *wf; /* W as f32: an f32 KV cache, or prefill's panel (the thread's copy of the blocks
+                  its tiles read, from block b on: written by the panel's first tile) */
 } matmul_t;
 
 /* The operands of y (+)= x W^T (+ bias): the rows of x and y are n_in and n_out long. */
@@ -401,9 +403,9 @@ static inline __attribute__((always_inline)) void store_block(const matmul_t *op
     }
 }
 
-/* How a tile reads W: as f16; as f16, prefetching lookahead on; as f16, writing the f32 panel;
-   from the panel. */
-enum { W_F16, W_F16_AHEAD, W_TO_PANEL, W_PANEL };
+/* How a tile reads W: as f16; as f16 or f32 (wf), prefetching lookahead on; as f16, writing
+   the f32 panel; from the panel. */
+enum { W_F16, W_F16_AHEAD, W_F32_AHEAD, W_TO_PANEL, W_PANEL };
 
 /* The register tile: NB blocks from block b on, spacing blocks apart, by NT tokens from t0 (x
    has rows to spare past n_tokens). prefetch: a line every 8 inputs from there. NB, NT and
@@ -411,42 +413,44 @@ enum { W_F16, W_F16_AHEAD, W_TO_PANEL, W_PANEL };
 static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b, int t0,
                                                        int spacing, const f16 *prefetch, int NB,
                                                        int NT, int mode) {
-    int n_in = op->n_in; /* in locals: the panel's stores could alias *op */
-    size_t stride = op->stride, ldx = op->ldx, lookahead = op->lookahead;
-    const f16 *w = op->w + blocked((size_t)b * BLOCK_ROWS, 0, stride);
-    const float *x = op->x + (size_t)t0 * ldx;
-    float *panel = op->panel;
+    const matmul_t mm = *op; /* a copy: the stores to y and the panel could alias *op */
+    size_t base = blocked((size_t)b * BLOCK_ROWS, 0, mm.stride); /* block b's first element */
+    const f16 *w = mode == W_F32_AHEAD ? NULL : mm.w + base;
+    float *wf = mode == W_F32_AHEAD ? mm.wf + base : mm.wf; /* the f32 cache's, or the panel */
+    const float *x = mm.x + (size_t)t0 * mm.ldx;
     vec acc[MAX_TILE_BLOCKS * VECS][TILE_TOKENS];
     for (int v = 0; v < NB * VECS; v++) {
         for (int t = 0; t < NT; t++)
             acc[v][t] = vzero();
     }
-    for (int k = 0; k < n_in; k++) {
+    for (int k = 0; k < mm.n_in; k++) {
         if (prefetch && k % 8 == 0)
             __builtin_prefetch(prefetch + k / 8 * 32, 0, 2);
         vec wv[MAX_TILE_BLOCKS * VECS];
         for (int v = 0; v < NB * VECS; v++) {
             size_t o =
-                blocked((size_t)(v / VECS * spacing) * BLOCK_ROWS + v % VECS * LANES, k, stride);
+                blocked((size_t)(v / VECS * spacing) * BLOCK_ROWS + v % VECS * LANES, k, mm.stride);
             if (mode == W_F16_AHEAD && k % 2 == 0 && v % VECS == 0)
-                __builtin_prefetch(w + lookahead + o); /* a line of each block per 2 inputs */
-            wv[v] = mode == W_PANEL ? vload(panel + o) : vloadh(w + o);
+                __builtin_prefetch(w + mm.lookahead + o); /* a line of each block per 2 inputs */
+            if (mode == W_F32_AHEAD && v % VECS == 0)
+                __builtin_prefetch(wf + mm.lookahead + o); /* per input */
+            wv[v] = mode == W_PANEL || mode == W_F32_AHEAD ? vload(wf + o) : vloadh(w + o);
             if (mode == W_TO_PANEL)
-                vstore(panel + o, wv[v]);
+                vstore(wf + o, wv[v]);
         }
         for (int t = 0; t < NT; t++) {
-            vec xt = vset1(x[(size_t)t * ldx + k]);
+            vec xt = vset1(x[(size_t)t * mm.ldx + k]);
             for (int v = 0; v < NB * VECS; v++)
                 acc[v][t] = vfma(wv[v], xt, acc[v][t]);
         }
     }
-    int nt = imin(op->n_tokens - t0, NT);
+    int nt = imin(mm.n_tokens - t0, NT);
     for (int i = 0; i < NB; i++) {
         for (int t = 0; t < nt; t++) {
             float s[BLOCK_ROWS];
             for (int v = 0; v < VECS; v++)
                 vstore(s + v * LANES, acc[i * VECS + v][t]);
-            store_block(op, (b + i * spacing) * BLOCK_ROWS, t0 + t, s);
+            store_block(&mm, (b + i * spacing) * BLOCK_ROWS, t0 + t, s);
         }
     }
 }
@@ -492,13 +496,22 @@ static void matmul_rows(const matmul_t *op, int b0, int b1, const f16 *after) {
 }
 
 /* Blocks [b0, b1) of an attention product of NT query rows: ATTN_BLOCKS blocks a tile, then one. */
-static inline __attribute__((always_inline)) void attention_tiles(const matmul_t *op, int b0,
-                                                                  int b1, int NT) {
+static inline __attribute__((always_inline)) void attention_blocks(const matmul_t *op, int b0,
+                                                                   int b1, int NT, int mode) {
     int b = b0;
     for (; b + ATTN_BLOCKS <= b1; b += ATTN_BLOCKS)
-        tile(op, b, 0, 1, NULL, ATTN_BLOCKS, NT, W_F16_AHEAD);
+        tile(op, b, 0, 1, NULL, ATTN_BLOCKS, NT, mode);
     for (; b < b1; b++)
-        tile(op, b, 0, 1, NULL, 1, NT, W_F16_AHEAD);
+        tile(op, b, 0, 1, NULL, 1, NT, mode);
+}
+
+/* The same, from an f16 or an f32 cache (wf set). */
+static inline __attribute__((always_inline)) void attention_tiles(const matmul_t *op, int b0,
+                                                                  int b1, int NT) {
+    if (op->wf)
+        attention_blocks(op, b0, b1, NT, W_F32_AHEAD);
+    else
+        attention_blocks(op, b0, b1, NT, W_F16_AHEAD);
 }
 
 /* The same for 1 to ATTN_ROWS rows: a kernel for each count. */
@@ -595,6 +608,12 @@ static float *partials(const pyllm_model *m, const attention_t *a, int kvh, int 
     return m->part + at * ATTN_ROWS * (m->h.head_dim + 2);
 }
 
+/* An attention product's W: the cache's elements from at on, as f16 (w) or f32 (wf). */
+static void from_cache(matmul_t *op, void *cache, int type, size_t at) {
+    op->w = type == PYLLM_CACHE_F16 ? (f16 *)cache + at : NULL;
+    op->wf = type == PYLLM_CACHE_F32 ? (float *)cache + at : NULL;
+}
+
 /* One row tile of KV head kvh over segment sg: each row's unnormalized o, max score and sum of
    exponentials, into its partials. */
 static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int sg, float *scores) {
@@ -617,7 +636,8 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
     lo = imin(lo, hi + 1); /* no row sees sg: an empty range */
     /* scores[k][j] = q[k] . K[j]: K is SEGMENT rows by hd inputs; a tile prefetches the next */
     size_t ahead = (size_t)ATTN_BLOCKS * hd * BLOCK_ROWS;
-    matmul_t qk = {m->k_cache + off, hd, hd, hi + 1, NULL, 0, q, hd, scores, lds, n, ahead, NULL};
+    matmul_t qk = {NULL, hd, hd, hi + 1, NULL, 0, q, hd, scores, lds, n, ahead, NULL};
+    from_cache(&qk, m->k_cache, m->k_type, off);
     attention_product(&qk, lo / BLOCK_ROWS, (hi + BLOCK_ROWS) / BLOCK_ROWS);
     for (int k = 0; k < n; k++) {
         float *s = scores + k * lds;
@@ -628,9 +648,9 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
             s[j] = 0;
     }
     /* o[k] = sum_j scores[k][j] V[j]: V is hd rows by SEGMENT inputs, prefetched 16 on */
-    const f16 *v = m->v_cache + off + (size_t)lo * BLOCK_ROWS;
-    matmul_t sv = {v,      hi + 1 - lo, SEGMENT,         hd,  NULL, 0, scores + lo, lds, part,
+    matmul_t sv = {NULL,   hi + 1 - lo, SEGMENT,         hd,  NULL, 0, scores + lo, lds, part,
                    hd + 2, n,           16 * BLOCK_ROWS, NULL};
+    from_cache(&sv, m->v_cache, m->v_type, off + (size_t)lo * BLOCK_ROWS);
     attention_product(&sv, 0, (hd + BLOCK_ROWS - 1) / BLOCK_ROWS);
 }
 
@@ -751,8 +771,8 @@ static int grab(atomic_int *next, int total, int unit, int n_threads, int *start
    prefill. The next chunk is taken a chunk early, so its first panel is prefetched by this
    one's last. With gate_up, j->mm is {gate, up}, and a chunk's gate rows become silu(gate) * up. */
 static void matmul_job(pyllm_model *m, job_t *j, int thread) {
-    matmul_t op = j->mm[0], up = j->mm[j->gate_up]; /* up: op again, unless gate_up */
-    op.panel = up.panel = m->scratch + thread * m->scratch_len;
+    matmul_t op = j->mm[0], up = j->mm[j->gate_up];       /* up: op again, unless gate_up */
+    op.wf = up.wf = m->scratch + thread * m->scratch_len; /* the thread's panel */
     int n_blocks = (int)(padded(op.n_out) / BLOCK_ROWS);
     int unit = op.n_tokens == 1 ? DECODE_STREAMS : PANEL_BLOCKS, b0, next;
     int n = grab(&j->next, n_blocks, unit, m->n_threads, &b0);
@@ -820,8 +840,18 @@ static void embed(pyllm_model *m, const int *tokens, int n_tokens, int pos) {
     }
 }
 
+/* cache[at + i * stride] = x[i], i < n, in the cache's type. */
+static void to_cache(void *cache, int type, size_t at, size_t stride, const float *x, int n) {
+    if (type == PYLLM_CACHE_F16) {
+        to_f16((f16 *)cache + at, stride, x, n);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        ((float *)cache)[at + (size_t)i * stride] = x[i];
+}
+
 /* RoPE on q and k (adjacent heads in qkv), q scaled by 1/sqrt(head_dim); k and v into the
-   layer's cache as f16: K row p, V input p of each block of rows. */
+   layer's cache (f16 or f32): K row p, V input p of each block of rows. */
 static void rope_and_cache(pyllm_model *m, int layer, int n_tokens, int pos) {
     int hd = (int)m->h.head_dim;
     for (int t = 0; t < n_tokens; t++) {
@@ -833,10 +863,10 @@ static void rope_and_cache(pyllm_model *m, int layer, int n_tokens, int pos) {
         size_t p = (size_t)(pos + t), row = p % SEGMENT;
         for (int i = 0; i < (int)m->h.n_kv_heads; i++) {
             size_t off = kv_offset(m, p / SEGMENT, layer, i);
-            to_f16(m->k_cache + off + blocked(row, 0, hd), BLOCK_ROWS, k + i * hd, hd);
+            to_cache(m->k_cache, m->k_type, off + blocked(row, 0, hd), BLOCK_ROWS, k + i * hd, hd);
             for (int j = 0; j < hd; j += BLOCK_ROWS)
-                to_f16(m->v_cache + off + blocked(j, row, SEGMENT), 1, v + i * hd + j,
-                       imin(BLOCK_ROWS, hd - j));
+                to_cache(m->v_cache, m->v_type, off + blocked(j, row, SEGMENT), 1, v + i * hd + j,
+                         imin(BLOCK_ROWS, hd - j));
         }
     }
 }
@@ -899,7 +929,8 @@ static int start(pyllm_model *m, int n_threads, char *err, int err_len) {
        so the pages touched grow with the context, even as 2 MiB pages */
     size_t n_segments = (size_t)(m->n_ctx + SEGMENT - 1) / SEGMENT;
     size_t segment = (size_t)h->n_layers * h->n_kv_heads * padded(hd) * SEGMENT; /* K's or V's */
-    m->kv_bytes = 2 * n_segments * segment * sizeof(f16);
+    size_t k_bytes = n_segments * segment * (m->k_type == PYLLM_CACHE_F32 ? 4 : 2);
+    m->kv_bytes = k_bytes + n_segments * segment * (m->v_type == PYLLM_CACHE_F32 ? 4 : 2);
     void *kv = mmap(NULL, m->kv_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (kv == MAP_FAILED)
         return say(err, err_len, "out of memory for a context of %d tokens", m->n_ctx);
@@ -907,7 +938,7 @@ static int start(pyllm_model *m, int n_threads, char *err, int err_len) {
     madvise(kv, m->kv_bytes, MADV_HUGEPAGE); /* fewer TLB misses in attention (+6% tg at 2048) */
 #endif
     m->k_cache = kv;
-    m->v_cache = m->k_cache + n_segments * segment;
+    m->v_cache = (char *)kv + k_bytes;
     size_t longest_input = (size_t)imax(imax((int)d, (int)hidden), m->q_dim);
     size_t panel = PANEL_BLOCKS * BLOCK_ROWS * longest_input,
            scores = ATTN_ROWS * (SEGMENT + 16 + hd);
@@ -947,12 +978,18 @@ static int load(pyllm_model *m, int fd, const char *path, char *err, int err_len
     return bind_tensors(m, err, err_len);
 }
 
-pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, char *err, int err_len) {
-    pyllm_model *m = calloc(1, sizeof *m);
+pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, int cache_type_k,
+                        int cache_type_v, char *err, int err_len) {
+    int k_ok = cache_type_k == PYLLM_CACHE_F16 || cache_type_k == PYLLM_CACHE_F32;
+    int v_ok = cache_type_v == PYLLM_CACHE_F16 || cache_type_v == PYLLM_CACHE_F32;
+    pyllm_model *m = k_ok && v_ok ? calloc(1, sizeof *m) : NULL;
     if (!m) {
-        say(err, err_len, "out of memory");
+        say(err, err_len,
+            k_ok && v_ok ? "out of memory" : "a cache type is neither f16 (0) nor f32 (1)");
         return NULL;
     }
+    m->k_type = cache_type_k;
+    m->v_type = cache_type_v;
     int fd = open(path, O_RDONLY);
     int failed = fd < 0 ? say(err, err_len, "%s: %s", path, strerror(errno))
                         : load(m, fd, path, err, err_len);
@@ -996,6 +1033,10 @@ int pyllm_n_ctx(const pyllm_model *m) {
 
 int pyllm_n_threads(const pyllm_model *m) {
     return m->n_threads;
+}
+
+long long pyllm_cache_bytes(const pyllm_model *m) {
+    return (long long)m->kv_bytes;
 }
 
 const char *pyllm_simd(void) {

@@ -2,7 +2,8 @@
 
     pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-r 5] [-o md|json] [--roofline]
 
-Each test is timed on token ids straight through lib.pyllm_forward: no tokenizer, no sampler.
+Each test is timed on token ids straight through the kernel (Model.forward_at): no tokenizer,
+no sampler.
   ppN  one forward of N random tokens at position depth, logits of the last token only
   tgN  N single-token forwards at positions depth, depth+1, ... (logits every step)
 `@ dD` (-d D): D tokens are already in the KV cache before the test (filled, untimed).
@@ -11,8 +12,11 @@ repetitions; t/s is the mean ± sample stddev of the per-repetition tokens/s.
 
 Also reported: load time (open + first touch: pyllm.load and a one-token forward, which
 reads every weight page once), peak RSS, and for tg the weight bytes read per token x t/s
-(effective GB/s). --roofline measures the machine's read bandwidth with
-lib.pyllm_read per thread count and reports tg as a fraction of that ceiling.
+(effective GB/s). --roofline times the machine's two ceilings on the model's own pool, per
+thread count (ceilings(): the best of several read patterns, and the f32 FMA peak), and reports
+tg as a fraction of the read ceiling (weights and KV cache per token) and pp as a fraction of
+the compute ceiling (FLOPs per token counted from the config, attention at the test's depth).
+A fraction over 100% is not reported: a warning says the probe read low.
 """
 import datetime
 import json
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import format
+from .safeio import printable
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -115,6 +120,7 @@ def build_info():
     (llama-bench's build_commit; '-dirty' when csrc/ or pyllm/ differ from it)."""
     import hashlib
     import subprocess
+
     from . import _pyllm
     so = _pyllm.__file__
     with open(so, "rb") as f:
@@ -167,67 +173,60 @@ def model_info(path):
 
 # ---------- the timed runs ----------
 class Runner:
-    """One opened model at one thread count; runs tests on raw token ids."""
+    """One opened model at one thread count; runs tests on raw token ids (Model.forward_at).
+    Between tests the model's cache holds a prefix of depth_ids: the tests' own ids are
+    rewound after each run."""
 
     def __init__(self, path, threads, n_ctx, max_depth, seed=1234):
-        from ._pyllm import ffi, lib
         from .model import load
-        self.ffi, self.lib = ffi, lib
         t0 = time.perf_counter()
         self.model = load(path, threads=threads, n_ctx=n_ctx)
         self.vocab = self.model.vocab_size
-        self.logits = np.empty(self.vocab, dtype=np.float32)
-        self._out = ffi.cast("float *", ffi.from_buffer(self.logits))
+        self.out = np.empty(self.vocab, dtype=np.float32)  # every run's logits land here
         rng = np.random.default_rng(seed)
-        self._tok = ffi.new("int[]", [int(rng.integers(self.vocab))])
-        self._forward(self._tok, 1, 0)  # first touch: every weight page is read once
+        # first touch: a one-token forward reads every weight page once
+        self.model.forward_at([int(rng.integers(self.vocab))], 0, self.out)
+        self.model.reset()
         self.load_s = time.perf_counter() - t0
         self.threads = self.model.threads
         # the depth context (the same for every test) and the ids the tests feed
         self.depth_ids = rng.integers(0, self.vocab, max(max_depth, 1)).tolist()
         self.rng = rng
-        self.filled = 0  # cache positions [0, filled) hold depth_ids[:filled]
-
-    def _forward(self, ids, n, pos):
-        rc = self.lib.pyllm_forward(self.model._m, ids, n, pos, self._out, 0)
-        if rc:
-            from .model import forward_error
-            raise forward_error(rc)
 
     def _fill(self, depth):
-        if self.filled < depth:
-            ids = self.depth_ids[self.filled:depth]
-            self._forward(self.ffi.new("int[]", ids), len(ids), self.filled)
-        self.filled = max(self.filled, depth)
+        """Make the cache hold depth_ids[:depth] (untimed), keeping what it already holds."""
+        m = self.model
+        m.rewind(depth)
+        have = len(m.tokens)
+        if have < depth:
+            m.forward_at(self.depth_ids[have:depth], have, self.out)
 
     def run(self, test, n=None):
         """Nanoseconds for one run of test (n overrides its token count, for warmups)."""
         n = test.n if n is None else n
         self._fill(test.depth)
         ids = self.rng.integers(0, self.vocab, n).tolist()
+        forward, out, pos = self.model.forward_at, self.out, test.depth
         if test.kind == "pp":
-            buf = self.ffi.new("int[]", ids)
             t0 = time.perf_counter_ns()
-            self._forward(buf, n, test.depth)
+            forward(ids, pos, out)
             dt = time.perf_counter_ns() - t0
         else:
-            bufs = [self.ffi.new("int[]", [i]) for i in ids]
-            fwd, m, out, pos = self.lib.pyllm_forward, self.model._m, self._out, test.depth
             t0 = time.perf_counter_ns()
-            rc = 0
-            for i, b in enumerate(bufs):
-                rc = fwd(m, b, 1, pos + i, out, 0)
-                if rc:
-                    break
+            for i, t in enumerate(ids):
+                forward([t], pos + i, out)
             dt = time.perf_counter_ns() - t0
-            if rc:
-                from .model import forward_error
-                raise forward_error(rc)
-        self.filled = min(self.filled, test.depth)  # the test overwrote positions depth..
+        self.model.rewind(test.depth)
         return dt
 
+    def logits(self, ids):
+        """The last id's logits (a copy) of ids evaluated from position 0; the depth
+        context is forgotten (the next run fills it again)."""
+        out = self.model.forward_at(ids, 0, self.out).copy()
+        self.model.reset()
+        return out
+
     def close(self):
-        self._out = None
         self.model.close()
 
 
@@ -240,30 +239,136 @@ def summarize(samples_ns, n_tokens):
             "samples_ns": [int(s) for s in samples_ns], "samples_ts": ts}
 
 
-def read_bandwidth(path, threads, nbytes=GIB, reps=3, tries=3):
-    """The machine's read bandwidth in bytes/s, best of `tries` timed lib.pyllm_read calls: the
-    model's threads read an anonymous mapping (4 KiB pages where THP is madvise-only, as the
-    weights' mapping) of nbytes, reps times."""
+READ_STREAMS = (1, 2, 4, 8)  # per thread: the read ceiling is the best of these, on both page sizes
+PAGES = ("4 KiB", "2 MiB")
+
+
+def _anon_buffer(nbytes, pages):
+    """A touched anonymous mapping of nbytes; '2 MiB' asks for transparent huge pages."""
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if pages == "2 MiB" and hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    np.frombuffer(buf, np.uint64)[:] = 1  # touched, so every page is really there
+    return buf
+
+
+def ceilings(path, threads, nbytes=512 * MIB, tries=3, fma_seconds=0.1, progress=None):
+    """The machine's two ceilings, each timed on the model's own thread pool (lib.pyllm_read,
+    lib.pyllm_fma in csrc/bandwidth.c):
+      read_gbs     the best of READ_STREAMS streams per thread x 4 KiB / 2 MiB pages, each
+                   pattern the best of `tries` (the patterns alternate between tries)
+      fma_gflops   the f32 FMA peak (independent chains for the ISA), best of `tries`
+    and every pattern's figure (read_patterns), so a reader sees what was tried."""
     from ._pyllm import ffi, lib
     from .model import PyllmError, _native_open
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    np.frombuffer(buf, np.uint64)[:] = 1  # touched, so every page is really there
-    m, best = _native_open(path, threads, 16), 0.0
+
+    m = _native_open(path, threads, 16)
+    patterns = {}
     try:
-        with ffi.from_buffer(buf) as p:
-            for _ in range(tries):
-                t0 = time.perf_counter()
-                n = lib.pyllm_read(m, p, nbytes, reps)
-                if n < 0:
-                    raise PyllmError(f"pyllm_read refused {nbytes} bytes")
-                best = max(best, n / (time.perf_counter() - t0))
+        for pages in PAGES:  # one buffer at a time: the probe's memory stays nbytes
+            if progress:
+                progress(f"threads {threads}: read ceiling ({nbytes / MIB:.0f} MiB, {pages} pages)")
+            buf = _anon_buffer(nbytes, pages)
+            try:
+                with ffi.from_buffer(buf) as p:
+                    reps = max(1, int(64 * MIB // nbytes))  # a timing of at least 64 MiB read
+                    for _ in range(tries):
+                        for s in READ_STREAMS:
+                            t0 = time.perf_counter()
+                            n = lib.pyllm_read(m, p, nbytes, reps, s)
+                            dt = time.perf_counter() - t0
+                            if n < 0:
+                                raise PyllmError(f"pyllm_read refused {nbytes} bytes")
+                            key = f"{s} stream{'s' if s > 1 else ''}/thread, {pages} pages"
+                            patterns[key] = max(patterns.get(key, 0.0), n / dt / 1e9)
+            finally:
+                buf.close()
+        if progress:
+            progress(f"threads {threads}: compute ceiling (f32 FMA)")
+        iters, fma = 1 << 16, 0.0
+        while True:  # grow the run until it lasts about fma_seconds, then time the best of tries
+            t0 = time.perf_counter()
+            lib.pyllm_fma(m, iters, ffi.NULL)
+            if time.perf_counter() - t0 > fma_seconds / 4 or iters > 1 << 40:
+                break
+            iters *= 4
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            flops = lib.pyllm_fma(m, iters, ffi.NULL)
+            fma = max(fma, flops / (time.perf_counter() - t0) / 1e9)
     finally:
         ffi.release(m)
-        buf.close()
-    return best
+    best = max(patterns, key=patterns.get)
+    return {"read_gbs": patterns[best], "read_pattern": best, "read_patterns": patterns, "fma_gflops": fma}
 
 
-def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=GIB,
+def matmul_flops_per_token(cfg):
+    """FLOPs of one token through every layer's matrices (2 per weight: a multiply and an add),
+    from the config's own sizes (no padding), the output head excluded."""
+    d, hd, hid = cfg["dim"], cfg["head_dim"], cfg["hidden_dim"]
+    q, kv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+    per_layer = d * (q + 2 * kv) + q * d + 2 * hid * d + hid * d  # qkv, output, gate and up, down
+    return 2 * cfg["n_layers"] * per_layer
+
+
+def attention_flops(cfg, pos):
+    """FLOPs of one token's attention at position pos (it sees pos + 1 positions, or the sliding
+    window): scores q.k and the weighted sum of v, 2 FLOPs per product, every head and layer."""
+    seen = pos + 1 if not cfg.get("sliding_window") else min(pos + 1, cfg["sliding_window"])
+    return 2 * 2 * cfg["n_layers"] * cfg["n_heads"] * cfg["head_dim"] * seen
+
+
+def test_flops(cfg, test):
+    """FLOPs of one run of test: every token's matmuls and attention at its position, and the
+    output head for the tokens whose logits are computed (pp: the last; tg: every one)."""
+    n = test.n
+    head = 2 * cfg["vocab_size"] * cfg["dim"]
+    first, last = test.depth, test.depth + n - 1  # attention: the sum over the positions, closed form
+    if cfg.get("sliding_window"):
+        att = sum(attention_flops(cfg, p) for p in range(first, last + 1))
+    else:
+        att = 2 * 2 * cfg["n_layers"] * cfg["n_heads"] * cfg["head_dim"] * (first + last + 2) * n // 2
+    return n * matmul_flops_per_token(cfg) + att + head * (1 if test.kind == "pp" else n)
+
+
+def kv_bytes_read(cfg, test, elem_bytes=2):
+    """Bytes of KV cache a tg run reads, summed over its tokens (K and V of every position seen)."""
+    per_pos = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * elem_bytes
+    sw = cfg.get("sliding_window")
+    return sum(per_pos * (min(p + 1, sw) if sw else p + 1) for p in range(test.depth, test.depth + test.n))
+
+
+def apply_roofline(res, cfg, info, ceil):
+    """Adds the ceilings and the test's fraction of its own: tg of the read ceiling (weights and
+    the KV cache read per token), pp of the compute ceiling (FLOPs counted from the config). A
+    fraction over 100% is no result: the probe read low (or the data stayed in the caches), and
+    a warning says so instead."""
+    test = Test("pp" if res["n_prompt"] else "tg", res["n_prompt"] or res["n_gen"], res["n_depth"])
+    flops = test_flops(cfg, test) / test.n
+    res.update({"read_bandwidth_gbs": ceil["read_gbs"], "read_pattern": ceil["read_pattern"],
+                "read_patterns": ceil.get("read_patterns"), "fma_gflops": ceil["fma_gflops"],
+                "flops_per_token": flops})
+    if test.kind == "tg":
+        per_token = info.bytes_per_token + kv_bytes_read(cfg, test) / test.n
+        res["bytes_per_token"] = per_token
+        res["roofline_bound"] = "read"
+        res["roofline_ts"] = ceil["read_gbs"] * 1e9 / per_token
+        what = f"decode reads {per_token * res['avg_ts'] / 1e9:.1f} GB/s, the read ceiling {ceil['read_gbs']:.1f} GB/s"
+    else:
+        res["roofline_bound"] = "compute"
+        res["roofline_ts"] = ceil["fma_gflops"] * 1e9 / flops
+        what = (f"prefill computes {flops * res['avg_ts'] / 1e9:.1f} GFLOP/s, "
+                f"the FMA ceiling {ceil['fma_gflops']:.1f} GFLOP/s")
+    fraction = res["avg_ts"] / res["roofline_ts"]
+    res["roofline_fraction"], res["roofline_warning"] = fraction, None
+    if fraction > 1:
+        res["roofline_fraction"] = None
+        res["roofline_warning"] = (f"{test.name} at {res['n_threads']} threads: {what}: the probe read low "
+                                   "(or the data stayed in the caches); no fraction reported")
+    return res
+
+
+def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=512 * MIB,
           on_result=None, progress=None):
     """Run every test at every thread count; a list of llama-bench-style result dicts."""
     info = model_info(path)
@@ -295,23 +400,18 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
                             "weight_bytes_per_token": info.bytes_per_token if test.kind == "tg" else None,
                             "bandwidth_gbs": info.bytes_per_token * res["avg_ts"] / 1e9
                             if test.kind == "tg" else None,
-                            "read_bandwidth_gbs": None, "roofline_ts": None, "roofline_fraction": None})
+                            "read_bandwidth_gbs": None, "fma_gflops": None, "roofline_ts": None,
+                            "roofline_fraction": None, "roofline_warning": None})
                 results.append(res)
                 if on_result:
                     on_result(res)
         finally:
             r.close()
-    if roofline:  # last: its 1 GiB buffer must not count in the models' peak RSS
-        bw = {}
-        for nt in sorted({res["n_threads"] for res in results}):
-            if progress:
-                progress(f"threads {nt}: read bandwidth ({bw_bytes / MIB:.0f} MiB)")
-            bw[nt] = read_bandwidth(path, nt, bw_bytes)
+    if roofline:  # last: its buffer must not count in the models' peak RSS
+        ceil = {nt: ceilings(path, nt, bw_bytes, progress=progress)
+                for nt in sorted({res["n_threads"] for res in results})}
         for res in results:
-            res["read_bandwidth_gbs"] = bw[res["n_threads"]] / 1e9
-            if res["n_gen"]:
-                res["roofline_ts"] = bw[res["n_threads"]] / info.bytes_per_token
-                res["roofline_fraction"] = res["avg_ts"] / res["roofline_ts"]
+            apply_roofline(res, info.config, info, ceil[res["n_threads"]])
     return results
 
 
@@ -334,8 +434,9 @@ MD_HEADER = ("| model | size | params | threads | test | t/s |\n"
 
 
 def md_row(res):
-    return (f"| {res['model_type']} | {fmt_size(res['model_size'])} | {fmt_params(res['model_n_params'])} "
-            f"| {res['n_threads']} | {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+    return (f"| {printable(res['model_type'])} | {fmt_size(res['model_size'])} "
+            f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {test_name(res)} "
+            f"| {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
 
 
 def md_footer(results):
@@ -344,16 +445,26 @@ def md_footer(results):
     if tg:
         lines.append("")
         lines.append(f"weights read per generated token: {tg[0]['weight_bytes_per_token'] / 1e6:.1f} MB")
-        roof = tg[0]["roofline_fraction"] is not None
-        lines.append("| threads | test | weights GB/s" + (" | read GB/s | roofline t/s | fraction |"
-                                                          if roof else " |"))
-        lines.append("| ---: | ---: | ---:" + (" | ---: | ---: | ---: |" if roof else " |"))
+        lines.append("| threads | test | weights GB/s |")
+        lines.append("| ---: | ---: | ---: |")
         for r in tg:
-            row = f"| {r['n_threads']} | {test_name(r)} | {r['bandwidth_gbs']:.2f}"
-            if roof:
-                row += (f" | {r['read_bandwidth_gbs']:.2f} | {r['roofline_ts']:.1f} "
-                        f"| {100 * r['roofline_fraction']:.0f}% |")
-            lines.append(row + (" |" if not roof else ""))
+            lines.append(f"| {r['n_threads']} | {test_name(r)} | {r['bandwidth_gbs']:.2f} |")
+    if results[0].get("roofline_bound"):
+        lines.append("")
+        lines.append("roofline: decode (tg) against the read ceiling (weights and KV cache read per token), "
+                     "prefill (pp) against the f32 FMA ceiling (FLOPs per token from the config); "
+                     "ceilings timed on the model's own thread pool")
+        lines.append("| threads | test | t/s | bound by | ceiling | roofline t/s | fraction |")
+        lines.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in results:
+            ceiling = (f"{r['read_bandwidth_gbs']:.1f} GB/s ({r['read_pattern']})" if r["roofline_bound"] == "read"
+                       else f"{r['fma_gflops']:.1f} GFLOP/s")
+            frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
+            lines.append(f"| {r['n_threads']} | {test_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
+                         f"| {ceiling} | {r['roofline_ts']:.1f} | {frac} |")
+        for r in results:
+            if r["roofline_warning"]:
+                lines.append(f"warning: {r['roofline_warning']}")
     loads = {}
     for r in results:
         loads.setdefault(r["n_threads"], r["load_s"])
@@ -376,8 +487,8 @@ def add_arguments(p):
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
     p.add_argument("--roofline", action="store_true",
-                   help="measure the machine's read bandwidth and report tg as a fraction of it")
-    p.add_argument("--bw-mib", type=int, default=1024, help="buffer for --roofline in MiB (default 1024)")
+                   help="measure the machine's read and f32 FMA ceilings; report tg and pp as fractions of them")
+    p.add_argument("--bw-mib", type=int, default=512, help="buffer of the read ceiling in MiB (default 512; many times the last-level cache, or it reads the cache)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warmup run of each test")
     p.add_argument("--progress", action="store_true", help="print each test as it starts, to stderr")
 
@@ -389,7 +500,7 @@ def main(a):
     threads = int_list(a.threads, "-t", lo=1) if a.threads is not None else [default_threads()]
     if a.repetitions < 1:
         raise ValueError(f"-r: {a.repetitions} repetitions; at least 1")
-    if not 1 <= a.bw_mib < 16384:  # the read job indexes 64-bit words with an int
+    if not 1 <= a.bw_mib < 16384:
         raise ValueError(f"--bw-mib: {a.bw_mib}; 1 to 16383")
     tests = make_tests(n_prompt, n_gen, depths)
     if not tests:

@@ -1,48 +1,14 @@
 """pyllm's command line: argparse subcommands that call the modules, nothing more."""
 import argparse
 import json
+import math
 import os
 import sys
 
-from . import bench, chat, perplexity
+from . import bench, chat, perplexity, serve
+from .args import UsageError, add_model, add_sampling, sampling_kwargs, text_arg
 from .convert import ConvertError
-
-DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
-
-
-class UsageError(Exception):
-    pass
-
-
-def _text_arg(s, what):
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"the {what} is not valid UTF-8") from None
-    return s
-
-
-def add_sampling(p, temp=0.8):
-    g = p.add_argument_group("sampling (llama.cpp names and defaults)")
-    g.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default 256)")
-    g.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default {temp})")
-    g.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="1.0 = off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="0.0 = off (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 = off (default 1.0)")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="-1 = whole context (default 64)")
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text (default random)")
-
-
-def add_model(p):
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="context size in tokens (default: min(model's, 4096))")
-
-
-def sampling_kwargs(a):
-    return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed)
+from .safeio import printable, printable_json
 
 
 def cmd_convert(a):
@@ -54,7 +20,7 @@ def cmd_convert(a):
 
 def cmd_generate(a):
     from .model import load
-    prompt = _text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
+    prompt = text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
     m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
     for piece in m.generate(prompt, max_tokens=a.n_predict, **sampling_kwargs(a)):
         sys.stdout.write(piece)
@@ -73,38 +39,39 @@ def timings_line(s):
 
 def cmd_info(a):
     from . import format
-    mf = format.read(a.model, map_tensors=False)
-    tok, meta = mf.meta.get("tokenizer", {}), mf.meta
-    names = tok.get("tokens", [])
-    special = {k: (v, names[v] if isinstance(v, int) and 0 <= v < len(names) else None)
-               for k, v in tok.items() if k.endswith("_token_id")}
+    mf = format.read(a.model, map_tensors=False)  # validated: the types below are as metadata.py says
+    tok, meta = mf.meta["tokenizer"], mf.meta
+    names = tok["tokens"]
+    special = {k: (v, names[v] if v is not None else None) for k, v in tok.items() if k.endswith("_token_id")}
     info = {
         "file": a.model,
         "size_bytes": os.path.getsize(a.model),
         "config": mf.config,
-        "parameters": sum(int(__import__("numpy").prod(t["shape"])) for t in meta.get("tensors", [])),
-        "tokenizer": {"model": tok.get("model"), "pre": tok.get("pre"), "vocab": len(names),
-                      "merges": len(tok.get("merges", [])), "special_tokens": special,
+        "parameters": sum(math.prod(t["shape"]) for t in meta["tensors"]),
+        "tokenizer": {"model": tok["model"], "pre": tok.get("pre"), "vocab": len(names),
+                      "merges": len(tok.get("merges") or []), "special_tokens": special,
                       "add_bos_token": tok.get("add_bos_token")},
         "chat_template": meta.get("chat_template"),
         "provenance": meta.get("provenance"),
     }
-    if a.json:
-        print(json.dumps(info, indent=2, ensure_ascii=False))
+    if a.json:  # control characters inside strings become \u escapes: the same JSON, safe to print
+        print(printable_json(json.dumps(info, indent=2, ensure_ascii=False)))
         return
-    print(f"file        {info['file']} ({info['size_bytes'] / 2**20:.1f} MiB, "
+    sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that cannot show a character
+    p = printable  # everything below comes from the file
+    print(f"file        {p(info['file'])} ({info['size_bytes'] / 2**20:.1f} MiB, "
           f"{info['parameters'] / 1e6:.1f} M parameters)")
     for k, v in info["config"].items():
-        print(f"  {k:22} {v}")
+        print(f"  {p(k):22} {p(v)}")
     t = info["tokenizer"]
-    print(f"tokenizer   {t['model']} (pre {t['pre']}), {t['vocab']} tokens, {t['merges']} merges, "
-          f"add_bos {t['add_bos_token']}")
+    print(f"tokenizer   {p(t['model'])} (pre {p(t['pre'])}), {t['vocab']} tokens, "
+          f"{t['merges']} merges, add_bos {t['add_bos_token']}")
     for k, (i, s) in special.items():
-        print(f"  {k:22} {i} {s!r}")
+        print(f"  {p(k):22} {i} {p(repr(s))}")
     tmpl = info["chat_template"]
-    print("template    " + ("(none)" if not tmpl else f"{len(tmpl)} chars: {tmpl[:160]!r}..."))
+    print("template    " + ("(none)" if not tmpl else f"{len(tmpl)} chars: {p(repr(tmpl[:160]))}..."))
     for k, v in (info["provenance"] or {}).items():
-        print(f"  {k:22} {v}")
+        print(f"  {p(k):22} {p(v)}")
 
 
 def build_parser():
@@ -132,15 +99,19 @@ def build_parser():
     i.set_defaults(fn=cmd_info)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
-    chat.add_arguments(ch, add_model, add_sampling)
+    chat.add_arguments(ch)
     ch.set_defaults(fn=chat.main)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible API and a chat page in the browser")
+    serve.add_arguments(sv)
+    sv.set_defaults(fn=serve.main)
 
     b = sub.add_parser("bench", help="prompt-processing and generation speed, llama-bench style")
     bench.add_arguments(b)
     b.set_defaults(fn=bench.main)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
-    perplexity.add_arguments(pp, add_model)
+    perplexity.add_arguments(pp)
     pp.set_defaults(fn=perplexity.main)
     return p
 
@@ -159,8 +130,11 @@ def main(argv=None):
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a word
         return 0
-    except errors as e:
-        print(f"pyllm: error: {e}", file=sys.stderr)
+    except errors as e:  # the message may quote a file: escaped, and so on one line
+        print(f"pyllm: error: {printable(e)}", file=sys.stderr)
+        return 1
+    except MemoryError:  # the checks before each allocation should make this unreachable
+        print("pyllm: error: out of memory", file=sys.stderr)
         return 1
 
 

@@ -1,11 +1,12 @@
 """The binding: load a parameters file, run the C kernel, generate text. Owns the KV position."""
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 
-from . import format
+from . import format, memory, safeio
 from ._pyllm import ffi, lib
 from .sample import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
@@ -29,23 +30,49 @@ def forward_error(rc):
     return PyllmError(_FORWARD_ERRORS.get(rc, f"pyllm_forward: error {rc}"))
 
 
-def _native_open(path, threads=1, n_ctx=0):
+# the KV cache's element types, for keys and for values (llama.cpp's names), and their sizes
+CACHE_TYPES = {"f16": lib.PYLLM_CACHE_F16, "f32": lib.PYLLM_CACHE_F32}
+CACHE_TYPE_BYTES = {"f16": 2, "f32": 4}
+
+
+def _cache_code(cache_type, what):
+    if cache_type not in CACHE_TYPES:
+        raise PyllmError(f"{what} cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    return CACHE_TYPES[cache_type]
+
+
+def _native_open(path, threads=1, n_ctx=0, cache_type_k="f16", cache_type_v="f16"):
+    codes = _cache_code(cache_type_k, "key"), _cache_code(cache_type_v, "value")
+    try:  # the kernel's open() would block on a FIFO
+        safeio.open_regular(path).close()
+    except OSError as e:
+        raise PyllmError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
     err = ffi.new("char[]", 512)
-    m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, err, 512)
+    m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, *codes, err, 512)
     if m == ffi.NULL:
         raise PyllmError(ffi.string(err).decode(errors="replace"))
     return ffi.gc(m, lib.pyllm_close)
 
 
 class Model:
-    def __init__(self, path, threads=None, n_ctx=None):
+    """A model and its KV cache. Safe to share between threads: the methods that use the
+    cache run one at a time (a lock), close() waits for the one running, and any use after
+    close() raises PyllmError. generate() takes the lock for each step only, so two
+    generations (or a generation and logits) may interleave: each step re-prefills what
+    the other displaced, and each gets the text it would get alone."""
+
+    def __init__(self, path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
+        # the cache's element types (keys, values): f16 as llama.cpp's default, or f32 (exact)
+        self.cache_types = (cache_type_k or cache_type, cache_type_v or cache_type)
+        _cache_code(self.cache_types[0], "key")
+        _cache_code(self.cache_types[1], "value")
+        self._lock = threading.RLock()
+        self._m = None
+        self._cache_owner = None  # the generation that made the cache, if it is one
         try:
             mf = format.read(path)
         except format.FormatError as e:
             raise PyllmError(str(e)) from None
-        for name, t in mf.tensors.items():  # a few KB: worth a look before trusting them
-            if name.endswith("norm") and not np.isfinite(t).all():
-                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
         self.path = path
         self.config = mf.config
         self.meta = mf.meta
@@ -59,7 +86,16 @@ class Model:
             raise PyllmError(f"context size {n_ctx} is outside 1..{max_ctx} (the model's context length)")
         if threads is not None and not 0 < threads <= 64:
             raise PyllmError(f"threads={threads} is outside 1..64")
-        self._m = _native_open(path, threads or 0, n_ctx or min(max_ctx, DEFAULT_CTX))
+        n_ctx = n_ctx or min(max_ctx, DEFAULT_CTX)
+        try:  # before the kernel allocates: the cache of a lying header grows without bound
+            element = sum(CACHE_TYPE_BYTES[t] for t in self.cache_types) // 2  # keys' and values' mean
+            memory.check_context(self.config, n_ctx, threads, cache_bytes=element, map_bytes=os.path.getsize(path))
+        except ValueError as e:
+            raise PyllmError(f"{path}: {e}") from None
+        self._m = _native_open(path, threads or 0, n_ctx, *self.cache_types)
+        for name, t in mf.tensors.items():  # a few KB: worth a look (once the file has loaded)
+            if name.endswith("norm") and not np.isfinite(t).all():
+                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
         self.n_ctx = lib.pyllm_n_ctx(self._m)
         self.threads = lib.pyllm_n_threads(self._m)
         self.vocab_size = self.config["vocab_size"]
@@ -74,9 +110,17 @@ class Model:
         return {i for i in ids | set(index.values()) if isinstance(i, int) and 0 <= i < self.vocab_size}
 
     def close(self):
-        m, self._m = self._m, None
-        if m is not None:
-            ffi.release(m)  # runs pyllm_close now rather than at garbage collection
+        """Free the kernel's model, once any running forward pass has finished."""
+        with self._lock:
+            m, self._m = self._m, None
+            if m is not None:
+                ffi.release(m)  # runs pyllm_close now rather than at garbage collection
+
+    def _native(self):
+        """The open kernel model; the caller holds self._lock."""
+        if self._m is None:
+            raise PyllmError("the model is closed")
+        return self._m
 
     def __enter__(self):
         return self
@@ -86,11 +130,15 @@ class Model:
 
     # --- the KV cache ---
     def reset(self):
-        self.tokens = []
+        with self._lock:
+            self.tokens = []
+            self._cache_owner = None
 
     def rewind(self, n):
         """Forget all but the first n tokens of the cache."""
-        del self.tokens[n:]
+        with self._lock:
+            del self.tokens[n:]
+            self._cache_owner = None
 
     def _forward(self, ids, all_positions):
         ids = [int(i) for i in ids]
@@ -99,16 +147,19 @@ class Model:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise PyllmError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        pos = len(self.tokens)
-        if pos + len(ids) > self.n_ctx:
-            raise PyllmError(f"{pos + len(ids)} tokens do not fit the context of {self.n_ctx}")
-        out = np.empty((len(ids) if all_positions else 1, self.vocab_size), dtype=np.float32)
-        rc = lib.pyllm_forward(self._m, ffi.new("int[]", ids), len(ids), pos,
-                               ffi.cast("float *", ffi.from_buffer(out)), int(all_positions))
-        if rc:
-            raise forward_error(rc)
-        self.tokens += ids
-        return out
+        with self._lock:
+            m = self._native()
+            pos = len(self.tokens)
+            if pos + len(ids) > self.n_ctx:
+                raise PyllmError(f"{pos + len(ids)} tokens do not fit the context of {self.n_ctx}")
+            out = np.empty((len(ids) if all_positions else 1, self.vocab_size), dtype=np.float32)
+            rc = lib.pyllm_forward(m, ffi.new("int[]", ids), len(ids), pos,
+                                   ffi.cast("float *", ffi.from_buffer(out)), int(all_positions))
+            if rc:
+                raise forward_error(rc)
+            self.tokens += ids
+            self._cache_owner = None
+            return out
 
     def eval(self, ids):
         """Append ids to the cache; the logits of the last one."""
@@ -116,19 +167,43 @@ class Model:
 
     def logits(self, ids):
         """Logits at every position of ids, in a fresh context: shape (len(ids), vocab)."""
-        self.reset()
-        return self._forward(ids, True)
+        with self._lock:
+            self.reset()
+            return self._forward(ids, True)
 
     def prefill(self, ids):
         """Make the cache hold ids, reusing the longest prefix it already holds (at least
         the last id is evaluated); the logits of the last id."""
-        keep = 0
-        for a, b in zip(self.tokens, ids[:-1]):
-            if a != b:
-                break
-            keep += 1
-        self.rewind(keep)
-        return self.eval(ids[keep:])
+        with self._lock:
+            keep = 0
+            for a, b in zip(self.tokens, ids[:-1]):
+                if a != b:
+                    break
+                keep += 1
+            self.rewind(keep)
+            return self.eval(ids[keep:])
+
+    def forward_at(self, ids, pos, out=None):
+        """Run the kernel once over ids (a list of ints) at cache positions pos, pos + 1, ...;
+        the logits of the last id, written into out (a C-contiguous float32 array of
+        vocab_size) when given. No conversions and no checks beyond the kernel's own (bad
+        ids or positions raise PyllmError, and nothing is run): for a caller that picks its
+        positions and times each call, as `pyllm bench` does. self.tokens follows the cache:
+        its first pos ids, then ids (if pos is past its end, it keeps what it holds)."""
+        if out is None:
+            out = np.empty(self.vocab_size, dtype=np.float32)
+        elif (out.dtype != np.float32 or out.shape != (self.vocab_size,)
+              or not (out.flags.c_contiguous and out.flags.writeable)):
+            raise ValueError(f"out must be a writable contiguous float32 array of {self.vocab_size}")
+        with self._lock:
+            rc = lib.pyllm_forward(self._native(), ffi.new("int[]", ids), len(ids), pos,
+                                   ffi.cast("float *", ffi.from_buffer(out)), 0)
+            if rc:
+                raise forward_error(rc)
+            if pos <= len(self.tokens):
+                self.tokens[pos:] = ids
+            self._cache_owner = None
+        return out
 
     # --- text ---
     def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
@@ -146,37 +221,51 @@ class Model:
         return self._generate(ids, max_tokens, sampler, stops)
 
     def _generate(self, ids, max_tokens, sampler, stops):
+        # The lock is held for one step at a time, never across a yield: a consumer that
+        # stops iterating (or iterates from another thread) cannot block anyone. Each step
+        # prefills the whole history, which evaluates only the newest token unless another
+        # user of the model moved the cache in between.
         t0 = time.perf_counter()
-        kept = len(self.tokens)
-        logits = self.prefill(ids)
+        with self._lock:
+            kept = len(self.tokens)
+            logits = self.prefill(ids)
+            prefilled = len(self.tokens) - min(kept, len(ids))
+            me = self._cache_owner = object()  # this generation, until another use of the cache
         t1 = time.perf_counter()
-        self.stats = {"prompt_tokens": len(ids), "prefill_tokens": len(self.tokens) - min(kept, len(ids)),
-                      "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0, "stop": "length"}
+        stats = self.stats = {"prompt_tokens": len(ids), "prefill_tokens": prefilled, "prefill_s": t1 - t0,
+                              "gen_tokens": 0, "decode_s": 0.0, "stop": "length"}
         dec = StreamDecoder(self.tokenizer)
         history = list(ids)
         try:
             for n in range(max_tokens):
                 tok = sampler(logits, history)
                 if tok in stops:
-                    self.stats["stop"] = "eos"
+                    stats["stop"] = "eos"
                     break
                 history.append(tok)
-                self.stats["gen_tokens"] = n + 1
+                stats["gen_tokens"] = n + 1
                 piece = dec.push(tok)
                 if piece:
                     yield piece
-                if len(self.tokens) >= self.n_ctx:
-                    self.stats["stop"] = "context"
+                if len(history) > self.n_ctx:  # the cache is full
+                    stats["stop"] = "context"
                     break
-                logits = self.eval([tok])
+                with self._lock:
+                    if self._cache_owner is me and len(self.tokens) == len(history) - 1:
+                        logits = self._forward([tok], False)[0]  # nobody moved the cache: decode
+                    else:
+                        logits = self.prefill(history)
+                    self._cache_owner = me
             tail = dec.flush()
             if tail:
                 yield tail
         finally:
-            self.stats["decode_s"] = time.perf_counter() - t1
-            self.stats["last_token"] = history[-1]
+            stats["decode_s"] = time.perf_counter() - t1
+            stats["last_token"] = history[-1]
 
 
-def load(path, threads=None, n_ctx=None):
-    """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...)."""
-    return Model(path, threads=threads, n_ctx=n_ctx)
+def load(path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
+    """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...).
+    cache_type: the KV cache's element type, "f16" or "f32"; cache_type_k/_v set keys' or values'."""
+    return Model(path, threads=threads, n_ctx=n_ctx, cache_type=cache_type, cache_type_k=cache_type_k,
+                 cache_type_v=cache_type_v)

@@ -1,4 +1,4 @@
-"""`pyllm perplexity MODEL TEXTFILE`: the perplexity of a text, as llama.cpp's llama-perplexity computes it.
+"""`pyllm perplexity MODEL TEXTFILE`: a text's perplexity, as llama.cpp's llama-perplexity has it.
 
     pyllm perplexity MODEL TEXTFILE [-c 512] [--chunks N] [-t THREADS]
 
@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from .args import UsageError, add_model
 from .model import PyllmError
 
 DEFAULT_CTX = 512  # llama-perplexity's default context
@@ -34,9 +35,13 @@ __all__ = ["DEFAULT_CTX", "read_text", "tokenize", "token_nll", "perplexity", "a
 
 def read_text(path):
     """The file's text; one-line PyllmError if it is missing, unreadable or not UTF-8."""
+    from .safeio import NotRegularFile, open_regular
+
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "text file") as f:  # a FIFO or /dev/zero would block or never end
             data = f.read()
+    except NotRegularFile as e:
+        raise PyllmError(str(e)) from None
     except OSError as e:
         raise PyllmError(f"{path}: {e.strerror or e}") from None
     try:
@@ -109,23 +114,18 @@ def perplexity(m, tokens, n_ctx=DEFAULT_CTX, n_chunks=None, on_chunk=None):
             "chunk_ppl": chunk_ppl, "nll": np.concatenate(nll)}
 
 
-def add_arguments(p, add_model):
+def add_arguments(p):
     p.add_argument("model", help="the pyllm parameters file")
     p.add_argument("textfile", help="the UTF-8 text to score (e.g. wikitext-2's wiki.test.raw)")
-    add_model(p)
-    for a in p._actions:  # llama-perplexity's context default, not the generation one
-        if a.dest == "ctx_size":
-            a.default = DEFAULT_CTX
-            a.help = f"tokens per chunk; the second half of each is scored (default {DEFAULT_CTX})"
+    # llama-perplexity's context default, not the generation one
+    add_model(p, ctx_size=DEFAULT_CTX,
+              ctx_help=f"tokens per chunk; the second half of each is scored (default {DEFAULT_CTX})")
     p.add_argument("--chunks", type=int, default=-1,
                    help="evaluate at most this many chunks (default -1: every whole chunk)")
 
 
 def main(a):
-    from .cli import UsageError
     from .model import load
-    if a.ctx_size is None:
-        a.ctx_size = DEFAULT_CTX
     if a.ctx_size < 4:
         raise UsageError(f"-c {a.ctx_size}: the context must be at least 4 tokens")
     if a.chunks == 0:
@@ -141,10 +141,10 @@ def main(a):
                          f"{a.ctx_size} needs at least {2 * a.ctx_size}")
     n_max = len(tokens) // a.ctx_size
     n = n_max if a.chunks < 0 else min(a.chunks, n_max)
-    print(f"perplexity: tokenized {len(text)} characters into {len(tokens)} tokens in {1e3 * t_tok:.1f} ms",
-          file=err)
-    print(f"perplexity: calculating perplexity over {n} chunks, n_ctx={a.ctx_size}, {m.threads} threads",
-          file=err)
+    print(f"perplexity: tokenized {len(text)} characters into {len(tokens)} tokens "
+          f"in {1e3 * t_tok:.1f} ms", file=err)
+    print(f"perplexity: calculating perplexity over {n} chunks, n_ctx={a.ctx_size}, "
+          f"{m.threads} threads", file=err)
 
     def on_chunk(i, ppl, seconds):
         if i == 1:

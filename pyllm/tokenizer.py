@@ -2,12 +2,15 @@
 
 The dict mirrors GGUF's ``tokenizer.ggml.*`` keys without the prefix:
 
-  model            "gpt2": byte-level BPE (merges ranked by position)
+  model            "gpt2": byte-level BPE (merges ranked by position), ByteLevelBPE
                    "llama": SentencePiece-style BPE (merges by token score, "▁" for
-                   spaces, <0xNN> byte fallback)
+                   spaces, <0xNN> byte fallback), SentencePieceBPE
   pre              llama.cpp's pre-tokenizer name (gpt2 model only; see PRE_TOKENIZERS)
   tokens, token_type, merges, scores, bos/eos/unknown/padding_token_id,
   add_bos_token, add_eos_token, add_space_prefix
+
+``Tokenizer(meta)`` returns the class of its model; both share the base Tokenizer
+(vocabulary, special tokens, BOS/EOS, decoding) and one heap merge (_merge_heap).
 
 Behaviour, following llama.cpp's llama-vocab.cpp (and Hugging Face tokenizers, which
 the tests use as the oracle):
@@ -42,11 +45,14 @@ the tests use as the oracle):
 """
 import codecs
 import heapq
+import operator
 import re
+from typing import Optional
 
 import regex
 
-__all__ = ["Tokenizer", "StreamDecoder", "PRE_TOKENIZERS", "pre_tokenize"]
+__all__ = ["Tokenizer", "ByteLevelBPE", "SentencePieceBPE", "StreamDecoder", "PRE_TOKENIZERS",
+           "pre_tokenize"]
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -193,6 +199,9 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")
 _SPM_WORD_START = re.compile("(?<=[^\u2581])(?=\u2581)")
 
 
+_SPECIAL_TYPES = (CONTROL, USER_DEFINED, UNKNOWN)  # tokens that stand for their own text
+
+
 def _clean(text):
     if not isinstance(text, str):
         raise TypeError(f"encode() takes a str, not {type(text).__name__}")
@@ -203,17 +212,77 @@ def _clean(text):
     return text
 
 
-class Tokenizer:
-    """encode(text) -> ids, decode(ids) -> text, token_bytes(id) -> bytes."""
+def _merge_heap(syms, key, merges):
+    """Merge adjacent symbols, the best pair first, until no pair merges: merges[key(a, b)]
+    is the pair's (priority, merged symbol), the lowest priority first and the leftmost on
+    ties. A heap of candidate pairs over a linked list, stale entries skipped: O(n log n).
+    Returns the surviving symbols in order."""
+    pair = merges.get
+    m = len(syms)
+    if m < 2:
+        return list(syms)
+    nxt = list(range(1, m + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, m - 1))
+    heap = []
+    for i in range(m - 1):
+        v = pair(key(syms[i], syms[i + 1]))
+        if v is not None:
+            heap.append((v[0], i, syms[i], syms[i + 1], v[1]))
+    heapq.heapify(heap)
+    while heap:
+        _, i, a, b, merged = heapq.heappop(heap)
+        j = nxt[i]
+        if syms[i] != a or j < 0 or syms[j] != b:
+            continue  # stale: a neighbour merged since
+        syms[i] = merged
+        syms[j] = None
+        k = nxt[i] = nxt[j]
+        if k >= 0:
+            prv[k] = i
+            v = pair(key(merged, syms[k]))
+            if v is not None:
+                heapq.heappush(heap, (v[0], i, merged, syms[k], v[1]))
+        p = prv[i]
+        if p >= 0:
+            v = pair(key(syms[p], merged))
+            if v is not None:
+                heapq.heappush(heap, (v[0], p, syms[p], merged, v[1]))
+    return [s for s in syms if s is not None]
 
-    _heap_min = 48  # words of more bytes than this merge with a heap (O(n log n))
+
+class Tokenizer:
+    """encode(text) -> ids, decode(ids) -> text, token_bytes(id) -> bytes.
+
+    Tokenizer(meta) builds the class of meta["model"]: ByteLevelBPE ("gpt2") or
+    SentencePieceBPE ("llama"). This base holds what the two share: the vocabulary and
+    token types, special tokens and their splitting, BOS/EOS, the word cache and decoding.
+    A subclass reads its own metadata (_read_model), turns a fragment of plain text into
+    ids (_encode_fragment, usually through _encode_words and its _word_ids) and a normal
+    token into its bytes (_normal_bytes)."""
+
+    model = None  # the metadata's "model" name of a subclass
+    pre = None  # the pre-tokenizer's name (byte-level BPE)
+    add_space_prefix = False  # a space before the text and after each special token
+    _id_defaults = {}  # special-token ids a model family assumes when the file gives none
+    _bos_default = False  # add_bos when the file does not say
+
+    def __new__(cls, tok=None):
+        if cls is Tokenizer:  # the factory: the class of the metadata's model
+            if not isinstance(tok, dict):
+                raise ValueError("tokenizer metadata is not a dict")
+            model = tok.get("model")
+            cls = _MODELS.get(model) if isinstance(model, str) else None
+            if cls is None:
+                raise ValueError(f"unsupported tokenizer model {model!r} "
+                                 f"(supported: {', '.join(map(repr, _MODELS))})")
+        return super().__new__(cls)
 
     def __init__(self, tok: dict):
         if not isinstance(tok, dict):
             raise ValueError("tokenizer metadata is not a dict")
-        model = tok.get("model")
-        if model not in ("gpt2", "llama"):
-            raise ValueError(f"unsupported tokenizer model {model!r} (supported: 'gpt2', 'llama')")
+        if tok.get("model", self.model) != self.model:
+            raise ValueError(f"tokenizer model {tok.get('model')!r} is not {self.model!r}")
         tokens = tok.get("tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             raise ValueError("tokenizer 'tokens' must be a non-empty list of strings")
@@ -223,76 +292,44 @@ class Tokenizer:
             types = [NORMAL] * n
         elif not isinstance(types, list) or len(types) != n:
             raise ValueError(f"tokenizer 'token_type' must be a list of {n} ints")
-        self.model = model
         self.vocab_size = n
         self._tokens = tokens
         self._types = list(map(int, types))
-        to_id = dict(zip(reversed(tokens), range(n - 1, -1, -1)))  # first id wins on duplicates
-        self._to_id = to_id
+        self._to_id = dict(zip(reversed(tokens), range(n - 1, -1, -1)))  # first id wins on duplicates
         self._pieces = [None] * n  # token_bytes cache
-        self._cache = {}
+        self._cache = {}  # word -> ids
+        self._read_model(tok)
 
-        spm = model == "llama"
-        if spm:
-            self.pre = None
-            ignore_merges, bos_default = False, True
-        else:
-            pre = tok.get("pre") or "default"
-            if pre not in PRE_TOKENIZERS:
-                raise ValueError(f"unsupported pre-tokenizer {pre!r} for the gpt2 model "
-                                 f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-            self.pre = pre
-            _, ignore_merges, bos_default = PRE_TOKENIZERS[pre]
-            self._rxs = _regexes(pre)
-        self._ignore_merges = ignore_merges
-
-        def special_id(key, default=None):
-            v = tok.get(key, default)
+        def special_id(key):
+            v = tok.get(key, self._id_defaults.get(key))
             if v is None:
                 return None
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"tokenizer {key!r} must be an int, not {v!r}")
             return v if 0 <= v < n else None
 
-        self.bos_id = special_id("bos_token_id", 1 if spm else None)
-        self.eos_id = special_id("eos_token_id", 2 if spm else None)
-        self.unk_id = special_id("unknown_token_id", 0 if spm else None)
+        self.bos_id = special_id("bos_token_id")
+        self.eos_id = special_id("eos_token_id")
+        self.unk_id = special_id("unknown_token_id")
         self.pad_id = special_id("padding_token_id")
         if "add_bos_token" in tok:
             self.add_bos = bool(tok["add_bos_token"])
             if self.add_bos and self.bos_id is None:
                 raise ValueError("add_bos_token is true but bos_token_id is not a valid id")
         else:
-            self.add_bos = bos_default and self.bos_id is not None
+            self.add_bos = self._bos_default and self.bos_id is not None
         self.add_eos = bool(tok.get("add_eos_token", False))
-        self.add_space_prefix = spm and bool(tok.get("add_space_prefix", True))
 
         # special-token splitting: leftmost-longest match of the token texts
         self._special_ids = {}
         self._nonnormal = [i for i, ty in enumerate(self._types) if ty != NORMAL]
-        self._special_rx = self._special_regex((CONTROL, USER_DEFINED, UNKNOWN))
+        self._special_rx = self._special_regex(_SPECIAL_TYPES)
         self._user_rx = self._special_regex((USER_DEFINED,))
 
-        if spm:
-            scores = tok.get("scores")
-            if scores is None:
-                scores = [0.0] * n
-            elif not isinstance(scores, list) or len(scores) != n:
-                raise ValueError(f"tokenizer 'scores' must be a list of {n} numbers")
-            self._scores = [float(s) for s in scores]
-            self._byte_ids = [to_id.get(f"<0x{b:02X}>") for b in range(256)]
-            # words can be cut before each "▁" that follows another character when no token
-            # holds such a "▁" (true of SentencePiece vocabularies split on whitespace)
-            inner = re.compile("[^\u2581]\u2581")
-            self._spm_split = not any(_SPM_SPACE in t and inner.search(t) for t in tokens)
-        else:
-            merges = tok.get("merges")
-            if not isinstance(merges, list):
-                raise ValueError("tokenizer 'merges' (a list) is required for the gpt2 model")
-            self._byte_ids = [to_id.get(c) for c in BYTE_CHARS]
-            self._ranks = self._build_ranks(merges)
+    def _read_model(self, tok):
+        """The subclass's own metadata (merges, scores, pre-tokenizer)."""
+        raise NotImplementedError
 
-    # --- construction helpers ---
     def _special_regex(self, kinds):
         texts = []
         for i in self._nonnormal:
@@ -304,6 +341,107 @@ class Tokenizer:
             return None
         texts = sorted(set(texts), key=len, reverse=True)
         return re.compile("(" + "|".join(map(re.escape, texts)) + ")")
+
+    # --- encoding ---
+    def encode(self, text: str, add_bos: Optional[bool] = None, special: bool = True) -> list:
+        text = _clean(text)
+        out = []
+        add_eos = False
+        if add_bos is None:
+            add_bos, add_eos = self.add_bos, self.add_eos
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError("add_bos is set but the tokenizer has no BOS token")
+            out.append(self.bos_id)
+        rx = self._special_rx if special else self._user_rx
+        parts = rx.split(text) if rx is not None else [text]
+        after_special = True
+        for k, part in enumerate(parts):
+            if k & 1:
+                out.append(self._special_ids[part])
+                after_special = True
+            elif part:
+                self._encode_fragment(part, after_special, out)
+                after_special = False
+        if add_eos and self.eos_id is not None:
+            out.append(self.eos_id)
+        return out
+
+    def _encode_fragment(self, text, after_special, out):
+        """Append the ids of text, a fragment without special tokens."""
+        raise NotImplementedError
+
+    def _encode_words(self, words, out, cache=True):
+        """Append each word's _word_ids, remembered per word when cache is true."""
+        known = self._cache
+        if len(known) > _CACHE_MAX:
+            known.clear()
+        for w in words:
+            ids = known.get(w)
+            if ids is None:
+                ids = self._word_ids(w)
+                if cache:
+                    known[w] = ids
+            out += ids
+
+    def _word_ids(self, word):
+        raise NotImplementedError
+
+    # --- decoding ---
+    def token_bytes(self, id) -> bytes:
+        """The raw bytes of one token; control and user-defined tokens give their text."""
+        piece = self._pieces[id] if 0 <= id < self.vocab_size else None
+        if piece is None:
+            if not 0 <= id < self.vocab_size:
+                raise ValueError(f"token id {id} is outside the vocabulary (0..{self.vocab_size - 1})")
+            piece = self._pieces[id] = self._make_piece(id)
+        return piece
+
+    def _make_piece(self, id):
+        text, ty = self._tokens[id], self._types[id]
+        if ty in _SPECIAL_TYPES:
+            return text.encode("utf-8", "surrogatepass")
+        if ty == BYTE:
+            m = _BYTE_TOKEN.match(text)
+            if m:
+                return bytes([int(m.group(1), 16)])
+        return self._normal_bytes(text)
+
+    def _normal_bytes(self, text):
+        """The bytes a normal token's text stands for."""
+        raise NotImplementedError
+
+    def _strips_space(self, id):
+        return self.add_space_prefix and self._types[id] not in _SPECIAL_TYPES
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        data = b"".join(self.token_bytes(i) for i in ids)
+        if ids and data[:1] == b" " and self._strips_space(ids[0]):
+            data = data[1:]
+        return data.decode("utf-8", "replace")
+
+
+class ByteLevelBPE(Tokenizer):
+    """Byte-level BPE ("gpt2"): the pre-tokenizer's regexes cut the text into words; a word's
+    UTF-8 bytes become the byte alphabet's tokens, then merge by rank (the merges' order)."""
+
+    model = "gpt2"
+    _heap_min = 48  # words of more bytes than this merge with a heap (O(n log n))
+
+    def _read_model(self, tok):
+        pre = tok.get("pre") or "default"
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"unsupported pre-tokenizer {pre!r} for the gpt2 model "
+                             f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+        self.pre = pre
+        _, self._ignore_merges, self._bos_default = PRE_TOKENIZERS[pre]
+        self._rxs = _regexes(pre)
+        merges = tok.get("merges")
+        if not isinstance(merges, list):
+            raise ValueError("tokenizer 'merges' (a list) is required for the gpt2 model")
+        self._byte_ids = [self._to_id.get(c) for c in BYTE_CHARS]
+        self._ranks = self._build_ranks(merges)
 
     def _build_ranks(self, merges):
         """{left_id * vocab_size + right_id: (rank, merged_id)}. A merge is "left right",
@@ -327,45 +465,10 @@ class Tokenizer:
                     ranks.setdefault(x * n + y, (r, z))
         return ranks
 
-    # --- encoding ---
-    def encode(self, text: str, add_bos: bool | None = None, special: bool = True) -> list:
-        text = _clean(text)
-        out = []
-        add_eos = False
-        if add_bos is None:
-            add_bos, add_eos = self.add_bos, self.add_eos
-        if add_bos:
-            if self.bos_id is None:
-                raise ValueError("add_bos is set but the tokenizer has no BOS token")
-            out.append(self.bos_id)
-        rx = self._special_rx if special else self._user_rx
-        parts = rx.split(text) if rx is not None else [text]
-        after_special = True
-        for k, part in enumerate(parts):
-            if k & 1:
-                out.append(self._special_ids[part])
-                after_special = True
-            elif part:
-                if self.model == "llama":
-                    self._encode_spm(part, after_special, out)
-                else:
-                    self._encode_bpe(part, out)
-                after_special = False
-        if add_eos and self.eos_id is not None:
-            out.append(self.eos_id)
-        return out
+    def _encode_fragment(self, text, after_special, out):
+        self._encode_words(_split(text, self._rxs), out)
 
-    def _encode_bpe(self, text, out):
-        cache = self._cache
-        if len(cache) > _CACHE_MAX:
-            cache.clear()
-        for w in _split(text, self._rxs):
-            ids = cache.get(w)
-            if ids is None:
-                ids = cache[w] = self._bpe_word(w)
-            out += ids
-
-    def _bpe_word(self, word):
+    def _word_ids(self, word):
         data = word.encode("utf-8")
         if self._ignore_merges:
             i = self._to_id.get(data.decode("latin-1").translate(_TO_BYTE_LEVEL))
@@ -377,11 +480,11 @@ class Tokenizer:
             syms = [s for s in syms if s is not None]
             if not syms:
                 return ()
-        if len(syms) > self._heap_min:
-            return self._merge_heap(syms)
         ranks, n = self._ranks, self.vocab_size
         get = ranks.get
-        while len(syms) > 1:
+        if len(syms) > self._heap_min:
+            return tuple(_merge_heap(syms, lambda a, b: a * n + b, ranks))
+        while len(syms) > 1:  # a short word: rescan for the best pair, merge it everywhere
             best, best_key = None, 0
             prev = syms[0]
             for s in syms[1:]:
@@ -402,93 +505,56 @@ class Tokenizer:
             syms = out
         return tuple(syms)
 
-    def _merge_heap(self, syms):
-        """BPE over a long word: a heap of (rank, position) over a linked list, O(n log n)."""
-        ranks, n = self._ranks, self.vocab_size
-        m = len(syms)
-        nxt = list(range(1, m + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, m - 1))
-        heap = []
-        for i in range(m - 1):
-            v = ranks.get(syms[i] * n + syms[i + 1])
-            if v is not None:
-                heap.append((v[0], i, syms[i], syms[i + 1], v[1]))
-        heapq.heapify(heap)
-        while heap:
-            _, i, a, b, merged = heapq.heappop(heap)
-            j = nxt[i]
-            if syms[i] != a or j < 0 or syms[j] != b:
-                continue  # stale
-            syms[i] = merged
-            syms[j] = -1
-            k = nxt[i] = nxt[j]
-            if k >= 0:
-                prv[k] = i
-                v = ranks.get(merged * n + syms[k])
-                if v is not None:
-                    heapq.heappush(heap, (v[0], i, merged, syms[k], v[1]))
-            p = prv[i]
-            if p >= 0:
-                v = ranks.get(syms[p] * n + merged)
-                if v is not None:
-                    heapq.heappush(heap, (v[0], p, syms[p], merged, v[1]))
-        return tuple(s for s in syms if s >= 0)
+    def _normal_bytes(self, text):
+        t = text.translate(_FROM_BYTE_LEVEL)
+        try:
+            return t.encode("latin-1")
+        except UnicodeEncodeError:  # characters outside the byte alphabet stand for themselves
+            return b"".join(bytes([ord(c)]) if ord(c) < 256 else c.encode("utf-8", "surrogatepass")
+                            for c in t)
 
-    def _encode_spm(self, text, after_special, out):
+
+class SentencePieceBPE(Tokenizer):
+    """SentencePiece-style BPE ("llama"): spaces become "▁" (one is prefixed to the text and
+    after each special token), adjacent symbols merge by the highest score of the merged
+    token, and characters that are no token become their bytes' <0xNN> tokens (or unknown).
+    llama.cpp's defaults: BOS 1, EOS 2, unknown 0, BOS added."""
+
+    model = "llama"
+    _id_defaults = {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0}
+    _bos_default = True
+
+    def _read_model(self, tok):
+        n = self.vocab_size
+        self.add_space_prefix = bool(tok.get("add_space_prefix", True))
+        scores = tok.get("scores")
+        if scores is None:
+            scores = [0.0] * n
+        elif not isinstance(scores, list) or len(scores) != n:
+            raise ValueError(f"tokenizer 'scores' must be a list of {n} numbers")
+        scores = [float(s) for s in scores]
+        # a token's text -> (minus its score, the text): the merge of two symbols into it
+        self._merges = {t: (-scores[i], t) for t, i in self._to_id.items()}
+        self._byte_ids = [self._to_id.get(f"<0x{b:02X}>") for b in range(256)]
+        # words can be cut before each "▁" that follows another character when no token
+        # holds such a "▁" (true of SentencePiece vocabularies split on whitespace)
+        inner = re.compile("[^\u2581]\u2581")
+        self._spm_split = not any(_SPM_SPACE in t and inner.search(t) for t in self._tokens)
+
+    def _encode_fragment(self, text, after_special, out):
         if self.add_space_prefix and after_special:
             text = " " + text
         text = text.replace(" ", _SPM_SPACE)
         words = _SPM_WORD_START.split(text) if self._spm_split else [text]
-        cache = self._cache
-        if len(cache) > _CACHE_MAX:
-            cache.clear()
-        for w in words:
-            ids = cache.get(w)
-            if ids is None:
-                ids = self._spm_word(w)
-                if self._spm_split:
-                    cache[w] = ids
-            out += ids
+        self._encode_words(words, out, cache=self._spm_split)
 
-    def _spm_word(self, word):
-        """SentencePiece BPE as llama.cpp's llm_tokenizer_spm: merge the adjacent pair whose
-        concatenation is the highest-scoring token (leftmost on ties) until none is."""
-        to_id, scores = self._to_id, self._scores
-        syms = list(word)
-        m = len(syms)
-        nxt = list(range(1, m + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, m - 1))
-        heap = []
-        for i in range(m - 1):
-            t = to_id.get(syms[i] + syms[i + 1])
-            if t is not None:
-                heap.append((-scores[t], i, syms[i], syms[i + 1]))
-        heapq.heapify(heap)
-        while heap:
-            _, i, a, b = heapq.heappop(heap)
-            j = nxt[i]
-            if syms[i] != a or j < 0 or syms[j] != b:
-                continue
-            merged = syms[i] = a + b
-            syms[j] = None
-            k = nxt[i] = nxt[j]
-            if k >= 0:
-                prv[k] = i
-                t = to_id.get(merged + syms[k])
-                if t is not None:
-                    heapq.heappush(heap, (-scores[t], i, merged, syms[k]))
-            p = prv[i]
-            if p >= 0:
-                t = to_id.get(syms[p] + merged)
-                if t is not None:
-                    heapq.heappush(heap, (-scores[t], p, syms[p], merged))
+    def _word_ids(self, word):
+        """llama.cpp's llm_tokenizer_spm: merge the adjacent pair whose concatenation is the
+        highest-scoring token (leftmost on ties) until none is; then byte fallback."""
+        get = self._to_id.get
         ids = []
-        for s in syms:
-            if s is None:
-                continue
-            t = to_id.get(s)
+        for s in _merge_heap(list(word), operator.add, self._merges):
+            t = get(s)
             if t is not None:
                 ids.append(t)
                 continue
@@ -501,42 +567,11 @@ class Tokenizer:
                     ids.append(t)
         return tuple(ids)
 
-    # --- decoding ---
-    def token_bytes(self, id) -> bytes:
-        """The raw bytes of one token; control and user-defined tokens give their text."""
-        piece = self._pieces[id] if 0 <= id < self.vocab_size else None
-        if piece is None:
-            if not 0 <= id < self.vocab_size:
-                raise ValueError(f"token id {id} is outside the vocabulary (0..{self.vocab_size - 1})")
-            piece = self._pieces[id] = self._make_piece(id)
-        return piece
+    def _normal_bytes(self, text):
+        return text.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass")
 
-    def _make_piece(self, id):
-        text, ty = self._tokens[id], self._types[id]
-        if ty in (CONTROL, USER_DEFINED, UNKNOWN):
-            return text.encode("utf-8", "surrogatepass")
-        if ty == BYTE:
-            m = _BYTE_TOKEN.match(text)
-            if m:
-                return bytes([int(m.group(1), 16)])
-        if self.model == "llama":
-            return text.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass")
-        t = text.translate(_FROM_BYTE_LEVEL)
-        try:
-            return t.encode("latin-1")
-        except UnicodeEncodeError:  # characters outside the byte alphabet stand for themselves
-            return b"".join(bytes([ord(c)]) if ord(c) < 256 else c.encode("utf-8", "surrogatepass")
-                            for c in t)
 
-    def _strips_space(self, id):
-        return self.add_space_prefix and self._types[id] not in (CONTROL, USER_DEFINED, UNKNOWN)
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        data = b"".join(self.token_bytes(i) for i in ids)
-        if ids and data[:1] == b" " and self._strips_space(ids[0]):
-            data = data[1:]
-        return data.decode("utf-8", "replace")
+_MODELS = {c.model: c for c in (ByteLevelBPE, SentencePieceBPE)}
 
 
 class StreamDecoder:

@@ -95,10 +95,10 @@ def neon_exe(tmpdir, root=ROOT):
     return exe
 
 
-def run_neon(exe, path, ids, chunks, threads):
+def run_neon(exe, path, ids, chunks, threads, cache="f16"):
     import numpy as np
     vocab = format_vocab(path)
-    out = subprocess.run(["qemu-aarch64", exe, path, str(threads), ",".join(map(str, chunks)), str(vocab),
+    out = subprocess.run(["qemu-aarch64", exe, path, str(threads), cache, ",".join(map(str, chunks)), str(vocab),
                           *map(str, ids)], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "neon", out[0]
     return np.array(out[1:], dtype=np.float32).reshape(len(ids), vocab)  # %.9g: exact for float32

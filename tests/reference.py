@@ -29,11 +29,14 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def reference_logits(mf, ids, f16_kv=True):
+def reference_logits(mf, ids, f16_kv=True, f16_k=None, f16_v=None):
     """Logits (len(ids), vocab) of token ids at positions 0.. in a fresh context.
 
-    f16_kv: round keys (after RoPE) and values to float16, as the kernel's KV cache does.
+    f16_kv: round keys (after RoPE) and values to float16, as the kernel's default f16 KV cache
+    does (False: keep them float32, as its f32 cache); f16_k, f16_v: the same for keys or values.
     """
+    f16_k = f16_kv if f16_k is None else f16_k
+    f16_v = f16_kv if f16_v is None else f16_v
     if isinstance(mf, str):
         mf = format.read(mf)
     c = mf.config
@@ -65,8 +68,9 @@ def reference_logits(mf, ids, f16_kv=True):
         q = rope(qkv[:, :nh * hd].reshape(T, nh, hd), cos, sin)
         k = rope(qkv[:, nh * hd:(nh + nkv) * hd].reshape(T, nkv, hd), cos, sin)
         v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
-        if f16_kv:
+        if f16_k:
             k = k.astype(np.float16).astype(np.float32)
+        if f16_v:
             v = v.astype(np.float16).astype(np.float32)
         group = nh // nkv  # query head n uses kv head n // group
         k = np.repeat(k, group, axis=1).transpose(1, 0, 2)  # (nh, T, hd)

@@ -66,8 +66,22 @@ def test_json_fields(model, capsys):
         n = r["n_prompt"] + r["n_gen"]
         assert math.isclose(r["avg_ts"], sum(n * 1e9 / s for s in r["samples_ns"]) / 2, rel_tol=1e-9)
     assert (pp["n_prompt"], pp["n_gen"], tg["n_prompt"], tg["n_gen"]) == (16, 0, 0, 4)
-    assert pp["bandwidth_gbs"] is None and pp["roofline_fraction"] is None
-    assert tg["bandwidth_gbs"] > 0 and tg["roofline_fraction"] > 0 and tg["read_bandwidth_gbs"] > 0
+    assert pp["bandwidth_gbs"] is None and tg["bandwidth_gbs"] > 0
+    # the roofline: tg against the read ceiling, pp against the FMA ceiling; a fraction is in
+    # (0, 1], or absent with a warning (a tiny model's weights stay in the caches)
+    assert (pp["roofline_bound"], tg["roofline_bound"]) == ("compute", "read")
+    for r in res:
+        assert r["read_bandwidth_gbs"] > 0 and r["fma_gflops"] > 0 and r["roofline_ts"] > 0
+        assert r["read_pattern"] and r["flops_per_token"] > 0
+        assert r["read_patterns"][r["read_pattern"]] == r["read_bandwidth_gbs"] == max(r["read_patterns"].values())
+        assert len(r["read_patterns"]) == len(bench.READ_STREAMS) * len(bench.PAGES)
+        if r["roofline_fraction"] is None:
+            assert "probe read low" in r["roofline_warning"]
+        else:
+            assert 0 < r["roofline_fraction"] <= 1 and r["roofline_warning"] is None
+            assert math.isclose(r["roofline_fraction"], r["avg_ts"] / r["roofline_ts"])
+    cfg = format.read(model, map_tensors=False).config
+    assert math.isclose(pp["flops_per_token"] * 16, bench.test_flops(cfg, bench.Test("pp", 16)))
     # the weights a token reads: every matrix, plus the embedding when it is the output head
     mf = format.read(model, map_tensors=False)
     mats = sum(2 * t["shape"][0] * t["shape"][1] for t in mf.meta["tensors"]
@@ -76,6 +90,47 @@ def test_json_fields(model, capsys):
     embd = 2 * mf.config["vocab_size"] * mf.config["dim"]
     assert tg["weight_bytes_per_token"] == mats + (embd if tied else 0)
     assert math.isclose(tg["bandwidth_gbs"], tg["weight_bytes_per_token"] * tg["avg_ts"] / 1e9)
+
+
+def test_roofline_markdown(model, capsys):
+    out = run(capsys, model, "-p", "16", "-n", "4", "-r", "1", "-t", "1,2", "--roofline", "--bw-mib", "8")
+    head = "| threads | test | t/s | bound by | ceiling | roofline t/s | fraction |"
+    lines = out.splitlines()
+    rows = lines[lines.index(head) + 2:][:4]
+    assert [(r.split("|")[1].strip(), r.split("|")[2].strip(), r.split("|")[4].strip()) for r in rows] == \
+        [("1", "pp16", "compute"), ("1", "tg4", "read"), ("2", "pp16", "compute"), ("2", "tg4", "read")]
+    for r in rows:
+        frac = r.split("|")[7].strip()
+        assert frac == "probe low" or 0 <= int(frac.rstrip("%")) <= 100, frac
+    assert out.count("warning: ") == sum("probe low" in r for r in rows)
+
+
+def test_flops_counted_from_the_config():
+    """Matmuls: 2 FLOPs a weight of every layer; the head once a pp and every tg token;
+    attention: 4 * heads * head_dim per position seen, per layer (closed form = the sum)."""
+    cfg = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=300,
+               sliding_window=0)
+    per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 3 * 96 * 64
+    assert bench.matmul_flops_per_token(cfg) == 2 * 2 * per_layer
+    att = sum(4 * 2 * 4 * 16 * (p + 1) for p in range(10, 18))
+    assert bench.test_flops(cfg, bench.Test("pp", 8, 10)) == 8 * 2 * 2 * per_layer + att + 2 * 300 * 64
+    assert bench.test_flops(cfg, bench.Test("tg", 8, 10)) == 8 * 2 * 2 * per_layer + att + 8 * 2 * 300 * 64
+    window = dict(cfg, sliding_window=4)
+    assert bench.attention_flops(window, 100) == 4 * 2 * 4 * 16 * 4
+    assert bench.kv_bytes_read(cfg, bench.Test("tg", 2, 3)) == 2 * 2 * 2 * 16 * 2 * (4 + 5)
+
+
+def test_fraction_over_one_is_a_warning():
+    cfg = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=300,
+               sliding_window=0)
+    info = bench.ModelInfo("m", cfg, 0, 0, True, 10**6)
+    ceil = {"read_gbs": 1.0, "read_pattern": "1 stream/thread, 4 KiB pages", "fma_gflops": 1.0}
+    fast = bench.apply_roofline({"n_prompt": 0, "n_gen": 4, "n_depth": 0, "n_threads": 1, "avg_ts": 1e6},
+                                cfg, info, ceil)
+    assert fast["roofline_fraction"] is None and "probe read low" in fast["roofline_warning"]
+    slow = bench.apply_roofline({"n_prompt": 16, "n_gen": 0, "n_depth": 0, "n_threads": 1, "avg_ts": 1.0},
+                                cfg, info, ceil)
+    assert 0 < slow["roofline_fraction"] < 1 and slow["roofline_warning"] is None
 
 
 def t_bytes(t):
@@ -128,3 +183,30 @@ def test_peak_rss_is_the_process_own():
     code = "from pyllm.bench import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < big.nbytes // 2
+
+
+def test_probes_count_what_they_did(model):
+    """pyllm_read returns the bytes it read (whole steps of each thread's streams), pyllm_fma the
+    FLOPs it did; both refuse bad arguments with -1."""
+    import mmap
+
+    from pyllm._pyllm import ffi, lib
+    from pyllm.model import _native_open
+
+    m = _native_open(model, 2, 16)
+    buf = mmap.mmap(-1, 4 << 20)
+    try:
+        with ffi.from_buffer(buf) as p:
+            for streams in (1, 3, 8):
+                n = lib.pyllm_read(m, p, 4 << 20, 2, streams)
+                assert 0 < n <= 2 * (4 << 20) and n % (2 * 64 * 4 * streams) == 0, (streams, n)
+            for bad in ((p, 4 << 20, 1, 0), (p, 4 << 20, 1, 9), (p, 4 << 20, 0, 1), (p, 1 << 10, 1, 1),
+                        (p + 8, 4 << 20, 1, 1)):
+                assert lib.pyllm_read(m, *bad) == -1, bad
+        total = ffi.new("float *")
+        flops = lib.pyllm_fma(m, 1000, total)
+        assert flops > 0 and flops % 1000 == 0 and math.isfinite(total[0]) and total[0] > 0
+        assert lib.pyllm_fma(m, 0, ffi.NULL) == -1
+    finally:
+        ffi.release(m)
+        buf.close()

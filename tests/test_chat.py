@@ -176,3 +176,190 @@ def test_chat_api_trims_old_turns_to_fit(tmp_path):
     assert any("dropped" in n for n in chat.notes) or len(chat.messages) < 17
     with pytest.raises(ChatError):
         chat.ask("the cat " * 100)
+
+
+# --- issue 18, class 2: templates are bounded while compiling, not only while rendering ----------
+@pytest.mark.parametrize("template, message", [
+    ("{{ 9 ** (9 ** 9) }}", "bits"),
+    ("{{ 'x' * 2000000000 }}", "exceeds"),
+    ("{{ ['x'] * 2000000000 }}", "exceeds"),
+    ("{{ 'x' | center(2000000000) }}", "too large"),
+    ("{{ 'x'.ljust(2000000000) }}", "too large"),
+    ("{{ '%2000000000s' % 'x' }}", "width"),
+    ("{{ '{:>2000000000}'.format(1) }}", "rejected"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "exceeds"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "exceeds"),
+    ("{{ 'ab' | replace('a', 'x' * 1000000) | replace('x', 'y' * 1000000) }}", "rejected"),
+    ("{{ (2 ** 4000) * (2 ** 4000) }}", "bits"),
+    ("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", "nested deeper"),
+    ("{{ " + "[" * 500 + "]" * 500 + " }}", "nested deeper"),
+    ("{% if 1 %}" * 300 + "{% endif %}" * 300, "nested deeper"),
+    ("{{ " + "-" * 3000 + "1 }}", "RecursionError"),
+    ("{{ " + "not " * 3000 + "1 }}", "RecursionError"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ("x" * (200 << 10), "characters, over"),
+    (5, "not text"),
+    (["a"], "not text"),
+])
+def test_templates_bounded_while_compiling(template, message):
+    with pytest.raises(ChatError) as e:
+        Template(template).render([{"role": "user", "content": "hi"}])
+    text = str(e.value)
+    assert text.startswith("chat template rejected: ") and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("template", ["{{ 9 ** (9 ** 9) }}", "{{ 'x' * 2000000000 }}",
+                                      "{% for x in y %}" * 2000, "{{ 'a' ~ 'b' " + "~ 'b' " * 200000 + "}}"])
+def test_chat_refuses_compile_bombs_in_one_line(tmp_path, template):
+    make_tiny_model(tmp_path / "tiny.bin")
+    with_template(tmp_path / "tiny.bin", tmp_path / "bad.bin", template)
+    r = subprocess.run([PY, "-m", "pyllm", "chat", str(tmp_path / "bad.bin"), "-p", "hi"], capture_output=True,
+                       text=True, timeout=30)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "chat template rejected" in lines[0], r.stderr
+
+
+def test_ordinary_templates_still_render():
+    t = Template("{{ bos_token }}{% for m in messages %}{{ m.role | upper }}: {{ m.content | trim }}"
+                 "{{ '\\n' * 2 }}{% endfor %}{{ (messages | length) ** 2 }} {{ '%d-%s' % (3, 'x') }} "
+                 "{{ '{}!'.format('hi') }} {{ ', '.join(['a', 'b']) }} {{ 'ab' ~ 'cd' }} {{ range(3) | list }}",
+                 "<s>")
+    assert t.render([{"role": "user", "content": " a "}]) == "<s>USER: a\n\n1 3-x hi! a, b abcd [0, 1, 2]"
+
+
+# --- class 8: chat state --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import pyllm
+    p = tmp_path_factory.mktemp("tiny") / "tiny.bin"
+    make_tiny_model(p, max_seq_len=512)
+    return pyllm.load(str(p), threads=1, n_ctx=256)
+
+
+def test_lone_surrogates_never_lose_the_conversation(tmp_path, tiny):
+    chat = Chat(tiny, sampling={"temperature": 0}, max_tokens=2, out=open(os.devnull, "w"))
+    chat.messages = [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "yes"}]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "pyllm-chat", "version": 1, "system": None,
+                               "messages": [{"role": "user", "content": "a\ud800b"}]}))
+    with pytest.raises(ChatError, match="lone surrogate"):
+        chat.load(str(bad))
+    assert chat.messages[0]["content"] == "kept"
+    chat.messages.append({"role": "user", "content": "typed \udcff"})  # e.g. surrogateescape from a terminal
+    chat.save(str(tmp_path / "s.json"))
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["messages"][-1]["content"] == "typed \udcff"
+    assert sorted(os.listdir(tmp_path)) == ["bad.json", "s.json"]
+
+
+def test_save_and_load_refuse_what_is_not_a_file(tmp_path, tiny):
+    chat = Chat(tiny, sampling={"temperature": 0}, max_tokens=2, out=open(os.devnull, "w"))
+    chat.messages = [{"role": "user", "content": "kept"}]
+    os.mkfifo(tmp_path / "fifo")
+    for path in (str(tmp_path / "fifo"), "/dev/null", "/dev/zero", str(tmp_path)):
+        with pytest.raises(ChatError):
+            chat.load(path)
+    for path in (str(tmp_path / "fifo"), "/dev/null", str(tmp_path), tiny.path):
+        with pytest.raises(ChatError):
+            chat.save(path)
+    assert chat.messages == [{"role": "user", "content": "kept"}]
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]
+
+
+def _fit_reference(chat):
+    """The old _fit: re-render after each dropped turn (quadratic, but obviously right)."""
+    reserve = min(max(chat.m.n_ctx // 4, 16), 512) if chat.max_tokens < 0 else chat.max_tokens
+    msgs = list(chat.messages)
+    while True:
+        ids = chat._encode(msgs)
+        if len(ids) + reserve <= chat.m.n_ctx:
+            return msgs
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(msgs) - first <= 1:
+            return msgs
+        del msgs[first]
+        if msgs[first:] and msgs[first]["role"] == "assistant":
+            del msgs[first]
+
+
+def test_fit_renders_a_long_conversation_a_few_times(tiny, monkeypatch):
+    chat = Chat(tiny, system="be brief", sampling={"temperature": 0}, max_tokens=4, out=open(os.devnull, "w"))
+    for n in (3, 8, 41):  # the same turns dropped as the one-at-a-time loop
+        chat.reset()
+        for i in range(n):
+            chat.messages += [{"role": "user", "content": f"question {i} the cat"},
+                              {"role": "assistant", "content": f"answer {i} on the mat"}]
+        chat.messages.append({"role": "user", "content": "last"})
+        want = _fit_reference(chat)
+        chat._fit()
+        assert chat.messages == want
+    chat.reset()
+    for _ in range(5000):
+        chat.messages += [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    calls = []
+    real = Template.render
+    monkeypatch.setattr(Template, "render", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    reply = chat.ask("what now?")
+    assert isinstance(reply, str) and len(calls) <= 2 * 14 + 4, len(calls)
+    assert chat.messages[0]["role"] == "system" and chat.messages[-2]["content"] == "what now?"
+    assert any("dropped" in n for n in chat.notes)
+
+
+def test_message_longer_than_the_context_is_named_as_such(tiny):
+    chat = Chat(tiny, sampling={"temperature": 0}, max_tokens=4, out=open(os.devnull, "w"))
+    for text in ("the cat " * 400, "x" * (2 << 20)):
+        with pytest.raises(ChatError) as e:
+            chat.ask(text)
+        assert str(e.value).startswith("this message is") and "template" not in str(e.value)
+        assert chat.messages == []
+
+
+def test_unknown_commands_are_not_sent(tmp_path):
+    make_tiny_model(tmp_path / "tiny.bin")
+    os.mkfifo(tmp_path / "fifo")
+    c = spawn(str(tmp_path / "tiny.bin"), "--temp", "0", "-n", "4")
+    for cmd in ("/sav3 x", "/", "/123", "/save"):
+        c.sendline(cmd)
+        c.expect("unknown command" if cmd != "/save" else "usage: /save FILE")
+        c.expect("> ")  # readline may flush what is typed before it starts
+    c.sendline(f"/load {tmp_path / 'fifo'}")
+    c.expect("not a regular file", timeout=10)
+    c.expect("> ")
+    c.sendline("/stats")
+    c.expect("no reply yet")  # nothing above reached the model
+    c.expect("> ")
+    c.sendline(f"/save {tmp_path / 'c.json'}")
+    c.expect("saved to")
+    c.expect("> ")
+    c.sendcontrol("d")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+    assert json.loads((tmp_path / "c.json").read_text())["messages"] == []
+
+
+def test_ctrl_c_during_load_keeps_the_chat(tmp_path):
+    make_tiny_model(tmp_path / "tiny.bin")
+    big = tmp_path / "big.json"  # about 50 MB: parsing and checking it takes a moment
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 8} for i in range(400000)]
+    big.write_text(json.dumps({"format": "pyllm-chat", "version": 1, "system": None, "messages": msgs}))
+    c = spawn(str(tmp_path / "tiny.bin"), "--temp", "0", "-n", "4")
+    c.sendline(f"/load {big}")
+    c.expect_exact(f"/load {big}")
+    c.sendintr()
+    c.expect(r"\(load cancelled|\(loaded", timeout=60)
+    c.expect("> ")
+    c.sendline("/stats")
+    c.expect("no reply yet")  # still the same chat, not quit
+    c.expect("> ")
+    c.sendcontrol("d")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+
+
+def test_template_rendering_a_lone_surrogate_is_refused(tiny):
+    chat = Chat(tiny, sampling={"temperature": 0}, max_tokens=2, out=open(os.devnull, "w"))
+    chat.template = Template("{{ '\ud800' }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ChatError, match="not valid Unicode"):
+        chat.ask("hi")

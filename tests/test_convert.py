@@ -28,7 +28,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import pyllm
-from pyllm import format
+from pyllm import format, outfile
 from pyllm import convert as convert_mod
 from pyllm.convert import ConvertError, convert
 from pyllm.tokenizer import Tokenizer
@@ -596,7 +596,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tok, llama_tied, exc
     g = write_gguf(str(tmp_path / "m.gguf"), llama_tied, tok)
     out = tmp_path / "out" / "m.bin"
     out.parent.mkdir()
-    monkeypatch.setattr(format, "open", lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
+    monkeypatch.setattr(outfile, "open", lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
                         raising=False)
     if isinstance(exc, OSError):
         with pytest.raises(ConvertError, match="No space left on device"):
@@ -609,7 +609,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tok, llama_tied, exc
     monkeypatch.undo()
     convert(g, str(out), progress=False)
     good = out.read_bytes()
-    monkeypatch.setattr(format, "open", lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
+    monkeypatch.setattr(outfile, "open", lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
                         raising=False)
     with pytest.raises((ConvertError, KeyboardInterrupt)):
         convert(g, str(out), progress=False)

@@ -18,9 +18,10 @@ def test_neon_path_matches_reference(tmp_path):
         make_tiny_model(path, **{k: v for k, v in VARIANTS[name].items()})
         mf = format.read(str(path))
         ids = [int(i) for i in np.random.default_rng(1).integers(0, mf.config["vocab_size"], 40)]
-        got = mlh.run_neon(exe, str(path), ids, (40,), 2)
-        want = reference_logits(mf, ids)
-        assert np.abs(got - want).max() < 5e-3, name
+        for cache, tol in (("f16", 5e-3), ("f32", 2e-4)):
+            got = mlh.run_neon(exe, str(path), ids, (40,), 2, cache)
+            want = reference_logits(mf, ids, f16_kv=cache == "f16")
+            assert np.abs(got - want).max() < tol, (name, cache)
 
 
 def test_neon_logits_hash_as_stored(tmp_path):

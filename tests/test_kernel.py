@@ -76,19 +76,21 @@ def test_sliding_window_matters(tiny_paths):
     assert np.abs(got[w:] - full[w:]).max() > 0.1
 
 
+@pytest.mark.parametrize("cache", ["f16", "f32"])
 @pytest.mark.parametrize("variant", ["base", "odd", "window_bias_gqa4"])
-def test_threads_bit_exact(tiny_paths, variant):
+def test_threads_bit_exact(tiny_paths, variant, cache):
     path = tiny_paths[variant]
     ids = random_ids(path, seed=2)
-    outs = {t: pyllm.load(path, threads=t).logits(ids) for t in (1, 2, 4)}
+    outs = {t: pyllm.load(path, threads=t, cache_type=cache).logits(ids) for t in (1, 2, 4)}
     assert np.array_equal(outs[1], outs[2]) and np.array_equal(outs[1], outs[4])
 
 
+@pytest.mark.parametrize("cache", ["f16", "f32"])
 @pytest.mark.parametrize("variant", ["base", "odd", "window", "window_bias_gqa4"])
-def test_incremental_equals_block(tiny_paths, variant):
+def test_incremental_equals_block(tiny_paths, variant, cache):
     path = tiny_paths[variant]
     ids = random_ids(path, seed=3)
-    m = pyllm.load(path, threads=2)
+    m = pyllm.load(path, threads=2, cache_type=cache)
     block = m.logits(ids)
     m.reset()
     one_by_one = np.stack([m.eval([t]) for t in ids])
@@ -264,3 +266,68 @@ def test_logits_hash_as_stored(tmp_path):
     assert not missing, f"{simd}: no stored hash for {missing}"
     differ = sorted(k for k in got if got[k] != stored[k])
     assert not differ, f"{simd}: logits changed in {differ}"
+
+
+# --- the f32 KV cache: keys and values kept exact ---
+
+# only the order of the f32 sums differs from the reference (measured: max 3.5e-5, mean 3e-6)
+F32_MAX_TOL, F32_MEAN_TOL = 2e-4, 1e-5
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_f32_cache_matches_reference(tiny_paths, variant):
+    path = tiny_paths[variant]
+    ids = random_ids(path)
+    m = pyllm.load(path, threads=2, cache_type="f32")
+    assert m.cache_types == ("f32", "f32")
+    diff = np.abs(m.logits(ids) - reference_logits(format.read(path), ids, f16_kv=False))
+    assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+
+
+@pytest.mark.parametrize("k, v", [("f32", "f16"), ("f16", "f32")])
+def test_mixed_cache_types(tiny_paths, k, v):
+    """Keys and values each in their own type: the reference rounds only the f16 one."""
+    path = tiny_paths["window_bias_gqa4"]
+    ids = random_ids(path, seed=5)
+    m = pyllm.load(path, threads=2, cache_type="f16", cache_type_k=k, cache_type_v=v)
+    assert m.cache_types == (k, v)
+    want = reference_logits(format.read(path), ids, f16_k=k == "f16", f16_v=v == "f16")
+    diff = np.abs(m.logits(ids) - want)
+    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+
+
+@pytest.mark.parametrize("window", [0, 300])
+def test_f32_cache_across_segments(tmp_path, window):
+    path = str(tmp_path / "long.bin")
+    make_tiny_model(path, seed=7, max_seq_len=1024, sliding_window=window, n_kv_heads=1)
+    ids = random_ids(path, n=700, seed=3)
+    block = pyllm.load(path, threads=2, cache_type="f32").logits(ids)
+    diff = np.abs(block - reference_logits(format.read(path), ids, f16_kv=False))
+    assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    m = pyllm.load(path, threads=1, cache_type="f32")
+    m.eval(ids[:600])
+    tail = np.stack([m.eval([t]) for t in ids[600:]])
+    assert np.array_equal(tail, block[600:])  # decode = prefill, and 1 thread = 2
+
+
+def test_cache_bytes(tmp_path):
+    """The cache's one mapping: segments of 512 positions, per layer and KV head a padded
+    head_dim by 512 matrix each of keys and values, 2 or 4 bytes an element."""
+    from pyllm._pyllm import lib
+    path = str(tmp_path / "long.bin")
+    cfg = make_tiny_model(path, max_seq_len=1024, dim=72, head_dim=24, n_heads=3, n_kv_heads=1)
+    elements = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * 32 * 512  # n_ctx 600; head_dim 24 -> 32
+    for k, v in [("f16", "f16"), ("f32", "f16"), ("f16", "f32"), ("f32", "f32")]:
+        m = pyllm.load(path, n_ctx=600, cache_type_k=k, cache_type_v=v)
+        assert lib.pyllm_cache_bytes(m._m) == elements * (int(k[1:]) // 8 + int(v[1:]) // 8)
+
+
+def test_bad_cache_type(tiny_paths):
+    from pyllm._pyllm import ffi, lib
+    for kwargs in ({"cache_type": "q8_0"}, {"cache_type_k": "F32"}, {"cache_type_v": 32}):
+        with pytest.raises(pyllm.PyllmError, match="cache type") as e:
+            pyllm.load(tiny_paths["base"], **kwargs)
+        assert "\n" not in str(e.value)
+    err = ffi.new("char[]", 512)
+    assert lib.pyllm_open(tiny_paths["base"].encode(), 1, 0, 0, 7, err, 512) == ffi.NULL
+    assert "cache type" in ffi.string(err).decode()

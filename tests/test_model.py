@@ -92,3 +92,139 @@ def test_greedy_matches_transformers(model, fx, n):
 def test_paris(model):
     text = "".join(model.generate("The capital of France is", 8, temperature=0.0))
     assert text.startswith(" Paris."), text
+
+
+def test_forward_at_is_eval_at_chosen_positions(model):
+    """Model.forward_at (what `pyllm bench` times): the kernel's own logits at the positions
+    asked for, into the caller's buffer, with self.tokens kept in step with the cache."""
+    ids = model.tokenizer.encode("The capital of France is")
+    model.reset()
+    want = [model.eval(ids)] + [model.eval([t]) for t in (11, 12)]
+    out = np.zeros(model.vocab_size, dtype=np.float32)
+    model.reset()
+    assert model.forward_at(ids, 0, out) is out and np.array_equal(out, want[0])
+    assert model.tokens == ids
+    for k, t in enumerate((11, 12)):  # decode: one id at a time, as bench's tg
+        assert np.array_equal(model.forward_at([t], len(ids) + k), want[k + 1])
+    assert model.tokens == ids + [11, 12]
+    model.forward_at([5, 6], 2, out)  # an earlier position: the cache from there on is replaced
+    assert model.tokens == ids[:2] + [5, 6]
+    model.forward_at([7], 10, out)  # past the known tokens: what is known stays known
+    assert model.tokens == ids[:2] + [5, 6]
+    model.reset()
+
+
+def test_forward_at_refuses(model):
+    model.reset()
+    model.forward_at([1, 2, 3], 0)
+    for bad in ([model.vocab_size], [-1], []):
+        with pytest.raises(pyllm.PyllmError):
+            model.forward_at(bad, 3)
+    with pytest.raises(pyllm.PyllmError, match="context full"):
+        model.forward_at([1, 2], model.n_ctx - 1)
+    assert model.tokens == [1, 2, 3]  # nothing ran
+    for out in (np.zeros(model.vocab_size, np.float64), np.zeros(model.vocab_size + 1, np.float32),
+                np.zeros((2, model.vocab_size), np.float32)[:, 0]):
+        with pytest.raises(ValueError, match="out must be"):
+            model.forward_at([1], 3, out)
+    frozen = np.zeros(model.vocab_size, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be"):
+        model.forward_at([1], 3, frozen)
+    model.reset()
+
+
+# ---- one Model shared by threads (a server's case) ----
+def _threads(*fns, timeout=120):
+    """Run fns in threads at once; their results (an exception re-raised here)."""
+    import threading
+    out = [None] * len(fns)
+    start = threading.Barrier(len(fns))
+
+    def run(i, fn):
+        start.wait()
+        try:
+            out[i] = ("ok", fn())
+        except BaseException as e:  # noqa: B036 - handed to the main thread
+            out[i] = ("err", e)
+    ts = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+        assert not t.is_alive(), "a thread is stuck"
+    for kind, v in out:
+        if kind == "err":
+            raise v
+    return [v for _, v in out]
+
+
+def test_two_threads_logits_as_serial(default_model, fx):
+    m = pyllm.load(default_model, n_ctx=256, threads=2)
+    prompts = [fx[f"ids_{n}"].tolist() for n in range(4)]
+    serial = [m.logits(ids) for ids in prompts]
+    for _ in range(2):
+        a, b = _threads(lambda: [m.logits(ids) for ids in prompts], lambda: [m.logits(ids) for ids in prompts[::-1]])
+        for got, want in zip(a + b[::-1], serial + serial):
+            assert np.array_equal(got, want)
+    m.close()
+
+
+def test_interleaved_generations_as_alone(default_model):
+    """Each generation steps under the lock and re-prefills what another displaced."""
+    m = pyllm.load(default_model, n_ctx=256, threads=2)
+    prompts = ["The capital of France is", "def fib(n):", "Once upon a time"]
+    alone = ["".join(m.generate(p, 12, temperature=0)) for p in prompts]
+    got = _threads(*[lambda p=p: "".join(m.generate(p, 12, temperature=0)) for p in prompts])
+    assert got == alone
+    # by hand, one step each in turn: every step finds the cache moved by the other
+    gens = [m.generate(p, 12, temperature=0) for p in prompts]
+    pieces = [[] for _ in prompts]
+    live = set(range(len(gens)))
+    while live:
+        for i in sorted(live):
+            try:
+                pieces[i].append(next(gens[i]))
+            except StopIteration:
+                live.discard(i)
+    assert ["".join(p) for p in pieces] == alone
+    m.close()
+
+
+def test_an_abandoned_generation_blocks_nobody(default_model):
+    m = pyllm.load(default_model, n_ctx=256, threads=1)
+    g = m.generate("Once upon a time", 50, temperature=0)
+    next(g)  # suspended mid-generation, never finished
+    want = m.logits([1, 2, 3])
+    (got,) = _threads(lambda: m.logits([1, 2, 3]), timeout=60)
+    assert np.array_equal(got, want)
+    next(g)  # and it can still go on (re-prefilling its history)
+    m.close()
+
+
+def test_close_waits_for_a_running_forward_then_use_raises(default_model, fx):
+    import threading
+    import time
+    ids = (fx["ids_0"].tolist() * 64)[:256]
+    m = pyllm.load(default_model, n_ctx=256, threads=1)
+    want = m.logits(ids)
+    box = {}
+
+    def work():
+        box["logits"] = m.logits(ids)
+        box["done"] = time.perf_counter()
+    t = threading.Thread(target=work)
+    t.start()
+    while m._lock.acquire(blocking=False):  # until the worker holds the model
+        m._lock.release()
+        assert t.is_alive() or "logits" not in box, "the forward finished before close could race it"
+    m.close()
+    closed = time.perf_counter()
+    t.join(60)
+    assert np.array_equal(box["logits"], want)  # the running forward completed on a live model
+    assert closed >= box["done"]
+    for use in (lambda: m.logits([1]), lambda: m.eval([1]), lambda: m.prefill([1, 2]),
+                lambda: "".join(m.generate("hi", 4))):
+        with pytest.raises(pyllm.PyllmError, match="closed"):
+            use()
+    m.close()  # twice is harmless

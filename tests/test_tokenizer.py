@@ -275,7 +275,7 @@ def test_smollm_stream_decoder(smollm):
         ids = smollm.encode(s)
         parts = stream(smollm, ids)
         assert "".join(parts) == s, repr(s)
-        for i, p in zip(ids, parts):
+        for i, _piece in zip(ids, parts):
             try:
                 smollm.token_bytes(i).decode("utf-8")
             except UnicodeDecodeError:  # this token ends mid-character
@@ -543,3 +543,38 @@ def test_spm_defaults():
                            "add_bos_token": False, "add_eos_token": True})
     assert no_prefix.encode("a a") == [4, 5, 2]
     assert no_prefix.encode("a a", add_bos=False) == [4, 5]
+
+
+# --- the two algorithms' classes ------------------------------------------------------------
+def test_factory_builds_the_model_class(smollm, smollm_meta, spm_meta):
+    from pyllm.tokenizer import ByteLevelBPE, SentencePieceBPE
+    spm = Tokenizer(spm_meta)
+    assert type(smollm) is ByteLevelBPE and type(spm) is SentencePieceBPE
+    assert isinstance(smollm, Tokenizer) and isinstance(spm, Tokenizer)
+    assert (smollm.model, spm.model, spm.pre) == ("gpt2", "llama", None)
+    # the classes build directly too, the same tokenizer
+    text = "Hello <|im_start|>world, 123 héllo"
+    assert ByteLevelBPE(smollm_meta).encode(text) == smollm.encode(text)
+    assert SentencePieceBPE(spm_meta).encode(text) == spm.encode(text)
+    with pytest.raises(ValueError, match="is not 'llama'"):
+        SentencePieceBPE(smollm_meta)
+    for bad in ("gpt2", None, {"model": ["gpt2"]}, {"model": None}):
+        with pytest.raises(ValueError, match="not a dict|unsupported tokenizer model"):
+            Tokenizer(bad)
+    # copies (and pickles) rebuild the same class
+    import copy
+    import pickle
+    for tok in (smollm, spm):
+        for twin in (copy.deepcopy(tok), pickle.loads(pickle.dumps(tok))):
+            assert type(twin) is type(tok) and twin.encode(text) == tok.encode(text)
+
+
+def test_merge_heap_best_pair_first_leftmost_on_ties():
+    from pyllm.tokenizer import _merge_heap
+    merges = {"aa": (0, "aa"), "aaaa": (-1, "aaaa"), "ab": (1, "ab")}
+    join = lambda a, b: a + b  # noqa: E731
+    assert _merge_heap(list("aaa"), join, merges) == ["aa", "a"]  # leftmost of two equal pairs
+    assert _merge_heap(list("aaaa"), join, merges) == ["aaaa"]  # aa aa, then the better aaaa
+    assert _merge_heap(list("aab"), join, merges) == ["aa", "b"]  # aa (0) before ab (1)
+    assert _merge_heap(list("ba"), join, merges) == ["b", "a"]
+    assert _merge_heap(["a"], join, merges) == ["a"] and _merge_heap([], join, merges) == []

@@ -1,0 +1,49 @@
+"""The command line's shared pieces: the model and sampling options, their defaults, UsageError.
+
+`cli.py` and the command modules (`chat`, `perplexity`, ...) import this; it imports nothing of
+pyllm, so the imports flow one way: cli -> commands -> args.
+"""
+
+import os
+
+DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
+
+
+class UsageError(Exception):
+    """A bad command line or input text, with a one-line message for the user."""
+
+
+def text_arg(s, what):
+    """s itself if it can be encoded as UTF-8 (a lone surrogate from the shell cannot)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the {what} is not valid UTF-8") from None
+    return s
+
+
+def add_model(p, ctx_size=None, ctx_help="context size in tokens (default: min(model's, 4096))"):
+    """-t and -c; a command with its own context default passes ctx_size and its help."""
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=ctx_size, help=ctx_help)
+
+
+def add_sampling(p, temp=0.8, n_predict=256, n_predict_help="tokens to generate (default 256)"):
+    """llama.cpp's sampling options and defaults (chat passes its own -n default)."""
+    g = p.add_argument_group("sampling (llama.cpp names and defaults)")
+    g.add_argument("-n", "--n-predict", type=int, default=n_predict, help=n_predict_help)
+    g.add_argument("--temp", type=float, default=temp,
+                   help=f"temperature, 0 = greedy (default {temp})")
+    g.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="1.0 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="0.0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 = off (default 1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64,
+                   help="-1 = whole context (default 64)")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text (default random)")
+
+
+def sampling_kwargs(a):
+    """The parsed sampling options as Model.generate's keyword arguments."""
+    return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed)
