@@ -464,10 +464,13 @@ class Chat:
         pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0
         tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0
         ft = f"{s['first_token_s'] * 1000:.0f} ms" if s.get("first_token_s") is not None else "-"
+        from .lookup import stats_text
+
         return (
             f"context {s['context_tokens']}/{s['n_ctx']} tokens "
             f"| prefill {s['prefill_tokens']} tokens {pp:.1f} tok/s "
-            f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft}"
+            f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft} "
+            f"| {stats_text(s)}"
         )
 
     def save(self, path):
