@@ -48,7 +48,7 @@ def _native_open(path, threads=1, n_ctx=0, cache_type_k="f16", cache_type_v="f16
     try:  # the kernel's open() would block on a FIFO
         safeio.open_regular(path).close()
     except OSError as e:
-        raise PyllmError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
+        raise PyllmError(safeio.error_line(path, e)) from None
     err = ffi.new("char[]", 512)
     m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, *codes, err, 512)
     if m == ffi.NULL:
@@ -173,9 +173,9 @@ class Model:
             self.reset()
             return self._forward(ids, True)
 
-    def prefill(self, ids):
-        """Make the cache hold ids, reusing the longest prefix it already holds (at least
-        the last id is evaluated); the logits of the last id."""
+    def keep_prefix(self, ids):
+        """Rewind the cache to the longest prefix it shares with ids[:-1] (the last id is
+        always left to evaluate); how many tokens it keeps."""
         with self._lock:
             keep = 0
             for a, b in zip(self.tokens, ids[:-1]):
@@ -183,7 +183,13 @@ class Model:
                     break
                 keep += 1
             self.rewind(keep)
-            return self.eval(ids[keep:])
+            return keep
+
+    def prefill(self, ids):
+        """Make the cache hold ids, reusing the longest prefix it already holds (at least
+        the last id is evaluated); the logits of the last id."""
+        with self._lock:
+            return self.eval(ids[self.keep_prefix(ids):])
 
     def forward_at(self, ids, pos, out=None):
         """Run the kernel once over ids (a list of ints) at cache positions pos, pos + 1, ...;
