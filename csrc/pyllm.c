@@ -119,7 +119,7 @@ static size_t blocked(size_t r, size_t k, size_t n) {
     return (r / BLOCK_ROWS * n + k) * BLOCK_ROWS + r % BLOCK_ROWS;
 }
 
-/* A one-line message into err (if any); returns -1. */
+/* A one-line message into err; returns -1. */
 static int say(char *err, int err_len, const char *fmt, ...) {
     va_list args;
     va_start(args, fmt);
@@ -389,37 +389,17 @@ typedef struct {
 
 /* The operands of y (+)= x W^T (+ bias): the rows of x and y are n_in and n_out long. */
 static matmul_t operands(const matrix_t *w, const float *x, float *y, int n_tokens, int add) {
-    return (matmul_t){.w = w->w,
-                      .n_in = w->n_in,
-                      .stride = w->n_in,
-                      .n_out = w->n_out,
-                      .bias = w->bias,
-                      .accumulate = add,
-                      .x = x,
-                      .ldx = w->n_in,
-                      .y = y,
-                      .ldy = w->n_out,
-                      .n_tokens = n_tokens};
+    return (matmul_t){w->w,    w->n_in, w->n_in,  w->n_out, w->bias, add, x,
+                      w->n_in, y,       w->n_out, n_tokens, 0,       NULL};
 }
 
-/* Rows r.. of token t's outputs, z[v] holding rows r + v * LANES on: whole vectors, or lane by
-   lane in a last block that is partial (the bias has n_out values). */
+/* Rows r.. of token t's outputs, s[i] for row r + i, up to n_out (a last block is partial). */
 static inline __attribute__((always_inline)) void store_block(const matmul_t *op, int r, int t,
-                                                              const vec *z) {
+                                                              const float *s) {
     float *y = op->y + (size_t)t * op->ldy + r;
-    if (r + BLOCK_ROWS <= op->n_out) {
-        for (int v = 0; v < VECS; v++) {
-            vec s = op->bias ? z[v] + vloadh(op->bias + r + v * LANES) : z[v];
-            vstore(y + v * LANES, op->accumulate ? vload(y + v * LANES) + s : s);
-        }
-        return;
-    }
-    float s[BLOCK_ROWS];
-    for (int v = 0; v < VECS; v++)
-        vstore(s + v * LANES, z[v]);
-    for (int i = 0; i < BLOCK_ROWS && r + i < op->n_out; i++) {
-        float zi = op->bias ? s[i] + h2f(op->bias[r + i]) : s[i];
-        y[i] = op->accumulate ? y[i] + zi : zi;
+    for (int i = 0; i < imin(BLOCK_ROWS, op->n_out - r); i++) {
+        float z = op->bias ? s[i] + h2f(op->bias[r + i]) : s[i];
+        y[i] = op->accumulate ? y[i] + z : z;
     }
 }
 
@@ -467,16 +447,15 @@ static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b
     int nt = imin(mm.n_tokens - t0, NT);
     for (int i = 0; i < NB; i++) {
         for (int t = 0; t < nt; t++) {
-            vec z[VECS];
+            float s[BLOCK_ROWS];
             for (int v = 0; v < VECS; v++)
-                z[v] = acc[i * VECS + v][t];
-            store_block(&mm, (b + i * spacing) * BLOCK_ROWS, t0 + t, z);
+                vstore(s + v * LANES, acc[i * VECS + v][t]);
+            store_block(&mm, (b + i * spacing) * BLOCK_ROWS, t0 + t, s);
         }
     }
 }
 
-/* A prefill tile: a panel's first (t0 0) converts its blocks to f32 as it reads them, the
-   others read that copy. */
+/* A prefill tile: a panel's first converts its blocks to f32, the others read that copy. */
 static inline __attribute__((always_inline)) void panel_tile(const matmul_t *op, int b, int t0,
                                                              const f16 *prefetch, int NB) {
     if (t0 == 0)
@@ -535,7 +514,7 @@ static inline __attribute__((always_inline)) void attention_tiles(const matmul_t
         attention_blocks(op, b0, b1, NT, W_F16_AHEAD);
 }
 
-/* The same, for the op's 1 to ATTN_ROWS rows: a kernel for each count. */
+/* The same for 1 to ATTN_ROWS rows: a kernel for each count. */
 static void attention_product(const matmul_t *op, int b0, int b1) {
     if (op->n_tokens == 1)
         attention_tiles(op, b0, b1, 1);
@@ -635,8 +614,8 @@ static void from_cache(matmul_t *op, void *cache, int type, size_t at) {
     op->wf = type == PYLLM_CACHE_F32 ? (float *)cache + at : NULL;
 }
 
-/* Attention of one row tile of KV head kvh over the positions of segment sg only: each row's
-   unnormalized o, its max score and its sum of exponentials, into its partials. */
+/* One row tile of KV head kvh over segment sg: each row's unnormalized o, max score and sum of
+   exponentials, into its partials. */
 static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int sg, float *scores) {
     int hd = (int)m->h.head_dim, group = (int)(m->h.n_heads / m->h.n_kv_heads);
     int window = (int)m->h.sliding_window, r0 = tile * ATTN_ROWS;
@@ -656,10 +635,9 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
     }
     lo = imin(lo, hi + 1); /* no row sees sg: an empty range */
     /* scores[k][j] = q[k] . K[j]: K is SEGMENT rows by hd inputs; a tile prefetches the next */
-    matmul_t qk = operands(&(matrix_t){NULL, hd, hi + 1, NULL}, q, scores, n, 0);
+    size_t ahead = (size_t)ATTN_BLOCKS * hd * BLOCK_ROWS;
+    matmul_t qk = {NULL, hd, hd, hi + 1, NULL, 0, q, hd, scores, lds, n, ahead, NULL};
     from_cache(&qk, m->k_cache, m->k_type, off);
-    qk.ldy = lds;
-    qk.lookahead = (size_t)ATTN_BLOCKS * hd * BLOCK_ROWS;
     attention_product(&qk, lo / BLOCK_ROWS, (hi + BLOCK_ROWS) / BLOCK_ROWS);
     for (int k = 0; k < n; k++) {
         float *s = scores + k * lds;
@@ -670,12 +648,9 @@ static void attend(pyllm_model *m, const attention_t *a, int kvh, int tile, int 
             s[j] = 0;
     }
     /* o[k] = sum_j scores[k][j] V[j]: V is hd rows by SEGMENT inputs, prefetched 16 on */
-    matmul_t sv = operands(&(matrix_t){NULL, hi + 1 - lo, hd, NULL}, scores + lo, part, n, 0);
+    matmul_t sv = {NULL,   hi + 1 - lo, SEGMENT,         hd,  NULL, 0, scores + lo, lds, part,
+                   hd + 2, n,           16 * BLOCK_ROWS, NULL};
     from_cache(&sv, m->v_cache, m->v_type, off + (size_t)lo * BLOCK_ROWS);
-    sv.stride = SEGMENT;
-    sv.ldx = lds;
-    sv.ldy = hd + 2;
-    sv.lookahead = 16 * BLOCK_ROWS;
     attention_product(&sv, 0, (hd + BLOCK_ROWS - 1) / BLOCK_ROWS);
 }
 
@@ -751,7 +726,7 @@ static void *worker(void *arg) {
     }
 }
 
-/* Runs job on every thread of the pool, the caller's too; job NULL: the workers quit. */
+/* Runs job on every thread, the caller's too; job NULL: the workers quit. */
 static void pool_run(pyllm_model *m, job_t *job) {
     m->job = job;
     atomic_store(&m->done, 0);
@@ -937,12 +912,9 @@ int pyllm_forward(pyllm_model *m, const int *tokens, int n, int pos, float *logi
     }
     for (int i = 0; i < n; i += PASS_TOKENS) {
         int T = imin(n - i, PASS_TOKENS);
-        float *out = NULL; /* every pass's logits, or the last one's */
-        if (logits && all)
-            out = logits + (size_t)i * m->h.vocab;
-        else if (logits && i + T == n)
-            out = logits;
-        forward_pass(m, tokens + i, T, pos + i, out, all);
+        /* every pass's logits, or the last one's */
+        float *out = logits && all ? logits + (size_t)i * m->h.vocab : logits;
+        forward_pass(m, tokens + i, T, pos + i, all || i + T == n ? out : NULL, all);
     }
     return 0;
 }
@@ -1048,16 +1020,10 @@ void pyllm_close(pyllm_model *m) {
         munmap((void *)m->map, m->h.file_size);
     if (m->k_cache)
         munmap(m->k_cache, m->kv_bytes);
+    float *buffers[] = {m->x, m->xb, m->qkv, m->att, m->hb, m->hb2, m->rope, m->scratch, m->part};
+    for (int i = 0; i < 9; i++)
+        free(buffers[i]);
     free(m->layers);
-    free(m->x);
-    free(m->xb);
-    free(m->qkv);
-    free(m->att);
-    free(m->hb);
-    free(m->hb2);
-    free(m->rope);
-    free(m->scratch);
-    free(m->part);
     free(m);
 }
 

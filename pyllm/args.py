@@ -1,10 +1,12 @@
 """The command line's shared pieces: the model and sampling options, their defaults, UsageError.
 
 `cli.py` and the command modules (`chat`, `perplexity`, ...) import this; it imports nothing of
-pyllm, so the imports flow one way: cli -> commands -> args.
+pyllm but lookup's defaults (a leaf module), so the imports flow one way: cli -> commands -> args.
 """
 
 import os
+
+from . import lookup
 
 DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
 CACHE_TYPES = ("f16", "f32")  # the KV cache's element types (the kernel's PYLLM_CACHE_*)
@@ -53,9 +55,17 @@ def add_sampling(p, temp=0.8, n_predict=256, n_predict_help="tokens to generate 
     g.add_argument("--repeat-last-n", type=int, default=64,
                    help="-1 = whole context (default 64)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text (default random)")
+    g.add_argument("--draft-max", type=int, default=lookup.DRAFT_MAX,
+                   help="lookup drafting: most tokens drafted from the context per verify pass, "
+                        f"0 = off (default {lookup.DRAFT_MAX})")
+    g.add_argument("--draft-min", type=int, default=lookup.DRAFT_MIN,
+                   help=f"fewest drafted tokens worth a verify pass (default {lookup.DRAFT_MIN})")
 
 
 def sampling_kwargs(a):
-    """The parsed sampling options as Model.generate's keyword arguments."""
+    """The parsed sampling options as Model.generate's keyword arguments (ValueError, one
+    line, for unusable draft settings)."""
+    lookup.check(a.draft_max, a.draft_min)
     return dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed)
+                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed,
+                draft_max=a.draft_max, draft_min=a.draft_min)

@@ -1,12 +1,14 @@
 """`pyllm bench`: prompt-processing (pp) and generation (tg) speed with llama-bench's conventions.
 
     pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-ctk f16,f32] [-ctv f16,f32] [-r 5]
-                [-o md|json] [--roofline]
+                      [-o md|json] [--roofline] [--batch 1,2,4,8,16] [--batch-depth 512]
 
 Each test is timed on token ids straight through the kernel (Model.forward_at): no tokenizer,
 no sampler.
   ppN  one forward of N random tokens at position depth, logits of the last token only
   tgN  N single-token forwards at positions depth, depth+1, ... (logits every step)
+  batchT @ dD  one forward of T tokens at position D with every position's logits, as a
+       lookup-drafting verify pass; reported also as cost(T)/cost(1), its time over batch1's
 `@ dD` (-d D): D tokens are already in the KV cache before the test (filled, untimed).
 -ctk/-ctv: the KV cache's type for keys and values, f16 (default) or f32; lists run every pair.
 Like llama-bench: one warmup run per test (pp: the same pp; tg: one token), then -r timed
@@ -44,13 +46,17 @@ GIB = 1 << 30
 # ---------- what to run ----------
 @dataclass(frozen=True)
 class Test:
-    kind: str  # "pp" or "tg"
+    kind: str  # "pp", "tg" or "batch"
     n: int
     depth: int = 0
 
     @property
     def name(self):
         return f"{self.kind}{self.n}" + (f" @ d{self.depth}" if self.depth else "")
+
+    @property
+    def n_batch(self):
+        return self.n if self.kind == "batch" else 0
 
     @property
     def n_prompt(self):
@@ -224,6 +230,11 @@ class Runner:
         if test.kind == "pp":
             t0 = time.perf_counter_ns()
             forward(ids, pos, out)
+            dt = time.perf_counter_ns() - t0
+        elif test.kind == "batch":  # a verify pass: logits at every position
+            rows = np.empty((n, self.vocab), dtype=np.float32)
+            t0 = time.perf_counter_ns()
+            forward(ids, pos, rows)
             dt = time.perf_counter_ns() - t0
         else:
             t0 = time.perf_counter_ns()
@@ -411,7 +422,8 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
                        "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
                        "n_threads": r.threads, "type_k": types[0], "type_v": types[1],
                        "n_prompt": test.n_prompt, "n_gen": test.n_gen,
-                       "n_depth": test.depth, "test_time": datetime.datetime.now(datetime.timezone.utc)
+                       "n_batch": test.n_batch, "n_depth": test.depth,
+                       "test_time": datetime.datetime.now(datetime.timezone.utc)
                        .strftime("%Y-%m-%dT%H:%M:%SZ")}
                 res.update(summarize(samples, test.n))
                 res.update({"load_s": r.load_s, "peak_rss_bytes": peak_rss_bytes(),
@@ -419,23 +431,40 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
                             "bandwidth_gbs": info.bytes_per_token * res["avg_ts"] / 1e9
                             if test.kind == "tg" else None,
                             "read_bandwidth_gbs": None, "fma_gflops": None, "roofline_ts": None,
-                            "roofline_fraction": None, "roofline_warning": None})
+                            "roofline_fraction": None, "roofline_warning": None,
+                            "batch_cost": None})
                 results.append(res)
                 if on_result:
                     on_result(res)
         finally:
             r.close()
+    batch_costs(results)
     if roofline:  # last: its buffer must not count in the models' peak RSS
         ceil = {nt: ceilings(path, nt, bw_bytes, progress=progress)
                 for nt in sorted({res["n_threads"] for res in results})}
         for res in results:
-            apply_roofline(res, info.config, info, ceil[res["n_threads"]])
+            if not res.get("n_batch"):  # a verify pass has no single ceiling
+                apply_roofline(res, info.config, info, ceil[res["n_threads"]])
     return results
+
+
+def batch_costs(results):
+    """cost(T)/cost(1) for the batch rows: their time over batch1's at the same threads and
+    depth."""
+    def key(r):
+        return r["n_threads"], r["n_depth"], r.get("type_k"), r.get("type_v")
+    one = {key(r): r["avg_ns"] for r in results if r.get("n_batch") == 1}
+    for r in results:
+        base = one.get(key(r))
+        if r.get("n_batch") and base:
+            r["batch_cost"] = r["avg_ns"] / base
 
 
 # ---------- output ----------
 def test_name(res):
     kind, n = ("pp", res["n_prompt"]) if res["n_prompt"] else ("tg", res["n_gen"])
+    if res.get("n_batch"):
+        kind, n = "batch", res["n_batch"]
     return Test(kind, n, res["n_depth"]).name
 
 
@@ -473,7 +502,7 @@ def md_footer(results):
         lines.append("| ---: | ---: | ---: |")
         for r in tg:
             lines.append(f"| {r['n_threads']} | {footer_name(r)} | {r['bandwidth_gbs']:.2f} |")
-    if results[0].get("roofline_bound"):
+    if any(r.get("roofline_bound") for r in results):
         lines.append("")
         lines.append("roofline: decode (tg) against the read ceiling (weights and KV cache read per token), "
                      "prefill (pp) against the f32 FMA ceiling (FLOPs per token from the config); "
@@ -481,14 +510,30 @@ def md_footer(results):
         lines.append("| threads | test | t/s | bound by | ceiling | roofline t/s | fraction |")
         lines.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in results:
+            if not r.get("roofline_bound"):
+                continue
             ceiling = (f"{r['read_bandwidth_gbs']:.1f} GB/s ({r['read_pattern']})" if r["roofline_bound"] == "read"
                        else f"{r['fma_gflops']:.1f} GFLOP/s")
             frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
             lines.append(f"| {r['n_threads']} | {footer_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
                          f"| {ceiling} | {r['roofline_ts']:.1f} | {frac} |")
         for r in results:
-            if r["roofline_warning"]:
+            if r.get("roofline_warning"):
                 lines.append(f"warning: {r['roofline_warning']}")
+    batch = [r for r in results if r.get("n_batch") and r["batch_cost"] is not None]
+    if batch:
+        sizes = sorted({r["n_batch"] for r in batch})
+        lines.append("")
+        lines.append("small-batch cost: one forward over T new tokens with every position's logits "
+                     "(a lookup-drafting verify pass), relative to T = 1")
+        lines.append("| threads | depth | " + " | ".join(f"T={T}" for T in sizes) + " |")
+        lines.append("| ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |")
+        for key in sorted({(r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) for r in batch}):
+            cost = {r["n_batch"]: r["batch_cost"] for r in batch
+                    if (r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) == key}
+            cache = "" if key[2:] == ("f16", "f16") else f" ({key[2]}/{key[3]} cache)"
+            lines.append(f"| {key[0]} | {key[1]}{cache} | "
+                         + " | ".join(f"{cost[T]:.2f}" if T in cost else "-" for T in sizes) + " |")
     loads = {}
     for r in results:
         loads.setdefault(r["n_threads"], r["load_s"])
@@ -514,6 +559,11 @@ def add_arguments(p):
                    help="KV cache types for values, comma-separated: f16 (default), f32")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
+    p.add_argument("--batch", default="0", metavar="T,..",
+                   help="also time small batches of T tokens as lookup-drafting verify passes "
+                        "and report cost(T)/cost(1), e.g. 1,2,4,8,16 (default 0 = none)")
+    p.add_argument("--batch-depth", type=int, default=512,
+                   help="tokens in the KV cache before each small-batch pass (default 512)")
     p.add_argument("--roofline", action="store_true",
                    help="measure the machine's read and f32 FMA ceilings; report tg and pp as fractions of them")
     p.add_argument("--bw-mib", type=int, default=512, help="buffer of the read ceiling in MiB (default 512; many times the last-level cache, or it reads the cache)")
@@ -531,9 +581,14 @@ def main(a):
     if not 1 <= a.bw_mib < 16384:
         raise ValueError(f"--bw-mib: {a.bw_mib}; 1 to 16383")
     types_k, types_v = cache_type_list(a.cache_type_k, "-ctk"), cache_type_list(a.cache_type_v, "-ctv")
+    batch = [T for T in int_list(a.batch, "--batch") if T > 0]
+    if a.batch_depth < 0:
+        raise ValueError(f"--batch-depth: {a.batch_depth} is below 0")
     tests = make_tests(n_prompt, n_gen, depths)
+    if batch:  # batch1 first: the others are reported relative to it
+        tests += [Test("batch", T, a.batch_depth) for T in sorted(set(batch) | {1})]
     if not tests:
-        raise ValueError("nothing to run: every -p and -n is 0")
+        raise ValueError("nothing to run: every -p, -n and --batch is 0")
     md = a.output == "md"
     if md:
         print(MD_HEADER, flush=True)

@@ -14,6 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import outfile
 from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, model_kwargs, sampling_kwargs, text_arg
+from .safeio import printable
 
 # Templates for files that carry none (--template NAME), in each family's own format.
 TEMPLATES = {
@@ -464,10 +465,13 @@ class Chat:
         pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0
         tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0
         ft = f"{s['first_token_s'] * 1000:.0f} ms" if s.get("first_token_s") is not None else "-"
+        from .lookup import stats_text
+
         return (
             f"context {s['context_tokens']}/{s['n_ctx']} tokens "
             f"| prefill {s['prefill_tokens']} tokens {pp:.1f} tok/s "
-            f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft}"
+            f"| reply {s['gen_tokens']} tokens {tg:.1f} tok/s | first token {ft} "
+            f"| {stats_text(s)}"
         )
 
     def save(self, path):
@@ -532,6 +536,16 @@ class Chat:
         self.messages = msgs
 
 
+def add_template(p):
+    """--template NAME, shared with pyllm serve."""
+    p.add_argument(
+        "--template",
+        choices=sorted(TEMPLATES),
+        default=None,
+        help="use this chat template instead of the file's",
+    )
+
+
 def add_arguments(p):
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     add_model(p)
@@ -542,12 +556,7 @@ def add_arguments(p):
     )
     p.add_argument("-sys", "--system", default=None, help="system prompt")
     p.add_argument("-p", "--prompt", default=None, help="ask this once, print the reply, exit")
-    p.add_argument(
-        "--template",
-        choices=sorted(TEMPLATES),
-        default=None,
-        help="use this chat template instead of the file's",
-    )
+    add_template(p)
     p.add_argument("--timings", action="store_true", help="a dim line of speed after each reply")
 
 
@@ -588,7 +597,7 @@ def main(a):
         try:
             chat.ask(text)
         except ChatError as e:
-            print(f"\n{e}", file=sys.stderr)
+            print(f"\n{printable(e)}", file=sys.stderr)  # a template error may quote the file
             return False
         except KeyboardInterrupt:
             print(dim("\n(stopped)"), file=sys.stderr)
@@ -610,7 +619,7 @@ def main(a):
         pass
     print(
         dim(
-            f"pyllm chat: {os.path.basename(a.model)}, {m.n_ctx} tokens of context, "
+            f"pyllm chat: {printable(os.path.basename(a.model))}, {m.n_ctx} tokens of context, "
             f"{m.threads} threads. /help for commands, Ctrl-D to quit."
         ),
         file=sys.stderr,
@@ -655,11 +664,11 @@ def main(a):
             try:
                 (chat.save if cmd == "/save" else chat.load)(arg.strip())
                 print(
-                    dim(f"({'saved to' if cmd == '/save' else 'loaded'} {arg.strip()})"),
+                    dim(f"({'saved to' if cmd == '/save' else 'loaded'} {printable(arg.strip())})"),
                     file=sys.stderr,
                 )
             except (ChatError, OSError) as e:
-                print(f"{cmd[1:]} failed: {e}", file=sys.stderr)
+                print(f"{cmd[1:]} failed: {printable(e)}", file=sys.stderr)
             except KeyboardInterrupt:
                 print(
                     dim(f"\n({cmd[1:]} cancelled; the conversation is as it was)"), file=sys.stderr

@@ -5,7 +5,7 @@ import math
 import os
 import sys
 
-from . import bench, chat, check, perplexity, serve
+from . import bench, chat, check, lookup, perplexity, serve
 from .args import UsageError, add_model, add_sampling, model_kwargs, sampling_kwargs, text_arg
 from .convert import ConvertError
 from .safeio import printable, printable_json
@@ -34,7 +34,7 @@ def timings_line(s):
     pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0
     tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0.0
     return (f"prompt {s['prefill_tokens']} tokens {pp:.1f} tok/s, "
-            f"generated {s['gen_tokens']} tokens {tg:.1f} tok/s")
+            f"generated {s['gen_tokens']} tokens {tg:.1f} tok/s, " + lookup.stats_text(s))
 
 
 def cmd_info(a):

@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from . import __version__, format, outfile
+from . import __version__, format, outfile, safeio
 from .format import FLAG_QKV_BIAS, FLAG_TIED_OUTPUT, TensorSpec
 
 __all__ = ["convert", "ConvertError"]
@@ -230,13 +230,11 @@ def _is_file(path):
     """False if PATH does not exist; a one-line error if it exists but is not a regular file
     (a FIFO would block the read, a device would never end)."""
     try:
-        st = os.stat(path)
+        safeio.stat_regular(path)
     except FileNotFoundError:
         return False
     except OSError as e:
-        raise ConvertError(f"{path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConvertError(f"{path}: not a regular file")
+        raise ConvertError(safeio.error_line(path, e)) from None
     return True
 
 

@@ -298,7 +298,7 @@ def read(path, map_tensors=True):
                     view = raw[off:off + nbytes].view("<f2" if dtype == "f16" else "<f4")
                     tensors[name] = view.reshape(stored_shape(name, shape))
     except OSError as e:
-        raise FormatError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
+        raise FormatError(safeio.error_line(path, e)) from None
     try:
         meta = metadata.validate(metadata.parse(data), cfg["vocab_size"], tensor_layout(cfg), table)
     except metadata.MetadataError as e:

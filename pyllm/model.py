@@ -8,6 +8,8 @@ import numpy as np
 
 from . import format, memory, safeio
 from ._pyllm import ffi, lib
+from .lookup import DRAFT_MAX, DRAFT_MIN, BatchCost, DraftPolicy, NgramIndex
+from .lookup import check as check_drafting
 from .sample import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -46,7 +48,7 @@ def _native_open(path, threads=1, n_ctx=0, cache_type_k="f16", cache_type_v="f16
     try:  # the kernel's open() would block on a FIFO
         safeio.open_regular(path).close()
     except OSError as e:
-        raise PyllmError(str(e) if isinstance(e, safeio.NotRegularFile) else f"{path}: {e.strerror or e}") from None
+        raise PyllmError(safeio.error_line(path, e)) from None
     err = ffi.new("char[]", 512)
     m = lib.pyllm_open(os.fsencode(path), threads, n_ctx, *codes, err, 512)
     if m == ffi.NULL:
@@ -171,9 +173,9 @@ class Model:
             self.reset()
             return self._forward(ids, True)
 
-    def prefill(self, ids):
-        """Make the cache hold ids, reusing the longest prefix it already holds (at least
-        the last id is evaluated); the logits of the last id."""
+    def keep_prefix(self, ids):
+        """Rewind the cache to the longest prefix it shares with ids[:-1] (the last id is
+        always left to evaluate); how many tokens it keeps."""
         with self._lock:
             keep = 0
             for a, b in zip(self.tokens, ids[:-1]):
@@ -181,23 +183,32 @@ class Model:
                     break
                 keep += 1
             self.rewind(keep)
-            return self.eval(ids[keep:])
+            return keep
+
+    def prefill(self, ids):
+        """Make the cache hold ids, reusing the longest prefix it already holds (at least
+        the last id is evaluated); the logits of the last id."""
+        with self._lock:
+            return self.eval(ids[self.keep_prefix(ids):])
 
     def forward_at(self, ids, pos, out=None):
         """Run the kernel once over ids (a list of ints) at cache positions pos, pos + 1, ...;
         the logits of the last id, written into out (a C-contiguous float32 array of
-        vocab_size) when given. No conversions and no checks beyond the kernel's own (bad
+        vocab_size) when given, or of every id when out has shape (len(ids), vocab_size), as a
+        lookup verify pass needs. No conversions and no checks beyond the kernel's own (bad
         ids or positions raise PyllmError, and nothing is run): for a caller that picks its
         positions and times each call, as `pyllm bench` does. self.tokens follows the cache:
         its first pos ids, then ids (if pos is past its end, it keeps what it holds)."""
         if out is None:
             out = np.empty(self.vocab_size, dtype=np.float32)
-        elif (out.dtype != np.float32 or out.shape != (self.vocab_size,)
+        elif (out.dtype != np.float32
+              or out.shape not in ((self.vocab_size,), (len(ids), self.vocab_size))
               or not (out.flags.c_contiguous and out.flags.writeable)):
-            raise ValueError(f"out must be a writable contiguous float32 array of {self.vocab_size}")
+            raise ValueError(f"out must be a writable contiguous float32 array of {self.vocab_size}"
+                             f" or ({len(ids)}, {self.vocab_size})")
         with self._lock:
             rc = lib.pyllm_forward(self._native(), ffi.new("int[]", ids), len(ids), pos,
-                                   ffi.cast("float *", ffi.from_buffer(out)), 0)
+                                   ffi.cast("float *", ffi.from_buffer(out)), int(out.ndim == 2))
             if rc:
                 raise forward_error(rc)
             if pos <= len(self.tokens):
@@ -207,24 +218,45 @@ class Model:
 
     # --- text ---
     def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None):
+                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None,
+                 draft_max=DRAFT_MAX, draft_min=DRAFT_MIN):
         """Yield text pieces as they are produced. Stops at an end-of-turn token, after
-        max_tokens, or when the context is full (self.stats["stop"] says which)."""
+        max_tokens, or when the context is full (self.stats["stop"] says which).
+
+        draft_max > 0 turns on lookup drafting (pyllm/lookup.py): up to draft_max tokens that
+        followed an earlier occurrence of the context's last 1..3 tokens are checked in one
+        forward pass, when the policy expects that to pay; drafts shorter than draft_min are
+        not checked. The text is the same with and without it, for a given seed too."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if len(ids) >= self.n_ctx:
             raise PyllmError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx}")
         if max_tokens < 0:
             raise PyllmError(f"max_tokens={max_tokens} is negative")
+        try:
+            check_drafting(draft_max, draft_min)
+        except ValueError as e:
+            raise PyllmError(str(e)) from None
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
         stops = self.stop_ids if stop_ids is None else set(stop_ids)
-        return self._generate(ids, max_tokens, sampler, stops)
+        return self._generate(ids, max_tokens, sampler, stops, draft_max, draft_min)
 
-    def _generate(self, ids, max_tokens, sampler, stops):
+    @property
+    def batch_cost(self):
+        """cost(T)/cost(1) of this model's forwards (lookup.BatchCost), learnt across generate
+        calls; assign a BatchCost to configure it."""
+        if "_batch_cost" not in self.__dict__:
+            self._batch_cost = BatchCost()
+        return self._batch_cost
+
+    @batch_cost.setter
+    def batch_cost(self, cost):
+        self._batch_cost = cost
+
+    def _generate(self, ids, max_tokens, sampler, stops, draft_max=0, draft_min=0):
         # The lock is held for one step at a time, never across a yield: a consumer that
-        # stops iterating (or iterates from another thread) cannot block anyone. Each step
-        # prefills the whole history, which evaluates only the newest token unless another
-        # user of the model moved the cache in between.
+        # stops iterating (or iterates from another thread) cannot block anyone. A step whose
+        # cache another user of the model moved re-prefills the history first.
         t0 = time.perf_counter()
         with self._lock:
             kept = len(self.tokens)
@@ -232,29 +264,77 @@ class Model:
             prefilled = len(self.tokens) - min(kept, len(ids))
             me = self._cache_owner = object()  # this generation, until another use of the cache
         t1 = time.perf_counter()
-        stats = self.stats = {"prompt_tokens": len(ids), "prefill_tokens": prefilled, "prefill_s": t1 - t0,
-                              "gen_tokens": 0, "decode_s": 0.0, "stop": "length"}
+        stats = self.stats = {"prompt_tokens": len(ids), "prefill_tokens": prefilled,
+                              "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0,
+                              "stop": "length", "draft_tokens": 0, "draft_accepted": 0,
+                              "verify_steps": 0}
         dec = StreamDecoder(self.tokenizer)
         history = list(ids)
+        index = NgramIndex(history) if draft_max > 0 else None
+        policy = DraftPolicy(self.batch_cost, draft_max, draft_min) if index else None
+        cost = self.batch_cost
+        # rows[i]: the logits after the pass's input i = ([last token] + draft)[i]; the cache
+        # holds every input, and input i + 1 is worth keeping only if draft[i] is what row i
+        # yields. `start`: the cache length before the pass.
+        rows, draft, order, shadow, start = logits[None], [], 0, None, len(ids) - 1
+        n = 0
         try:
-            for n in range(max_tokens):
-                tok = sampler(logits, history)
-                if tok in stops:
-                    stats["stop"] = "eos"
+            while True:
+                done, accepted = False, 0
+                for i, row in enumerate(rows):
+                    if n >= max_tokens:
+                        done = True
+                        break
+                    if i < len(draft):
+                        tok, ok = sampler.verify(row, history, draft[i])
+                        accepted += ok
+                    else:
+                        tok, ok = sampler(row, history), False
+                    if shadow is not None:
+                        policy.shadow(order, tok == shadow)
+                    if tok in stops:
+                        stats["stop"] = "eos"
+                        done = True
+                        break
+                    history.append(tok)
+                    n += 1
+                    stats["gen_tokens"] = n
+                    if index is not None:
+                        index.append(tok)
+                    piece = dec.push(tok)
+                    if piece:
+                        yield piece
+                    if not ok:
+                        break
+                with self._lock:  # forget the rejected drafts: the inputs past row i
+                    if self._cache_owner is me and len(self.tokens) == start + len(rows):
+                        self.rewind(start + i + 1)
+                        self._cache_owner = me
+                if draft:
+                    policy.observe(order, len(draft), accepted)
+                    stats["draft_accepted"] += accepted
+                if done or n >= max_tokens:  # the last token needs no forward: no one reads it
                     break
-                history.append(tok)
-                stats["gen_tokens"] = n + 1
-                piece = dec.push(tok)
-                if piece:
-                    yield piece
                 if len(history) > self.n_ctx:  # the cache is full
                     stats["stop"] = "context"
                     break
+                draft, shadow = [], None
+                if index is not None:
+                    room = min(draft_max, self.n_ctx - len(history), max_tokens - n - 1)
+                    order, proposal = index.propose(room)
+                    draft = proposal[:policy.choose(order, len(proposal))]
+                    if proposal and not draft:
+                        shadow = proposal[0]
+                    if draft:
+                        stats["draft_tokens"] += len(draft)
+                        stats["verify_steps"] += 1
                 with self._lock:
-                    if self._cache_owner is me and len(self.tokens) == len(history) - 1:
-                        logits = self._forward([tok], False)[0]  # nobody moved the cache: decode
-                    else:
-                        logits = self.prefill(history)
+                    if not (self._cache_owner is me and len(self.tokens) == len(history) - 1):
+                        self.prefill(history[:-1])  # another user moved the cache: hold ours again
+                    start = len(self.tokens)
+                    ts = time.perf_counter()
+                    rows = self._forward([history[-1]] + draft, bool(draft))
+                    cost.observe(len(rows), time.perf_counter() - ts)
                     self._cache_owner = me
             tail = dec.flush()
             if tail:

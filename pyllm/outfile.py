@@ -17,6 +17,8 @@ import stat
 import tempfile
 import threading
 
+from . import safeio
+
 __all__ = [
     "Interrupted",
     "OutputError",
@@ -127,10 +129,12 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
     _committed.discard(os.path.abspath(path))
     d, base = os.path.split(os.path.abspath(path))
     with signals_raise():
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{base}.", suffix=".tmp", dir=d
-        )  # O_EXCL|O_NOFOLLOW, 0600
+        tmp = None
         try:
+            # blocked: a signal between mkstemp's open and the assignment would leave the file
+            # behind; one that arrives meanwhile is handled once tmp is known
+            with _signals_blocked():
+                fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)  # O_EXCL
             with open(fd, mode, encoding=encoding) as f:
                 yield f
                 f.flush()
@@ -143,7 +147,8 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
         except BaseException:
             with _signals_blocked():
                 try:
-                    os.unlink(tmp)
+                    if tmp is not None:
+                        os.unlink(tmp)
                 except FileNotFoundError:
                     pass
             raise
@@ -151,31 +156,22 @@ def atomic_output(path, inputs=(), mode="wb", encoding=None):
 
 def read_regular(path, limit, what="file"):
     """The bytes of PATH if it is a regular file of at most LIMIT bytes. A FIFO or device is
-    refused without blocking (opened non-blocking, checked with fstat before any read)."""
+    refused without blocking (safeio.open_regular); the file may grow while it is read."""
     path = os.fspath(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with safeio.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise OutputError(f"{path}: {size} bytes, more than a {what} may hold ({limit})")
+            chunks, n = [], 0
+            while n <= limit:  # in chunks: read(limit + 1) would allocate all of it up front
+                b = f.read(min(1 << 20, limit + 1 - n))
+                if not b:
+                    break
+                chunks.append(b)
+                n += len(b)
     except OSError as e:
-        raise OutputError(f"{path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise OutputError(f"{path}: is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise OutputError(f"{path}: not a regular file")
-        if st.st_size > limit:
-            raise OutputError(f"{path}: {st.st_size} bytes, more than a {what} may hold ({limit})")
-        chunks, n = [], 0
-        while True:
-            b = os.read(fd, min(1 << 20, limit + 1 - n))
-            if not b:
-                break
-            chunks.append(b)
-            n += len(b)
-            if n > limit:
-                raise OutputError(f"{path}: more than a {what} may hold ({limit} bytes)")
-        return b"".join(chunks)
-    except OSError as e:
-        raise OutputError(f"{path}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
+        raise OutputError(safeio.error_line(path, e)) from None
+    if n > limit:
+        raise OutputError(f"{path}: more than a {what} may hold ({limit} bytes)")
+    return b"".join(chunks)

@@ -35,15 +35,13 @@ __all__ = ["DEFAULT_CTX", "read_text", "tokenize", "token_nll", "perplexity", "a
 
 def read_text(path):
     """The file's text; one-line PyllmError if it is missing, unreadable or not UTF-8."""
-    from .safeio import NotRegularFile, open_regular
+    from .safeio import error_line, open_regular
 
     try:
         with open_regular(path, "text file") as f:  # a FIFO or /dev/zero would block or never end
             data = f.read()
-    except NotRegularFile as e:
-        raise PyllmError(str(e)) from None
     except OSError as e:
-        raise PyllmError(f"{path}: {e.strerror or e}") from None
+        raise PyllmError(error_line(path, e)) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

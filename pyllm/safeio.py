@@ -1,6 +1,7 @@
 """The edges where untrusted data comes in and goes out: files that must be files, text
 that must not drive the terminal.
 
+stat_regular(path, what)  os.stat, refusing what is not a regular file (NotRegularFile)
 open_regular(path, what)  opens a path for reading only if it is a regular file: a FIFO,
                           a device (/dev/zero), a directory or a socket is refused with
                           NotRegularFile, before any open that could block or never end
@@ -12,7 +13,14 @@ import os
 import stat
 import unicodedata
 
-__all__ = ["NotRegularFile", "open_regular", "printable", "printable_json"]
+__all__ = [
+    "NotRegularFile",
+    "error_line",
+    "open_regular",
+    "printable",
+    "printable_json",
+    "stat_regular",
+]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -34,15 +42,26 @@ class NotRegularFile(OSError):
         return f"{self.filename}: {self.strerror}"
 
 
+def stat_regular(path, what="file"):
+    """os.stat(path), if path is a regular file (links followed); else NotRegularFile."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(path, st.st_mode, what)
+    return st
+
+
+def error_line(path, e):
+    """An OSError from opening path as one line: NotRegularFile's own, else path: reason."""
+    return str(e) if isinstance(e, NotRegularFile) else f"{os.fsdecode(path)}: {e.strerror or e}"
+
+
 def open_regular(path, what="file"):
     """A binary file object for reading path, a regular file (symbolic links followed).
 
     Checked with stat before opening (so nothing is opened that could block or have side
     effects), then opened non-blocking and checked again with fstat on the descriptor (the
     path may have been replaced in between). Raises NotRegularFile or the usual OSError."""
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFile(path, st.st_mode, what)
+    stat_regular(path, what)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)

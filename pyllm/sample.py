@@ -22,7 +22,9 @@ class Sampler:
         self.repeat_penalty, self.repeat_last_n = repeat_penalty, repeat_last_n
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, logits, history=()):
+    def distribution(self, logits, history=()):
+        """(ids, p): the tokens the whole chain keeps and their probabilities, for the logits at a
+        position whose preceding tokens are history. Greedy: the argmax, p = [1]."""
         logits = np.asarray(logits, dtype=np.float32)
         if self.repeat_penalty != 1.0 and self.repeat_last_n != 0 and len(history):
             recent = history if self.repeat_last_n == -1 else history[-self.repeat_last_n:]
@@ -31,7 +33,7 @@ class Sampler:
             v = logits[ids]
             logits[ids] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
         if self.temperature <= 0:
-            return int(np.argmax(logits))
+            return np.array([int(np.argmax(logits))]), np.ones(1)
         ids = np.arange(len(logits))
         if 0 < self.top_k < len(logits):
             ids = np.argpartition(-logits, self.top_k - 1)[:self.top_k]
@@ -47,4 +49,21 @@ class Sampler:
             ids, z = ids[keep], z[keep]
         p = np.exp((z - z[0]) / self.temperature)
         p /= p.sum()
-        return int(ids[self.rng.choice(len(ids), p=p)])
+        return ids, p
+
+    def __call__(self, logits, history=()):
+        ids, p = self.distribution(logits, history)
+        if self.temperature <= 0:
+            return int(ids[0])
+        return int(ids[self.rng.choice(len(ids), p=p)])  # one uniform draw per sampled token
+
+    def verify(self, logits, history, draft):
+        """The exact rule for a deterministic draft token: (token, accepted).
+
+        Accepting the draft x with probability p(x) under the whole chain, and on rejection
+        sampling from p with x removed and renormalised, gives exactly p; drawing token ~ p and
+        accepting iff token == x is that rule (P(accept) = p(x); a rejected draw is p given
+        not x). Done this way it spends the one random draw plain sampling spends at this
+        position, so with a seed, drafting changes neither the distribution nor the text."""
+        tok = self(logits, history)
+        return tok, tok == draft

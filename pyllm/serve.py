@@ -25,8 +25,9 @@ import threading
 import time
 
 from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, model_kwargs, sampling_kwargs
-from .chat import TEMPLATES, ChatError, encode_rendered, load_template
+from .chat import TEMPLATES, ChatError, add_template, encode_rendered, load_template
 from .model import PyllmError
+from .safeio import printable
 from .sample import Sampler
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -391,12 +392,7 @@ class Engine:
     def _generate(self, job):
         m, ids, opt = self.model, job.ids, job.options
         t0 = time.perf_counter()
-        kept = 0
-        for a, b in zip(m.tokens, ids[:-1]):
-            if a != b:
-                break
-            kept += 1
-        m.rewind(kept)
+        kept = m.keep_prefix(ids)
         finish = None
         # all but the last chunk here, a stop checked between chunks; the last one (with the
         # prompt's last token, at most PREFILL_CHUNK) in generate's own prefill, so a short
@@ -581,7 +577,9 @@ class Server:
         self.model_id = os.path.basename(model.path)
         self.created = int(os.path.getmtime(model.path))
         self.limits = limits or Limits()
-        self.log = log or (lambda line: print(f"pyllm serve: {line}", file=sys.stderr, flush=True))
+        self.log = log or (
+            lambda line: print(f"pyllm serve: {printable(line)}", file=sys.stderr, flush=True)
+        )
         self.template, self.template_error, self.template_source = None, None, None
         try:
             self.template = load_template(model, template)
@@ -1029,7 +1027,11 @@ async def _http_error(request, exc):
 
 
 async def _internal_error(request, exc):
-    print(f"pyllm serve: internal error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    print(
+        f"pyllm serve: internal error: {type(exc).__name__}: {printable(exc)}",
+        file=sys.stderr,
+        flush=True,
+    )
     return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
 
@@ -1140,12 +1142,7 @@ def add_arguments(p):
         default=Limits.read_s,
         help=f"seconds a client has to send its request (default {Limits.read_s:g})",
     )
-    p.add_argument(
-        "--template",
-        choices=sorted(TEMPLATES),
-        default=None,
-        help="use this chat template instead of the file's",
-    )
+    add_template(p)
     add_model(p)
     add_sampling(
         p,
@@ -1201,7 +1198,7 @@ def main(a):
     server = Server(m, a.template, sampling, a.n_predict, a.queue, limits)
     if server.template_error:
         print(
-            f"pyllm serve: warning: {server.template_error}; "
+            f"pyllm serve: warning: {printable(server.template_error)}; "
             "/v1/chat/completions will refuse requests",
             file=sys.stderr,
         )
@@ -1218,7 +1215,8 @@ def main(a):
         shown = "localhost"
     app = build_app(server, a.host, a.api_key, a.cors_origin, a.allowed_host)
     print(
-        f"pyllm serve: {server.model_id} ({m.n_ctx} tokens of context, {m.threads} threads) on "
+        f"pyllm serve: {printable(server.model_id)} ({m.n_ctx} tokens of context, "
+        f"{m.threads} threads) on "
         f"http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1 (API)",
         file=sys.stderr,
         flush=True,

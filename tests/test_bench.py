@@ -227,3 +227,24 @@ def test_cache_types(model, capsys):
         2 * bench.kv_bytes_read(format.read(model, False).config, bench.Test("tg", 1, 0))
     assert cli.main(["bench", model, "-n", "2", "-ctk", "q8_0"]) == 1
     assert "-ctk: q8_0 is not a cache type (f16, f32)" in capsys.readouterr().err
+
+
+def test_small_batch_costs(model, capsys):
+    """--batch: verify-pass timings at --batch-depth, cost(T)/cost(1) in the table and the JSON."""
+    out = run(capsys, model, "-p", "0", "-n", "0", "-r", "2", "-t", "1,2", "--batch", "2,4,16",
+              "--batch-depth", "64")
+    rows = [ln for ln in out.splitlines() if ln.startswith("| llama")]
+    names = ["batch1 @ d64", "batch2 @ d64", "batch4 @ d64", "batch16 @ d64"]
+    assert [r.split("|")[7].strip() for r in rows] == names * 2
+    assert "small-batch cost" in out and "| 1 | 64 | 1.00 |" in out and "| 2 | 64 | 1.00 |" in out
+    res = json.loads(run(capsys, model, "-p", "0", "-n", "0", "-r", "2", "-t", "1",
+                         "--batch", "1,8", "--batch-depth", "32", "-o", "json"))
+    got = [(r["n_batch"], r["n_depth"], r["n_prompt"], r["n_gen"]) for r in res]
+    assert got == [(1, 32, 0, 0), (8, 32, 0, 0)]
+    assert res[0]["batch_cost"] == 1.0 and res[1]["batch_cost"] > 0
+    assert math.isclose(res[1]["batch_cost"], res[1]["avg_ns"] / res[0]["avg_ns"])
+    argv = ["bench", model, "-p", "0", "-n", "0", "--batch", "4", "--batch-depth", "600"]
+    assert cli.main(argv) == 1
+    assert "context" in capsys.readouterr().err
+    assert cli.main(["bench", model, "-p", "0", "-n", "0", "--batch", "x"]) == 1
+    assert "--batch" in capsys.readouterr().err

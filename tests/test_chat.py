@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pexpect
 import pytest
@@ -53,9 +54,12 @@ def test_two_turns_remember_the_first(model):
 
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(model):
     c = spawn(model, "--temp", "0")
-    c.sendline("Write a very long story about a dragon and a knight.")
-    c.expect(r"\w+ \w+ \w+ \w+")  # the reply is streaming
+    story = "Write a very long story about a dragon and a knight."
+    c.sendline(story)
+    c.expect_exact(story + "\r\n")  # the echo, newline included: readline has the line
+    c.expect(r"\w+ \w+ \w+ \w+")  # words after the echo: the reply is streaming
     c.sendintr()
+    c.expect_exact("(reply stopped)", timeout=30)  # the reply was cut, not the chat
     c.expect(PROMPT, timeout=30)
     assert c.isalive()
     reply = say(c, "What is the capital of France?")
@@ -345,7 +349,8 @@ def test_ctrl_c_during_load_keeps_the_chat(tmp_path):
     big.write_text(json.dumps({"format": "pyllm-chat", "version": 1, "system": None, "messages": msgs}))
     c = spawn(str(tmp_path / "tiny.bin"), "--temp", "0", "-n", "4")
     c.sendline(f"/load {big}")
-    c.expect_exact(f"/load {big}")
+    c.expect_exact(f"/load {big}\r\n")  # the echo, newline included: readline has the line
+    time.sleep(0.3)  # nothing is printed while loading: let input() return (parsing takes longer)
     c.sendintr()
     c.expect(r"\(load cancelled|\(loaded", timeout=60)
     c.expect("> ")
@@ -363,3 +368,21 @@ def test_template_rendering_a_lone_surrogate_is_refused(tiny):
     chat.template = Template("{{ '\ud800' }}{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(ChatError, match="not valid Unicode"):
         chat.ask("hi")
+
+
+def test_text_from_the_file_reaches_the_terminal_escaped(tmp_path):
+    """A template's own error text and the model's name are the file's: printed escaped."""
+    make_tiny_model(tmp_path / "tiny.bin")
+    bad = tmp_path / "t\x1b[2J.bin"
+    with_template(tmp_path / "tiny.bin", bad, "{{ raise_exception('\x1b]0;pwned\x07') }}")
+    r = subprocess.run([PY, "-m", "pyllm", "chat", str(bad), "-p", "hi"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "\\x1b]0;pwned\\x07" in r.stderr, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    c = pexpect.spawn(PY, ["-m", "pyllm", "chat", str(bad)], encoding="utf-8", timeout=60,
+                      env=dict(os.environ, TERM="dumb"))
+    c.expect("/help for commands")  # the banner names the file
+    assert "pyllm chat: t\\x1b[2J.bin, " in c.before and "\x1b[2J" not in c.before, c.before
+    c.expect("> ")
+    c.sendcontrol("d")
+    c.expect(pexpect.EOF)

@@ -150,6 +150,19 @@ def test_forward_at_is_eval_at_chosen_positions(model):
     model.reset()
 
 
+def test_forward_at_every_position(model):
+    """An out of shape (len(ids), vocab): every position's logits, as a lookup verify pass."""
+    ids = model.tokenizer.encode("The capital of France is")
+    want = model.logits(ids)
+    rows = np.zeros((len(ids) - 2, model.vocab_size), dtype=np.float32)
+    model.reset()
+    model.forward_at(ids[:2], 0)
+    assert model.forward_at(ids[2:], 2, rows) is rows and np.array_equal(rows, want[2:])
+    with pytest.raises(ValueError, match="contiguous float32"):
+        model.forward_at(ids[2:], 2, np.zeros((2, model.vocab_size), dtype=np.float32))
+    model.reset()
+
+
 def test_forward_at_refuses(model):
     model.reset()
     model.forward_at([1, 2, 3], 0)

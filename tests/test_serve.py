@@ -860,6 +860,18 @@ def test_a_bad_template_is_a_400_and_the_server_goes_on(tmp_path, template, says
         s.close()
 
 
+def test_the_log_prints_the_model_name_escaped(tmp_path):
+    """The file's name is the file's: the start line shows its control characters escaped."""
+    path = tmp_path / "t\x1b]0;x\x07.bin"
+    make_tiny_model(str(path), seed=1)
+    s = Srv(str(path))
+    try:
+        log = s.log()
+        assert "pyllm serve: t\\x1b]0;x\\x07.bin (" in log and "\x1b" not in log, log
+    finally:
+        s.close()
+
+
 def test_ctrl_c_ends_open_streams_and_exits_0(default_model):
     s = Srv(default_model, "-c", "512")
     try:
