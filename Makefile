@@ -72,15 +72,17 @@ format: dev
 format-check: dev
 	$(VENV)/bin/clang-format --dry-run --Werror $(C_FILES)
 
-# the other vector paths must build and agree with the reference too: the plain C path
-# everywhere, and AVX2 (x86-64-v3) on x86-64 machines that have AVX-512
+# the other vector paths must build and agree with the reference too (the kernel tests and
+# `pyllm check`): the plain C path everywhere, and AVX2 (x86-64-v3) on x86-64 machines that
+# have AVX-512
 PATHS := none $(if $(filter x86_64,$(shell uname -m)),x86-64-v3)
 test-paths: dev
 	@for arch in $(PATHS); do \
 	  rm -rf build/$$arch && mkdir -p build/$$arch && cp -r pyllm csrc build/$$arch/ && rm -f build/$$arch/pyllm/_pyllm*.so && \
 	  (cd build/$$arch && PYLLM_ARCH=$$arch ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)) && \
 	  (cd build/$$arch && ../../$(PY) -c "from pyllm._pyllm import ffi, lib; print('kernel path:', ffi.string(lib.pyllm_simd()).decode())") && \
-	  (cd build/$$arch && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py) || exit 1; \
+	  (cd build/$$arch && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py) && \
+	  (cd build/$$arch && ../../$(PY) -m pyllm check ../../$(MODEL)) || exit 1; \
 	done
 
 # the kernel built by clang (macOS's compiler) must agree too; Debian/Ubuntu hosts install it
@@ -90,6 +92,7 @@ test-clang: dev
 	cd build/clang && CC=clang ../../$(PY) pyllm/_build.py > build.log 2>&1 || (cat build.log; exit 1)
 	! grep -A3 "csrc/.*warning" build/clang/build.log
 	cd build/clang && ../../$(PY) -m pytest -q -p no:cacheprovider ../../tests/test_kernel.py
+	cd build/clang && ../../$(PY) -m pyllm check ../../$(MODEL)
 
 # the arm64 NEON path, cross-compiled and run under qemu (Debian/Ubuntu x86-64 hosts; an
 # arm64 machine tests NEON natively in the targets above)

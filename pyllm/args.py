@@ -9,6 +9,7 @@ import os
 from . import lookup
 
 DEFAULT_MODEL = os.path.join("weights", "smollm2-135m-instruct.f16.bin")
+CACHE_TYPES = ("f16", "f32")  # the KV cache's element types (the kernel's PYLLM_CACHE_*)
 
 
 class UsageError(Exception):
@@ -25,9 +26,20 @@ def text_arg(s, what):
 
 
 def add_model(p, ctx_size=None, ctx_help="context size in tokens (default: min(model's, 4096))"):
-    """-t and -c; a command with its own context default passes ctx_size and its help."""
+    """-t, -c and the KV cache types (llama.cpp's names); a command with its own context
+    default passes ctx_size and its help. model_kwargs(args) turns them into load's arguments."""
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=ctx_size, help=ctx_help)
+    p.add_argument("-ctk", "--cache-type-k", choices=CACHE_TYPES, default="f16",
+                   help="the KV cache's type for keys: f16 (default, as llama.cpp) or f32 (exact)")
+    p.add_argument("-ctv", "--cache-type-v", choices=CACHE_TYPES, default="f16",
+                   help="the KV cache's type for values: f16 (default) or f32 (exact)")
+
+
+def model_kwargs(a):
+    """add_model's options as pyllm.load's keyword arguments."""
+    return dict(threads=a.threads, n_ctx=a.ctx_size, cache_type_k=a.cache_type_k,
+                cache_type_v=a.cache_type_v)
 
 
 def add_sampling(p, temp=0.8, n_predict=256, n_predict_help="tokens to generate (default 256)"):

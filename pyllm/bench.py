@@ -1,7 +1,7 @@
 """`pyllm bench`: prompt-processing (pp) and generation (tg) speed with llama-bench's conventions.
 
-    pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-r 5] [-o md|json] [--roofline]
-                      [--batch 1,2,4,8,16] [--batch-depth 512]
+    pyllm bench MODEL [-p 512] [-n 128] [-d 0] [-t 1,2] [-ctk f16,f32] [-ctv f16,f32] [-r 5]
+                      [-o md|json] [--roofline] [--batch 1,2,4,8,16] [--batch-depth 512]
 
 Each test is timed on token ids straight through the kernel (Model.forward_at): no tokenizer,
 no sampler.
@@ -10,6 +10,7 @@ no sampler.
   batchT @ dD  one forward of T tokens at position D with every position's logits, as a
        lookup-drafting verify pass; reported also as cost(T)/cost(1), its time over batch1's
 `@ dD` (-d D): D tokens are already in the KV cache before the test (filled, untimed).
+-ctk/-ctv: the KV cache's type for keys and values, f16 (default) or f32; lists run every pair.
 Like llama-bench: one warmup run per test (pp: the same pp; tg: one token), then -r timed
 repetitions; t/s is the mean ± sample stddev of the per-repetition tokens/s.
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import format
+from .args import CACHE_TYPES
 from .safeio import printable
 
 MIB = 1 << 20
@@ -77,6 +79,16 @@ def int_list(s, what, lo=0):
     if bad:
         raise ValueError(f"{what}: {bad[0]} is below {lo}")
     return vals
+
+
+def cache_type_list(s, what):
+    """'f16' or 'f16,f32' -> ['f16'] / ['f16', 'f32']."""
+    vals = [v.strip() for v in str(s).split(",") if v.strip()]
+    bad = [v for v in vals if v not in CACHE_TYPES]
+    if bad or not vals:
+        shown = printable(bad[0]) if bad else repr(s)
+        raise ValueError(f"{what}: {shown} is not a cache type ({', '.join(CACHE_TYPES)})")
+    return list(dict.fromkeys(vals))
 
 
 def make_tests(n_prompt, n_gen, depths):
@@ -184,10 +196,11 @@ class Runner:
     Between tests the model's cache holds a prefix of depth_ids: the tests' own ids are
     rewound after each run."""
 
-    def __init__(self, path, threads, n_ctx, max_depth, seed=1234):
+    def __init__(self, path, threads, n_ctx, max_depth, seed=1234, cache_types=("f16", "f16")):
         from .model import load
         t0 = time.perf_counter()
-        self.model = load(path, threads=threads, n_ctx=n_ctx)
+        self.model = load(path, threads=threads, n_ctx=n_ctx, cache_type_k=cache_types[0],
+                          cache_type_v=cache_types[1])
         self.vocab = self.model.vocab_size
         self.out = np.empty(self.vocab, dtype=np.float32)  # every run's logits land here
         rng = np.random.default_rng(seed)
@@ -343,9 +356,9 @@ def test_flops(cfg, test):
     return n * matmul_flops_per_token(cfg) + att + head * (1 if test.kind == "pp" else n)
 
 
-def kv_bytes_read(cfg, test, elem_bytes=2):
+def kv_bytes_read(cfg, test, k_bytes=2, v_bytes=2):
     """Bytes of KV cache a tg run reads, summed over its tokens (K and V of every position seen)."""
-    per_pos = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * elem_bytes
+    per_pos = cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * (k_bytes + v_bytes)
     sw = cfg.get("sliding_window")
     return sum(per_pos * (min(p + 1, sw) if sw else p + 1) for p in range(test.depth, test.depth + test.n))
 
@@ -361,7 +374,9 @@ def apply_roofline(res, cfg, info, ceil):
                 "read_patterns": ceil.get("read_patterns"), "fma_gflops": ceil["fma_gflops"],
                 "flops_per_token": flops})
     if test.kind == "tg":
-        per_token = info.bytes_per_token + kv_bytes_read(cfg, test) / test.n
+        elem = {"f16": 2, "f32": 4}
+        kv = kv_bytes_read(cfg, test, elem[res.get("type_k", "f16")], elem[res.get("type_v", "f16")])
+        per_token = info.bytes_per_token + kv / test.n
         res["bytes_per_token"] = per_token
         res["roofline_bound"] = "read"
         res["roofline_ts"] = ceil["read_gbs"] * 1e9 / per_token
@@ -381,8 +396,9 @@ def apply_roofline(res, cfg, info, ceil):
 
 
 def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=512 * MIB,
-          on_result=None, progress=None):
-    """Run every test at every thread count; a list of llama-bench-style result dicts."""
+          on_result=None, progress=None, cache_types=(("f16", "f16"),)):
+    """Run every test at every thread count and (keys, values) cache type pair; a list of
+    llama-bench-style result dicts."""
     info = model_info(path)
     need = max(t.depth + t.n for t in tests)
     max_ctx = info.config["max_seq_len"]
@@ -392,19 +408,20 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
     simd = ffi.string(lib.pyllm_simd()).decode()
     build = build_info()
     results = []
-    for nt in threads_list:
-        r = Runner(path, nt, need, max(t.depth for t in tests))
+    for nt, types in [(nt, types) for nt in threads_list for types in cache_types]:
+        r = Runner(path, nt, need, max(t.depth for t in tests), cache_types=types)
         try:
             for test in tests:
                 if progress:
-                    progress(f"threads {nt}: {test.name}")
+                    progress(f"threads {nt}, cache {types[0]}/{types[1]}: {test.name}")
                 if warmup:
                     r.run(test, n=1 if test.kind == "tg" else None)
                 samples = [r.run(test) for _ in range(reps)]
                 res = {"model_filename": path, "model_type": info.desc, "model_size": info.size,
                        "model_n_params": info.n_params, "cpu_info": cpu_info(), "simd": simd,
                        "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
-                       "n_threads": r.threads, "n_prompt": test.n_prompt, "n_gen": test.n_gen,
+                       "n_threads": r.threads, "type_k": types[0], "type_v": types[1],
+                       "n_prompt": test.n_prompt, "n_gen": test.n_gen,
                        "n_batch": test.n_batch, "n_depth": test.depth,
                        "test_time": datetime.datetime.now(datetime.timezone.utc)
                        .strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -434,9 +451,11 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
 def batch_costs(results):
     """cost(T)/cost(1) for the batch rows: their time over batch1's at the same threads and
     depth."""
-    one = {(r["n_threads"], r["n_depth"]): r["avg_ns"] for r in results if r.get("n_batch") == 1}
+    def key(r):
+        return r["n_threads"], r["n_depth"], r.get("type_k"), r.get("type_v")
+    one = {key(r): r["avg_ns"] for r in results if r.get("n_batch") == 1}
     for r in results:
-        base = one.get((r["n_threads"], r["n_depth"]))
+        base = one.get(key(r))
         if r.get("n_batch") and base:
             r["batch_cost"] = r["avg_ns"] / base
 
@@ -457,14 +476,20 @@ def fmt_params(n):
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-MD_HEADER = ("| model | size | params | threads | test | t/s |\n"
-             "| --- | ---: | ---: | ---: | ---: | ---: |")
+MD_HEADER = ("| model | size | params | threads | type_k | type_v | test | t/s |\n"
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 def md_row(res):
     return (f"| {printable(res['model_type'])} | {fmt_size(res['model_size'])} "
-            f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {test_name(res)} "
-            f"| {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+            f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {res['type_k']} | {res['type_v']} "
+            f"| {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+
+
+def footer_name(res):
+    """The test's name in the footer tables, with its cache types unless both are f16."""
+    types = (res.get("type_k", "f16"), res.get("type_v", "f16"))
+    return test_name(res) + ("" if types == ("f16", "f16") else f" ({types[0]}/{types[1]} cache)")
 
 
 def md_footer(results):
@@ -476,7 +501,7 @@ def md_footer(results):
         lines.append("| threads | test | weights GB/s |")
         lines.append("| ---: | ---: | ---: |")
         for r in tg:
-            lines.append(f"| {r['n_threads']} | {test_name(r)} | {r['bandwidth_gbs']:.2f} |")
+            lines.append(f"| {r['n_threads']} | {footer_name(r)} | {r['bandwidth_gbs']:.2f} |")
     if any(r.get("roofline_bound") for r in results):
         lines.append("")
         lines.append("roofline: decode (tg) against the read ceiling (weights and KV cache read per token), "
@@ -490,7 +515,7 @@ def md_footer(results):
             ceiling = (f"{r['read_bandwidth_gbs']:.1f} GB/s ({r['read_pattern']})" if r["roofline_bound"] == "read"
                        else f"{r['fma_gflops']:.1f} GFLOP/s")
             frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
-            lines.append(f"| {r['n_threads']} | {test_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
+            lines.append(f"| {r['n_threads']} | {footer_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
                          f"| {ceiling} | {r['roofline_ts']:.1f} | {frac} |")
         for r in results:
             if r.get("roofline_warning"):
@@ -503,10 +528,11 @@ def md_footer(results):
                      "(a lookup-drafting verify pass), relative to T = 1")
         lines.append("| threads | depth | " + " | ".join(f"T={T}" for T in sizes) + " |")
         lines.append("| ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |")
-        for key in sorted({(r["n_threads"], r["n_depth"]) for r in batch}):
+        for key in sorted({(r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) for r in batch}):
             cost = {r["n_batch"]: r["batch_cost"] for r in batch
-                    if (r["n_threads"], r["n_depth"]) == key}
-            lines.append(f"| {key[0]} | {key[1]} | "
+                    if (r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) == key}
+            cache = "" if key[2:] == ("f16", "f16") else f" ({key[2]}/{key[3]} cache)"
+            lines.append(f"| {key[0]} | {key[1]}{cache} | "
                          + " | ".join(f"{cost[T]:.2f}" if T in cost else "-" for T in sizes) + " |")
     loads = {}
     for r in results:
@@ -527,6 +553,10 @@ def add_arguments(p):
     p.add_argument("-d", "--n-depth", default="0",
                    help="tokens already in the KV cache before each test, comma-separated (default 0)")
     p.add_argument("-t", "--threads", default=None, help="thread counts, comma-separated (default: all cores)")
+    p.add_argument("-ctk", "--cache-type-k", default="f16",
+                   help="KV cache types for keys, comma-separated: f16 (default), f32")
+    p.add_argument("-ctv", "--cache-type-v", default="f16",
+                   help="KV cache types for values, comma-separated: f16 (default), f32")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
     p.add_argument("--batch", default="0", metavar="T,..",
@@ -550,6 +580,7 @@ def main(a):
         raise ValueError(f"-r: {a.repetitions} repetitions; at least 1")
     if not 1 <= a.bw_mib < 16384:
         raise ValueError(f"--bw-mib: {a.bw_mib}; 1 to 16383")
+    types_k, types_v = cache_type_list(a.cache_type_k, "-ctk"), cache_type_list(a.cache_type_v, "-ctv")
     batch = [T for T in int_list(a.batch, "--batch") if T > 0]
     if a.batch_depth < 0:
         raise ValueError(f"--batch-depth: {a.batch_depth} is below 0")
@@ -564,6 +595,7 @@ def main(a):
     progress = (lambda s: print(s, file=sys.stderr, flush=True)) if a.progress else None
     results = bench(a.model, tests, threads, reps=a.repetitions, warmup=not a.no_warmup,
                     roofline=a.roofline, bw_bytes=a.bw_mib * MIB,
+                    cache_types=[(k, v) for k in types_k for v in types_v],
                     on_result=(lambda r: print(md_row(r), flush=True)) if md else None, progress=progress)
     if md:
         print(md_footer(results))

@@ -13,7 +13,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import outfile
-from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_kwargs, text_arg
+from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, model_kwargs, sampling_kwargs, text_arg
 from .safeio import printable
 
 # Templates for files that carry none (--template NAME), in each family's own format.
@@ -586,7 +586,7 @@ def main(a):
             raise UsageError("standard input is not valid UTF-8") from None
     if not os.path.exists(a.model):
         raise UsageError(f"{a.model}: no such file (make weights converts the default model)")
-    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    m = load(a.model, **model_kwargs(a))
     try:
         chat = Chat(m, a.template, a.system, sampling_kwargs(a), a.n_predict)
     except ChatError as e:

@@ -5,8 +5,8 @@ import math
 import os
 import sys
 
-from . import bench, chat, lookup, perplexity, serve
-from .args import UsageError, add_model, add_sampling, sampling_kwargs, text_arg
+from . import bench, chat, check, lookup, perplexity, serve
+from .args import UsageError, add_model, add_sampling, model_kwargs, sampling_kwargs, text_arg
 from .convert import ConvertError
 from .safeio import printable, printable_json
 
@@ -21,7 +21,7 @@ def cmd_convert(a):
 def cmd_generate(a):
     from .model import load
     prompt = text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
-    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    m = load(a.model, **model_kwargs(a))
     for piece in m.generate(prompt, max_tokens=a.n_predict, **sampling_kwargs(a)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -113,6 +113,10 @@ def build_parser():
     pp = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
     perplexity.add_arguments(pp)
     pp.set_defaults(fn=perplexity.main)
+
+    k = sub.add_parser("check", help="check this build of the kernel against the numpy reference")
+    check.add_arguments(k)
+    k.set_defaults(fn=check.main)
     return p
 
 

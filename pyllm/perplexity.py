@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from .args import UsageError, add_model
+from .args import UsageError, add_model, model_kwargs
 from .model import PyllmError
 
 DEFAULT_CTX = 512  # llama-perplexity's default context
@@ -129,7 +129,7 @@ def main(a):
     if a.chunks == 0:
         raise UsageError("--chunks 0: nothing to evaluate (-1 = every chunk)")
     text = read_text(a.textfile)
-    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    m = load(a.model, **model_kwargs(a))
     err = sys.stderr
     t0 = time.perf_counter()
     tokens = tokenize(m, text)

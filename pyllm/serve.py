@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, sampling_kwargs
+from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, model_kwargs, sampling_kwargs
 from .chat import TEMPLATES, ChatError, add_template, encode_rendered, load_template
 from .model import PyllmError
 from .safeio import printable
@@ -1192,7 +1192,7 @@ def main(a):
         Sampler(**{k: v for k, v in sampling.items() if k in SAMPLER_ARGS})
     except ValueError as e:
         raise UsageError(str(e)) from None
-    m = load(a.model, threads=a.threads, n_ctx=a.ctx_size)
+    m = load(a.model, **model_kwargs(a))
     limits = Limits()
     limits.request_s, limits.read_s = a.timeout, a.read_timeout
     server = Server(m, a.template, sampling, a.n_predict, a.queue, limits)

@@ -4,12 +4,16 @@
 
 The converted parameters file is loaded back into transformers' LlamaForCausalLM (attn_qkv and
 ffn_gate_up unfused into q/k/v and gate/up, float32, CPU, eager attention), so transformers runs
-the very same f16-rounded weights the kernel runs. Stored (float32): for each prompt its token
-ids and last-position logits, computed with K and V rounded to f16 as they are cached (as the
-kernel and llama.cpp keep them); all-position logits of one short prompt on a subset of the
-vocabulary, both that way and with transformers' own f32 KV cache; greedy continuations
-(f32 KV cache) with each step's top-1/top-2 margin. The script also checks
-tests/reference.py against transformers (printing max |diff|), which validates the reference.
+the very same f16-rounded weights the kernel runs. Stored (float32), for each prompt N (short
+ones, a chat prompt, and over 600 tokens of the Apache license that transformers ships): its
+token ids `ids_N`; `logits32_N`, the last position's logits over the whole vocabulary with
+transformers' own f32 KV cache (the exact answer); `logits16_N`, those logits computed with K
+and V rounded to f16 as they are cached (as the kernel's default cache and llama.cpp keep
+them), on the vocabulary ids `cols16_N` (the row's top 64 and 1024 random ones: a full row
+costs 0.2 MB). All-position logits of the chat prompt on a subset of the vocabulary (each
+position's top 32 and 512 random ids), both ways; greedy continuations (f32 KV cache) with
+each step's top-1/top-2 margin. The script also checks
+pyllm/reference.py against transformers (printing max |diff|), which validates the reference.
 Never touches the network.
 """
 import os
@@ -30,7 +34,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
 from pyllm import format  # noqa: E402
-from reference import reference_logits  # noqa: E402
+from pyllm.reference import reference_logits  # noqa: E402
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(HERE), "weights", "smollm2-135m-instruct.f16.bin")
 OUT = os.path.join(HERE, "fixtures", "smollm2_reference.npz")
@@ -46,10 +50,23 @@ PROMPTS = [
     CHAT,
     "Über den Wolken muss die Freiheit wohl grenzenlos sein. 日本語のテキスト, café 🙂!",
 ]
+LONG_PROMPT_CHARS = 3600  # about 730 tokens: past the kernel's first 512-position attention segment
+
+
+def long_prompt():
+    """Real text over 600 tokens: the Apache license's terms, from transformers' LICENSE."""
+    import importlib.metadata
+    dist = importlib.metadata.distribution("transformers")
+    text = next(f for f in dist.files if f.name == "LICENSE").read_text()
+    text = text[text.index("TERMS AND CONDITIONS"):]
+    return text[:text.index("\n\n", LONG_PROMPT_CHARS)]
+
+
 GREEDY = [PROMPTS[0], CHAT, "Here is a list of the planets of the solar system:\n1."]
 GREEDY_STEPS = 24
-ALLPOS_PROMPT = 0         # all-position logits for this prompt ...
-ALLPOS_RANDOM_COLS = 1024  # ... on these many random vocabulary ids plus each position's top 64
+ALLPOS_PROMPT = 4         # all-position logits for this prompt (the chat one) ...
+ALLPOS_RANDOM_COLS = 512  # ... on these many random vocabulary ids plus each position's top 32
+LAST16_RANDOM_COLS = 1024  # the f16-cache last-position logits: these many random ids + the top 64
 
 
 def hf_tokenizer(tok_meta):
@@ -165,16 +182,23 @@ def main():
     model = hf_model(mf)
     print(f"loaded {path} into transformers in {time.time() - t0:.1f}s")
 
-    data = {"prompts": np.array(PROMPTS), "greedy_prompts": np.array(GREEDY)}
+    prompts = PROMPTS + [long_prompt()]
+    greedy = GREEDY + [prompts[-1]]
+    data = {"prompts": np.array(prompts), "greedy_prompts": np.array(greedy)}
     worst_ref, worst_ref16, ref16_last = 0.0, 0.0, []
-    for n, prompt in enumerate(PROMPTS):
+    for n, prompt in enumerate(prompts):
         ids = tok.encode(prompt).ids
         assert tok.decode(ids, skip_special_tokens=False) == prompt, "tokenizer round trip"
         lg, lg16 = hf_logits(model, ids), hf_logits(model, ids, f16_kv=True)
         data[f"ids_{n}"] = np.array(ids, dtype=np.int32)
-        data[f"logits_{n}"] = lg16[-1].astype(np.float32)
-        d32 = float(np.abs(reference_logits(mf, ids, f16_kv=False) - lg).max())
-        r16 = np.abs(reference_logits(mf, ids, f16_kv=True) - lg)
+        data[f"logits32_{n}"] = lg[-1].astype(np.float32)
+        rng = np.random.default_rng(n)
+        cols = set(rng.choice(lg.shape[1], LAST16_RANDOM_COLS, replace=False).tolist())
+        cols = np.array(sorted(cols | set(np.argsort(-lg16[-1])[:64].tolist())), dtype=np.int32)
+        data[f"cols16_{n}"] = cols
+        data[f"logits16_{n}"] = lg16[-1, cols].astype(np.float32)
+        d32 = float(np.abs(reference_logits(mf, ids, cache_type="f32") - lg).max())
+        r16 = np.abs(reference_logits(mf, ids, cache_type="f16") - lg)
         ref16_last.append(float(r16[-1].max()))
         worst_ref, worst_ref16 = max(worst_ref, d32), max(worst_ref16, float(r16.max()))
         print(f"prompt {n}: {len(ids):2d} tokens, top-1 {tok.decode([int(lg[-1].argmax())])!r:9}  "
@@ -183,7 +207,7 @@ def main():
         if n == ALLPOS_PROMPT:
             rng = np.random.default_rng(0)
             cols = set(rng.choice(lg.shape[1], ALLPOS_RANDOM_COLS, replace=False).tolist())
-            cols |= set(np.argsort(-lg, axis=1)[:, :64].ravel().tolist())
+            cols |= set(np.argsort(-lg, axis=1)[:, :32].ravel().tolist())
             cols = np.array(sorted(cols), dtype=np.int32)
             data["allpos_prompt"] = np.int32(n)
             data["allpos_cols"] = cols
@@ -191,7 +215,7 @@ def main():
             data["allpos16_logits"] = lg16[:, cols].astype(np.float32)
     # how far an exact f32 implementation with an f16 KV cache is from these logits
     data["ref_f16_kv_last_maxdiff"] = np.array(ref16_last, dtype=np.float32)
-    for n, prompt in enumerate(GREEDY):
+    for n, prompt in enumerate(greedy):
         ids = tok.encode(prompt).ids
         out, margins = hf_greedy(model, ids, GREEDY_STEPS)
         # the cached loop agrees with a full-sequence forward pass
@@ -209,7 +233,7 @@ def main():
     np.savez_compressed(OUT, **data)
     print(f"wrote {OUT} ({os.path.getsize(OUT) / 1e6:.2f} MB) in {time.time() - t0:.1f}s")
     if worst_ref > 1e-3:
-        sys.exit(f"make_fixtures: tests/reference.py disagrees with transformers by {worst_ref:.2e}")
+        sys.exit(f"make_fixtures: pyllm/reference.py disagrees with transformers by {worst_ref:.2e}")
 
 
 if __name__ == "__main__":

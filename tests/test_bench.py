@@ -36,14 +36,15 @@ def run(capsys, *argv):
 def test_markdown_table(model, capsys):
     out = run(capsys, model, "-p", "16", "-n", "4", "-r", "2", "-t", "1,2", "-d", "0,8")
     lines = out.splitlines()
-    assert lines[0] == "| model | size | params | threads | test | t/s |"
+    assert lines[0] == "| model | size | params | threads | type_k | type_v | test | t/s |"
     rows = [ln for ln in lines[2:] if ln.startswith("| llama")]
-    assert [r.split("|")[5].strip() for r in rows] == ["pp16", "tg4", "pp16 @ d8", "tg4 @ d8"] * 2
+    assert [r.split("|")[7].strip() for r in rows] == ["pp16", "tg4", "pp16 @ d8", "tg4 @ d8"] * 2
     assert [int(r.split("|")[4]) for r in rows] == [1] * 4 + [2] * 4
+    assert {(r.split("|")[5].strip(), r.split("|")[6].strip()) for r in rows} == {("f16", "f16")}
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert re.fullmatch(r"[\d.]+ MiB", cells[1]) and re.fullmatch(r"[\d.]+ M", cells[2])
-        mean, sd = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[5]).groups()
+        mean, sd = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[7]).groups()
         assert float(mean) > 0 and float(sd) >= 0
     assert "load (open + first touch)" in out and "peak RSS" in out
 
@@ -58,6 +59,7 @@ def test_json_fields(model, capsys):
         for k in LLAMA_BENCH_FIELDS + OURS:
             assert k in r, k
         assert r["model_filename"] == model and r["n_threads"] == 1 and r["n_depth"] == 0
+        assert (r["type_k"], r["type_v"]) == ("f16", "f16")
         assert r["model_size"] == sum(t_bytes(t) for t in format.read(model, False).meta["tensors"])
         for k in ("model_size", "model_n_params", "avg_ns", "avg_ts", "load_s", "peak_rss_bytes"):
             assert r[k] > 0, k
@@ -212,13 +214,28 @@ def test_probes_count_what_they_did(model):
         buf.close()
 
 
+def test_cache_types(model, capsys):
+    """-ctk/-ctv lists run every (keys, values) pair, named in the JSON and the table."""
+    argv = (model, "-p", "0", "-n", "2", "-r", "1", "-t", "1", "-d", "8", "-ctk", "f16,f32", "-ctv", "f16,f32")
+    res = json.loads(run(capsys, *argv, "-o", "json"))
+    assert [(r["type_k"], r["type_v"]) for r in res] == [("f16", "f16"), ("f16", "f32"), ("f32", "f16"),
+                                                         ("f32", "f32")]
+    rows = [ln for ln in run(capsys, *argv).splitlines() if ln.startswith("| llama")]
+    assert [tuple(c.strip() for c in r.split("|")[5:7]) for r in rows] == [("f16", "f16"), ("f16", "f32"),
+                                                                          ("f32", "f16"), ("f32", "f32")]
+    assert bench.kv_bytes_read(format.read(model, False).config, bench.Test("tg", 1, 0), 4, 4) == \
+        2 * bench.kv_bytes_read(format.read(model, False).config, bench.Test("tg", 1, 0))
+    assert cli.main(["bench", model, "-n", "2", "-ctk", "q8_0"]) == 1
+    assert "-ctk: q8_0 is not a cache type (f16, f32)" in capsys.readouterr().err
+
+
 def test_small_batch_costs(model, capsys):
     """--batch: verify-pass timings at --batch-depth, cost(T)/cost(1) in the table and the JSON."""
     out = run(capsys, model, "-p", "0", "-n", "0", "-r", "2", "-t", "1,2", "--batch", "2,4,16",
               "--batch-depth", "64")
     rows = [ln for ln in out.splitlines() if ln.startswith("| llama")]
     names = ["batch1 @ d64", "batch2 @ d64", "batch4 @ d64", "batch16 @ d64"]
-    assert [r.split("|")[5].strip() for r in rows] == names * 2
+    assert [r.split("|")[7].strip() for r in rows] == names * 2
     assert "small-batch cost" in out and "| 1 | 64 | 1.00 |" in out and "| 2 | 64 | 1.00 |" in out
     res = json.loads(run(capsys, model, "-p", "0", "-n", "0", "-r", "2", "-t", "1",
                          "--batch", "1,8", "--batch-depth", "32", "-o", "json"))

@@ -1,27 +1,44 @@
-"""The arm64 NEON path, cross-compiled and run under qemu-aarch64 (make test-neon)."""
+"""The arm64 NEON path, cross-compiled and run under qemu-aarch64 (make test-neon): `pyllm
+check`'s comparisons (pyllm/check.py's check_model, its tiny models and tolerances) with the
+kernel driven by tests/kernel_main.c, as no Python runs there; and the logits' hashes."""
+
 import shutil
 
-import numpy as np
-
 import make_logit_hashes as mlh
-from pyllm import format
-from reference import reference_logits
-from tiny import VARIANTS, make_tiny_model
+
+from pyllm import check
 
 
-def test_neon_path_matches_reference(tmp_path):
-    assert shutil.which(mlh.CROSS_CC) and \
-        shutil.which("qemu-aarch64"), "make test-neon installs the cross toolchain"
+def qemu_kernel(exe):
+    """check.kernel_logits' contract, run by the cross-compiled kernel under qemu."""
+
+    def run(path, ids, threads, cache_type):
+        split = len(ids) - check.DECODE_TOKENS
+        steps = mlh.run_neon(
+            exe, path, ids, (split,) + (1,) * check.DECODE_TOKENS, threads, cache_type
+        )
+        whole = mlh.run_neon(exe, path, ids, (len(ids),), threads, cache_type)
+        return threads, steps, whole
+
+    return run
+
+
+def test_neon_path_passes_check(tmp_path):
+    assert shutil.which(mlh.CROSS_CC) and shutil.which("qemu-aarch64"), (
+        "make test-neon installs the cross toolchain"
+    )
     exe = mlh.neon_exe(str(tmp_path))
-    for name in ("base", "odd", "window_bias_gqa4"):
-        path = tmp_path / f"{name}.bin"
-        make_tiny_model(path, **{k: v for k, v in VARIANTS[name].items()})
-        mf = format.read(str(path))
-        ids = [int(i) for i in np.random.default_rng(1).integers(0, mf.config["vocab_size"], 40)]
-        for cache, tol in (("f16", 5e-3), ("f32", 2e-4)):
-            got = mlh.run_neon(exe, str(path), ids, (40,), 2, cache)
-            want = reference_logits(mf, ids, f16_kv=cache == "f16")
-            assert np.abs(got - want).max() < tol, (name, cache)
+    lines = []
+    for name, path, ids in check.tiny_models(str(tmp_path)):
+
+        def report(text, ok, name=name):
+            lines.append((f"{name}: {text}", ok))
+
+        check.check_model(path, ids, 2, report, kernel=qemu_kernel(exe))
+    # per model and cache type: 1 thread, 2 threads, bit-identical
+    assert len(lines) == len(check.TINY_MODELS) * len(check.CACHE_TYPES) * 3
+    failed = [text for text, ok in lines if not ok]
+    assert not failed, failed
 
 
 def test_neon_logits_hash_as_stored(tmp_path):
@@ -30,7 +47,9 @@ def test_neon_logits_hash_as_stored(tmp_path):
     exe = mlh.neon_exe(str(tmp_path))
     stored = mlh.load_fixture().get("neon")
     assert stored, f"no stored logit hashes for the neon path in {mlh.FIXTURE}"
-    got = mlh.compute(lambda *a: mlh.run_neon(exe, *a), str(tmp_path), only=lambda n: not n.startswith("smollm2"))
+    got = mlh.compute(
+        lambda *a: mlh.run_neon(exe, *a), str(tmp_path), only=lambda n: not n.startswith("smollm2")
+    )
     missing = sorted(set(got) - set(stored))
     assert not missing, f"neon: no stored hash for {missing}"
     differ = sorted(k for k in got if got[k] != stored[k])

@@ -1,4 +1,4 @@
-"""The C kernel against tests/reference.py on tiny random models, and its handling of bad input.
+"""The C kernel against pyllm/reference.py on tiny random models, and its handling of bad input.
 
 Tolerances: the kernel keeps K (after RoPE) and V in an f16 cache and the reference rounds
 them the same way, but the two compute the pre-rounding f32 values in different orders, so
@@ -14,7 +14,7 @@ import pytest
 
 import pyllm
 from pyllm import format
-from reference import reference_logits
+from pyllm.reference import reference_logits
 from tiny import VARIANTS, make_tiny_model
 
 # max: a last-bit difference in a key or value can flip its f16 rounding in the cache; on
@@ -57,8 +57,8 @@ def test_kv_cache_is_f16(tiny_paths):
     ids = random_ids(path, seed=1)
     got = pyllm.load(path, threads=2).logits(ids)
     mf = format.read(path)
-    d16 = np.abs(got - reference_logits(mf, ids, f16_kv=True)).mean()
-    d32 = np.abs(got - reference_logits(mf, ids, f16_kv=False)).mean()
+    d16 = np.abs(got - reference_logits(mf, ids, cache_type="f16")).mean()
+    d32 = np.abs(got - reference_logits(mf, ids, cache_type="f32")).mean()
     assert d16 < 0.3 * d32, (d16, d32)
 
 
@@ -280,7 +280,7 @@ def test_f32_cache_matches_reference(tiny_paths, variant):
     ids = random_ids(path)
     m = pyllm.load(path, threads=2, cache_type="f32")
     assert m.cache_types == ("f32", "f32")
-    diff = np.abs(m.logits(ids) - reference_logits(format.read(path), ids, f16_kv=False))
+    diff = np.abs(m.logits(ids) - reference_logits(format.read(path), ids, cache_type="f32"))
     assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
 
 
@@ -291,7 +291,7 @@ def test_mixed_cache_types(tiny_paths, k, v):
     ids = random_ids(path, seed=5)
     m = pyllm.load(path, threads=2, cache_type="f16", cache_type_k=k, cache_type_v=v)
     assert m.cache_types == (k, v)
-    want = reference_logits(format.read(path), ids, f16_k=k == "f16", f16_v=v == "f16")
+    want = reference_logits(format.read(path), ids, cache_type_k=k, cache_type_v=v)
     diff = np.abs(m.logits(ids) - want)
     assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
 
@@ -302,7 +302,7 @@ def test_f32_cache_across_segments(tmp_path, window):
     make_tiny_model(path, seed=7, max_seq_len=1024, sliding_window=window, n_kv_heads=1)
     ids = random_ids(path, n=700, seed=3)
     block = pyllm.load(path, threads=2, cache_type="f32").logits(ids)
-    diff = np.abs(block - reference_logits(format.read(path), ids, f16_kv=False))
+    diff = np.abs(block - reference_logits(format.read(path), ids, cache_type="f32"))
     assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
     m = pyllm.load(path, threads=1, cache_type="f32")
     m.eval(ids[:600])

@@ -1,11 +1,12 @@
 """The real default model (SmolLM2-135M-Instruct) against Hugging Face transformers.
 
-tests/fixtures/smollm2_reference.npz holds what transformers computes from our converted file
-(tests/make_fixtures.py) with K and V rounded to f16 as they are cached, as the kernel (and
-llama.cpp) keeps them: pyllm must agree within 1e-2 absolute at every position checked. For one
-prompt the fixtures also hold transformers' logits with its own f32 KV cache; the f16 cache
-alone moves logits by up to ~5e-2 from those in a 30-layer model (make_fixtures.py prints the
-reference's own distance), checked with a bound a little above that and a tight mean.
+tests/fixtures/smollm2_reference.npz holds what transformers computes in float32 from our
+converted file (tests/make_fixtures.py), with its own f32 KV cache (the exact answer) and with
+K and V rounded to f16 as they are cached, as the kernel's default cache (and llama.cpp's) keeps
+them. With an f32 cache pyllm must agree with the exact answer within 1e-3 (the numpy float32
+reference is itself up to 2e-4 from it on the 735-token prompt); with the default f16 cache,
+within 1e-2 of the f16-rounding transformers and within 3e-2 of the exact answer (the rounding
+alone moves logits by up to 2.8e-2: make_fixtures.py prints the reference's own distance).
 """
 import os
 
@@ -17,15 +18,26 @@ import pyllm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "smollm2_reference.npz")
 
-MAX_DIFF, MEAN_DIFF = 1e-2, 5e-3  # against transformers with an f16 KV cache, like ours
-F32_KV_MAX, F32_KV_MEAN = 8e-2, 6e-3  # against transformers with its f32 KV cache
-N_PROMPTS, N_GREEDY = 6, 3  # as in make_fixtures.py
+MAX_DIFF, MEAN_DIFF = 1e-2, 5e-3  # f16 cache, against transformers with an f16 KV cache, like ours
+EXACT_MAX = 1e-3  # f32 cache, against transformers with its f32 KV cache
+F16_VS_EXACT_MAX = 3e-2  # f16 cache, against transformers with its f32 KV cache
+N_PROMPTS, N_GREEDY = 7, 4  # as in make_fixtures.py
 MIN_MARGIN = 0.05  # greedy tokens are compared while transformers' top-2 margin is at least this
 
 
+@pytest.fixture(scope="module", params=["f16", "f32"])
+def cache_type(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def model(default_model):  # conftest.py: weights/smollm2-135m-instruct.f16.bin, or fail: run `make weights`
-    return pyllm.load(default_model, n_ctx=256)
+def models(default_model):  # conftest.py: weights/smollm2-135m-instruct.f16.bin, or fail: run `make weights`
+    return {ct: pyllm.load(default_model, n_ctx=1024, cache_type=ct) for ct in ("f16", "f32")}
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    return models["f16"]
 
 
 @pytest.fixture(scope="module")
@@ -49,28 +61,52 @@ def test_tokenizer_matches_hf(model, fx, n):
 
 
 @pytest.mark.parametrize("n", range(N_PROMPTS))
-def test_last_logits(model, fx, n):
+def test_last_logits(models, fx, n, cache_type):
     ids = fx[f"ids_{n}"].tolist()
-    got, want = model.logits(ids)[-1], fx[f"logits_{n}"]
-    diff = np.abs(got - want)
-    assert diff.max() < MAX_DIFF and diff.mean() < MEAN_DIFF, \
-        f"prompt {n}: max |pyllm - transformers| {diff.max():.2e}, mean {diff.mean():.2e}"
-    assert got.argmax() == want.argmax()
+    got, exact = models[cache_type].logits(ids)[-1], fx[f"logits32_{n}"]
+    diff = np.abs(got - exact)
+    if cache_type == "f32":
+        assert diff.max() < EXACT_MAX, f"prompt {n} ({len(ids)} tokens): max |pyllm - transformers| {diff.max():.2e}"
+    else:
+        assert diff.max() < F16_VS_EXACT_MAX, f"prompt {n}: max |pyllm f16 - transformers f32| {diff.max():.2e}"
+        cols, want = fx[f"cols16_{n}"], fx[f"logits16_{n}"]
+        diff16 = np.abs(got[cols] - want)
+        assert diff16.max() < MAX_DIFF and diff16.mean() < MEAN_DIFF, \
+            f"prompt {n}: max |pyllm - transformers f16 cache| {diff16.max():.2e}, mean {diff16.mean():.2e}"
+        assert got[cols].argmax() == want.argmax()
+    assert got.argmax() == exact.argmax() or np.sort(exact)[-1] - np.sort(exact)[-2] < 2 * diff.max()
 
 
-def test_all_position_logits(model, fx):
+def clear_top(logits, margin):
+    """The rows whose top two logits are more than margin apart."""
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] > margin
+
+
+def test_all_position_logits(models, fx):
+    """Every position of the chat prompt. With the f16 cache some positions are sensitive
+    enough that a few K/V values rounding the other way (different summation orders) move
+    them as much as the rounding itself (2.7e-2 at position 9): all positions are held to
+    3e-2 and a tight mean, the last ones (test_last_logits) to 1e-2."""
     ids = fx[f"ids_{int(fx['allpos_prompt'])}"].tolist()
-    got = model.logits(ids)[:, fx["allpos_cols"]]
-    diff = np.abs(got - fx["allpos16_logits"])
-    assert diff.max() < MAX_DIFF and diff.mean() < MEAN_DIFF, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
-    diff = np.abs(got - fx["allpos_logits"])
-    assert diff.max() < F32_KV_MAX and diff.mean() < F32_KV_MEAN, f"f32 KV: max {diff.max():.2e}, mean {diff.mean():.2e}"
-    assert np.array_equal(got.argmax(1), fx["allpos16_logits"].argmax(1))
+    got16, got32 = (models[ct].logits(ids)[:, fx["allpos_cols"]] for ct in ("f16", "f32"))
+    exact, rounded = fx["allpos_logits"], fx["allpos16_logits"]
+    diff = np.abs(got32 - exact)
+    assert diff.max() < EXACT_MAX, f"f32 cache: max {diff.max():.2e} at position {diff.max(1).argmax()}"
+    for want, what in ((rounded, "transformers with an f16 cache"), (exact, "transformers")):
+        diff = np.abs(got16 - want)
+        assert diff.max() < F16_VS_EXACT_MAX and diff.mean() < MEAN_DIFF, \
+            f"f16 cache against {what}: max {diff.max():.2e}, mean {diff.mean():.2e}"
+    for got, want, tol in ((got16, rounded, F16_VS_EXACT_MAX), (got32, exact, EXACT_MAX)):
+        clear = clear_top(want, 2 * tol)
+        assert clear.sum() > len(ids) // 2
+        assert np.array_equal(got[clear].argmax(1), want[clear].argmax(1))
 
 
 @pytest.mark.parametrize("n", range(N_GREEDY))
-def test_greedy_matches_transformers(model, fx, n):
+def test_greedy_matches_transformers(models, fx, n, cache_type):
     """Token for token, up to the first step where transformers' top two are nearly tied."""
+    model = models[cache_type]
     ids, want, margin = fx[f"greedy_ids_{n}"].tolist(), fx[f"greedy_out_{n}"], fx[f"greedy_margin_{n}"]
     model.reset()
     logits = model.eval(ids)

@@ -1,11 +1,14 @@
 """The reference forward pass: plain numpy, float32 math over the f16 weights of a ModelFile.
 
-This is the spec the C kernel is checked against (tests/test_kernel.py), and it is checked
-against Hugging Face transformers itself (tests/make_fixtures.py).
+This is the spec the C kernel is checked against (`pyllm check`, tests/test_kernel.py), and
+it is checked against Hugging Face transformers itself (tests/make_fixtures.py). It is meant
+to be read: one formula per line, no tiling, no cache, every position at once.
 """
 import numpy as np
 
-from pyllm import format
+from . import format
+
+CACHE_TYPES = ("f16", "f32")
 
 
 def rmsnorm(x, w, eps):
@@ -13,7 +16,7 @@ def rmsnorm(x, w, eps):
 
 
 def rope(x, cos, sin):
-    """Rotate-half RoPE (Hugging Face layout). x: (T, heads, head_dim); cos, sin: (T, head_dim/2)."""
+    """Rotate-half RoPE (Hugging Face layout). x: (T, heads, head_dim); cos, sin: (T, hd/2)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
@@ -29,18 +32,20 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def reference_logits(mf, ids, f16_kv=True, f16_k=None, f16_v=None):
+def reference_logits(mf, ids, cache_type="f16", cache_type_k=None, cache_type_v=None):
     """Logits (len(ids), vocab) of token ids at positions 0.. in a fresh context.
 
-    f16_kv: round keys (after RoPE) and values to float16, as the kernel's default f16 KV cache
-    does (False: keep them float32, as its f32 cache); f16_k, f16_v: the same for keys or values.
+    cache_type: "f16" rounds keys (after RoPE) and values to float16, as the kernel's
+    default KV cache stores them; "f32" keeps them in float32, as its exact mode does.
+    cache_type_k, cache_type_v: the keys' or the values' own (as pyllm.load's).
     """
-    f16_k = f16_kv if f16_k is None else f16_k
-    f16_v = f16_kv if f16_v is None else f16_v
+    types = (cache_type_k or cache_type, cache_type_v or cache_type)
+    if not set(types) <= set(CACHE_TYPES):
+        raise ValueError(f"cache types {types}: each one of {', '.join(CACHE_TYPES)}")
     if isinstance(mf, str):
         mf = format.read(mf)
     c = mf.config
-    d, nh, nkv, hd, hid = c["dim"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
+    nh, nkv, hd, hid = c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
     eps, sw = np.float32(c["norm_eps"]), c["sliding_window"]
 
     def w(name):
@@ -68,9 +73,9 @@ def reference_logits(mf, ids, f16_kv=True, f16_k=None, f16_v=None):
         q = rope(qkv[:, :nh * hd].reshape(T, nh, hd), cos, sin)
         k = rope(qkv[:, nh * hd:(nh + nkv) * hd].reshape(T, nkv, hd), cos, sin)
         v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
-        if f16_k:
+        if types[0] == "f16":
             k = k.astype(np.float16).astype(np.float32)
-        if f16_v:
+        if types[1] == "f16":
             v = v.astype(np.float16).astype(np.float32)
         group = nh // nkv  # query head n uses kv head n // group
         k = np.repeat(k, group, axis=1).transpose(1, 0, 2)  # (nh, T, hd)
