@@ -9,7 +9,16 @@ setup(
     python_requires=">=3.9",
     setup_requires=["cffi>=1.15"],
     cffi_modules=["pyllm/_build.py:ffibuilder"],
-    install_requires=["cffi>=1.15", "numpy", "regex", "jinja2", "gguf", "safetensors", "tqdm",
-                      "starlette", "uvicorn"],
+    install_requires=[
+        "cffi>=1.15",
+        "numpy",
+        "regex",
+        "jinja2",
+        "gguf",
+        "safetensors",
+        "tqdm",
+        "starlette",
+        "uvicorn",
+    ],
     entry_points={"console_scripts": ["pyllm = pyllm.cli:main"]},
 )

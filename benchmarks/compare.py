@@ -32,6 +32,7 @@ Writes JSON
 (--json-out) for benchmarks/plot.py. Before timing, every engine's last-token logits for one
 prompt are compared with pyllm's (a same-weights check).
 """
+
 import argparse
 import base64
 import datetime
@@ -48,7 +49,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.append(ROOT)  # after PYTHONPATH: PYTHONPATH=build/x python benchmarks/compare.py times build/x's kernel
+sys.path.append(
+    ROOT
+)  # after PYTHONPATH: PYTHONPATH=build/x python benchmarks/compare.py times build/x's kernel
 
 from pyllm import bench, format  # noqa: E402
 from pyllm.bench import Test  # noqa: E402
@@ -64,13 +67,17 @@ CHECK_TOKENS = 32  # random ids whose last logits every engine must agree on
 def hf_to_gguf_rows(w, n_head):
     """Q/K rows from Hugging Face's rotate-half order to llama.cpp's interleaved order
     (convert_hf_to_gguf.py's permute)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_gguf(src, out):
     """An F16 GGUF holding exactly src's f16 matrices (norms as f32: the same values)."""
     import gguf
+
     mf = format.read(src)
     c, tok = mf.config, mf.meta["tokenizer"]
     if c["sliding_window"]:
@@ -101,8 +108,12 @@ def write_gguf(src, out):
         w.add_token_merges(tok["merges"])
     if tok.get("scores"):
         w.add_token_scores(tok["scores"])
-    for k, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                  ("unknown_token_id", w.add_unk_token_id), ("padding_token_id", w.add_pad_token_id)):
+    for k, fn in (
+        ("bos_token_id", w.add_bos_token_id),
+        ("eos_token_id", w.add_eos_token_id),
+        ("unknown_token_id", w.add_unk_token_id),
+        ("padding_token_id", w.add_pad_token_id),
+    ):
         if isinstance(tok.get(k), int):
             fn(tok[k])
     if "add_bos_token" in tok:
@@ -118,8 +129,9 @@ def write_gguf(src, out):
 
     def part(load, i, splits, permute=None):  # rows [splits[i], splits[i + 1]) of a fused matrix
         def rows():
-            a = np.ascontiguousarray(load()[splits[i]:splits[i + 1]])
+            a = np.ascontiguousarray(load()[splits[i] : splits[i + 1]])
             return np.ascontiguousarray(hf_to_gguf_rows(a, permute)) if permute else a
+
         return rows
 
     # (name, loader, shape, dtype): the tensors are listed first and written one at a time
@@ -135,33 +147,43 @@ def write_gguf(src, out):
     for i in range(c["n_layers"]):
         p = g = f"blk.{i}."
         qkv = f16(p + "attn_qkv")
-        tensors += [(g + "attn_norm.weight", f32(p + "attn_norm"), (d,), np.float32),
-                    (g + "attn_q.weight", part(qkv, 0, qs, nh), (nh * hd, d), np.float16),
-                    (g + "attn_k.weight", part(qkv, 1, qs, nkv), (nkv * hd, d), np.float16),
-                    (g + "attn_v.weight", part(qkv, 2, qs), (nkv * hd, d), np.float16)]
+        tensors += [
+            (g + "attn_norm.weight", f32(p + "attn_norm"), (d,), np.float32),
+            (g + "attn_q.weight", part(qkv, 0, qs, nh), (nh * hd, d), np.float16),
+            (g + "attn_k.weight", part(qkv, 1, qs, nkv), (nkv * hd, d), np.float16),
+            (g + "attn_v.weight", part(qkv, 2, qs), (nkv * hd, d), np.float16),
+        ]
         if c["flags"] & format.FLAG_QKV_BIAS:
             b = f32(p + "attn_qkv_bias")
-            tensors += [(g + "attn_q.bias", part(b, 0, qs, nh), (nh * hd,), np.float32),
-                        (g + "attn_k.bias", part(b, 1, qs, nkv), (nkv * hd,), np.float32),
-                        (g + "attn_v.bias", part(b, 2, qs), (nkv * hd,), np.float32)]
+            tensors += [
+                (g + "attn_q.bias", part(b, 0, qs, nh), (nh * hd,), np.float32),
+                (g + "attn_k.bias", part(b, 1, qs, nkv), (nkv * hd,), np.float32),
+                (g + "attn_v.bias", part(b, 2, qs), (nkv * hd,), np.float32),
+            ]
         gu = f16(p + "ffn_gate_up")
-        tensors += [(g + "attn_output.weight", f16(p + "attn_out"), (d, nh * hd), np.float16),
-                    (g + "ffn_norm.weight", f32(p + "ffn_norm"), (d,), np.float32),
-                    (g + "ffn_gate.weight", part(gu, 0, [0, hid, 2 * hid]), (hid, d), np.float16),
-                    (g + "ffn_up.weight", part(gu, 1, [0, hid, 2 * hid]), (hid, d), np.float16),
-                    (g + "ffn_down.weight", f16(p + "ffn_down"), (d, hid), np.float16)]
+        tensors += [
+            (g + "attn_output.weight", f16(p + "attn_out"), (d, nh * hd), np.float16),
+            (g + "ffn_norm.weight", f32(p + "ffn_norm"), (d,), np.float32),
+            (g + "ffn_gate.weight", part(gu, 0, [0, hid, 2 * hid]), (hid, d), np.float16),
+            (g + "ffn_up.weight", part(gu, 1, [0, hid, 2 * hid]), (hid, d), np.float16),
+            (g + "ffn_down.weight", f16(p + "ffn_down"), (d, hid), np.float16),
+        ]
     tensors.append(("output_norm.weight", f32("output_norm"), (d,), np.float32))
     if not c["flags"] & format.FLAG_TIED_OUTPUT:
         tensors.append(("output.weight", f16("output"), (c["vocab_size"], d), np.float16))
     for name, _, shape, dtype in tensors:
-        w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        w.add_tensor_info(
+            name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for name, load, shape, dtype in tensors:
         a = load()
         if a.shape != tuple(shape) or a.dtype != dtype:
-            raise SystemExit(f"compare: {name}: {a.dtype}{a.shape}, expected {np.dtype(dtype)}{tuple(shape)}")
+            raise SystemExit(
+                f"compare: {name}: {a.dtype}{a.shape}, expected {np.dtype(dtype)}{tuple(shape)}"
+            )
         w.write_tensor_data(a)
     w.close()
     os.replace(tmp, out)
@@ -182,8 +204,12 @@ class PyllmEngine:
         self.r = bench.Runner(a.model, a.threads, a.n_ctx, a.max_depth)
         self.load_s = self.r.load_s
         from pyllm._pyllm import ffi, lib
-        self.info = {"version": __import__("pyllm").__version__, "simd": ffi.string(lib.pyllm_simd()).decode(),
-                     **bench.build_info()}
+
+        self.info = {
+            "version": __import__("pyllm").__version__,
+            "simd": ffi.string(lib.pyllm_simd()).decode(),
+            **bench.build_info(),
+        }
 
     def run(self, test, n=None):
         return self.r.run(test, n)
@@ -199,6 +225,7 @@ class LlamaCppEngine:
         import ctypes
 
         import llama_cpp as L
+
         self.L = L
         self._log_cb = L.llama_log_callback(lambda level, text, user: None)  # keep a reference
         L.llama_log_set(self._log_cb, ctypes.c_void_p(0))
@@ -213,7 +240,7 @@ class LlamaCppEngine:
             raise RuntimeError(f"llama.cpp could not load {a.gguf}")
         cp = L.llama_context_default_params()
         cp.n_ctx = a.n_ctx
-        cp.n_batch = 2048   # llama-bench's defaults
+        cp.n_batch = 2048  # llama-bench's defaults
         cp.n_ubatch = 512
         cp.n_threads = a.threads
         cp.n_threads_batch = a.threads
@@ -231,15 +258,19 @@ class LlamaCppEngine:
         self.filled = 0
         desc = ctypes.create_string_buffer(256)
         L.llama_model_desc(self.model, desc, 256)
-        self.info = {"version": getattr(L, "__version__", "?"), "desc": desc.value.decode(),
-                     "system_info": L.llama_print_system_info().decode().strip(),
-                     "repack": repack, "flash_attn_type": cp.flash_attn_type,
-                     "n_ctx": L.llama_n_ctx(self.ctx)}
+        self.info = {
+            "version": getattr(L, "__version__", "?"),
+            "desc": desc.value.decode(),
+            "system_info": L.llama_print_system_info().decode().strip(),
+            "repack": repack,
+            "flash_attn_type": cp.flash_attn_type,
+            "n_ctx": L.llama_n_ctx(self.ctx),
+        }
 
     def _decode(self, ids, n_batch=2048):
         L = self.L
         for i in range(0, len(ids), n_batch):
-            chunk = ids[i:i + n_batch]
+            chunk = ids[i : i + n_batch]
             arr = (L.llama_token * len(chunk))(*chunk)
             rc = L.llama_decode(self.ctx, L.llama_batch_get_one(arr, len(chunk)))
             if rc:
@@ -253,7 +284,7 @@ class LlamaCppEngine:
         L, n = self.L, test.n if n is None else n
         self._cut(min(self.filled, test.depth))
         if self.filled < test.depth:
-            self._decode(self.depth_ids[self.filled:test.depth])
+            self._decode(self.depth_ids[self.filled : test.depth])
         self.filled = max(self.filled, test.depth)
         ids = self.rng.integers(0, self.vocab, n).tolist()
         if test.kind == "pp":
@@ -261,8 +292,7 @@ class LlamaCppEngine:
             t0 = time.perf_counter_ns()
             for i in range(0, n, 2048):  # one llama_decode per n_batch, as llama-bench
                 m = min(2048, n - i)
-                rc = L.llama_decode(self.ctx, L.llama_batch_get_one(
-                    ctypes_ptr(L, arr, i), m))
+                rc = L.llama_decode(self.ctx, L.llama_batch_get_one(ctypes_ptr(L, arr, i), m))
                 if rc:
                     raise RuntimeError(f"llama_decode returned {rc}")
             L.llama_synchronize(self.ctx)
@@ -297,26 +327,43 @@ class LlamaCppEngine:
 def ctypes_ptr(L, arr, offset):
     """A pointer to arr[offset:] typed as llama_token array, for llama_batch_get_one."""
     import ctypes
+
     n = len(arr) - offset
-    return (L.llama_token * n).from_address(ctypes.addressof(arr) + offset * ctypes.sizeof(L.llama_token))
+    return (L.llama_token * n).from_address(
+        ctypes.addressof(arr) + offset * ctypes.sizeof(L.llama_token)
+    )
 
 
 def hf_model(path, dtype):
     """transformers' LlamaForCausalLM with exactly the file's weights (f32), then cast."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     mf = format.read(path)
     c = mf.config
     nh, nkv, hd, hid = c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]
     tied = bool(c["flags"] & format.FLAG_TIED_OUTPUT)
     bias = bool(c["flags"] & format.FLAG_QKV_BIAS)
     theta = float(c.get("rope_theta") or 10000.0)
-    cfg = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["dim"], intermediate_size=hid,
-                      num_hidden_layers=c["n_layers"], num_attention_heads=nh, num_key_value_heads=nkv,
-                      head_dim=hd, max_position_embeddings=c["max_seq_len"], rms_norm_eps=c["norm_eps"],
-                      rope_parameters={"rope_type": "default", "rope_theta": theta},
-                      tie_word_embeddings=tied, attention_bias=bias, mlp_bias=False, hidden_act="silu",
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["dim"],
+        intermediate_size=hid,
+        num_hidden_layers=c["n_layers"],
+        num_attention_heads=nh,
+        num_key_value_heads=nkv,
+        head_dim=hd,
+        max_position_embeddings=c["max_seq_len"],
+        rms_norm_eps=c["norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=tied,
+        attention_bias=bias,
+        mlp_bias=False,
+        hidden_act="silu",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
 
@@ -329,17 +376,23 @@ def hf_model(path, dtype):
     for i in range(c["n_layers"]):
         p, q = f"blk.{i}.", f"model.layers.{i}."
         a = q + "self_attn."
-        sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"] = \
-            w(p + "attn_qkv").split([nh * hd, nkv * hd, nkv * hd])
+        sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"] = w(
+            p + "attn_qkv"
+        ).split([nh * hd, nkv * hd, nkv * hd])
         if bias:
-            sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"] = \
-                w(p + "attn_qkv_bias").split([nh * hd, nkv * hd, nkv * hd])
+            sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"] = w(
+                p + "attn_qkv_bias"
+            ).split([nh * hd, nkv * hd, nkv * hd])
         sd[a + "o_proj.weight"] = w(p + "attn_out")
-        sd[q + "mlp.gate_proj.weight"], sd[q + "mlp.up_proj.weight"] = w(p + "ffn_gate_up").split([hid, hid])
+        sd[q + "mlp.gate_proj.weight"], sd[q + "mlp.up_proj.weight"] = w(p + "ffn_gate_up").split(
+            [hid, hid]
+        )
         sd[q + "mlp.down_proj.weight"] = w(p + "ffn_down")
         sd[q + "input_layernorm.weight"] = w(p + "attn_norm")
         sd[q + "post_attention_layernorm.weight"] = w(p + "ffn_norm")
-    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: v.contiguous() for k, v in sd.items()}, strict=False
+    )
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     assert not missing and not unexpected, (missing, unexpected)
     if tied:
@@ -355,6 +408,7 @@ class HFEngine:
         import torch
         import transformers
         from transformers import DynamicCache
+
         self.torch, self.DynamicCache = torch, DynamicCache
         torch.set_num_threads(a.threads)
         t0 = time.perf_counter()
@@ -367,16 +421,24 @@ class HFEngine:
         self.rng = np.random.default_rng(1234)
         self.depth_ids = self.rng.integers(0, self.vocab, max(a.max_depth, 1)).tolist()
         self.cache, self.filled = DynamicCache(), 0
-        self.info = {"transformers": transformers.__version__, "torch": torch.__version__,
-                     "dtype": dtype_name, "attn": "sdpa"}
+        self.info = {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "dtype": dtype_name,
+            "attn": "sdpa",
+        }
 
     def run(self, test, n=None):
         torch, n = self.torch, test.n if n is None else n
         with torch.inference_mode():
             if self.filled < test.depth:
                 self._cut(self.filled)
-                self.model(torch.tensor([self.depth_ids[self.filled:test.depth]]), past_key_values=self.cache,
-                           use_cache=True, logits_to_keep=1)
+                self.model(
+                    torch.tensor([self.depth_ids[self.filled : test.depth]]),
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 self.filled = test.depth
             self._cut(test.depth)
             ids = torch.tensor([self.rng.integers(0, self.vocab, n).tolist()])
@@ -386,7 +448,7 @@ class HFEngine:
                 model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 dt = time.perf_counter_ns() - t0
             else:
-                toks = [ids[:, i:i + 1] for i in range(n)]
+                toks = [ids[:, i : i + 1] for i in range(n)]
                 t0 = time.perf_counter_ns()
                 for x in toks:
                     model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -444,7 +506,10 @@ def worker_main(a):
                 t = Test(cmd["kind"], cmd["n"], cmd["depth"])
                 reply(ok=True, ns=e.run(t, cmd.get("n_override")))
             elif cmd["cmd"] == "logits":
-                reply(ok=True, logits=base64.b64encode(e.logits(cmd["ids"]).astype("<f4").tobytes()).decode())
+                reply(
+                    ok=True,
+                    logits=base64.b64encode(e.logits(cmd["ids"]).astype("<f4").tobytes()).decode(),
+                )
             elif cmd["cmd"] == "rss":
                 reply(ok=True, peak_rss_bytes=bench.peak_rss_bytes())
             elif cmd["cmd"] == "quit":
@@ -459,13 +524,38 @@ def worker_main(a):
 class Worker:
     def __init__(self, engine, a, threads, n_ctx, max_depth):
         self.engine = engine
-        self.log = os.path.join(tempfile.gettempdir(), f"pyllm-compare-{engine}-t{threads}-{os.getpid()}.log")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self.log = os.path.join(
+            tempfile.gettempdir(), f"pyllm-compare-{engine}-t{threads}-{os.getpid()}.log"
+        )
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(threads),
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
         self.p = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", engine, a.model, "--gguf", a.gguf,
-             "-t", str(threads), "--n-ctx", str(n_ctx), "--max-depth", str(max_depth)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=env)
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                engine,
+                a.model,
+                "--gguf",
+                a.gguf,
+                "-t",
+                str(threads),
+                "--n-ctx",
+                str(n_ctx),
+                "--max-depth",
+                str(max_depth),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.log, "w"),
+            text=True,
+            env=env,
+        )
         hello = self._read()
         self.load_s, self.info = hello["load_s"], hello["info"]
 
@@ -524,9 +614,19 @@ def _proc_jiffies(pid):
 
 def timed_run(w, test, cores):
     """w.run(test) and the share of the machine other processes used meanwhile (0..1)."""
-    b0, p0, c0, t0 = _busy_jiffies(), _proc_jiffies(w.p.pid), _proc_jiffies(os.getpid()), time.perf_counter()
+    b0, p0, c0, t0 = (
+        _busy_jiffies(),
+        _proc_jiffies(w.p.pid),
+        _proc_jiffies(os.getpid()),
+        time.perf_counter(),
+    )
     ns = w.run(test)
-    b1, p1, c1, t1 = _busy_jiffies(), _proc_jiffies(w.p.pid), _proc_jiffies(os.getpid()), time.perf_counter()
+    b1, p1, c1, t1 = (
+        _busy_jiffies(),
+        _proc_jiffies(w.p.pid),
+        _proc_jiffies(os.getpid()),
+        time.perf_counter(),
+    )
     if None in (b0, p0, c0, b1, p1, c1):
         return ns, None
     hz = os.sysconf("SC_CLK_TCK")
@@ -554,31 +654,47 @@ def wait_quiet(cores, threshold, max_wait):
         if load is None or load < threshold or time.perf_counter() > t_end:
             return load
         if not said:
-            print(f"  (waiting for a quiet machine: other processes use {100 * load:.0f}%)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  (waiting for a quiet machine: other processes use {100 * load:.0f}%)",
+                file=sys.stderr,
+                flush=True,
+            )
             said = True
 
 
 def engine_available(name):
     import importlib.util
-    mod = {"pyllm": "pyllm", "llama.cpp": "llama_cpp", "llama.cpp-norepack": "llama_cpp",
-           "hf-f32": "transformers", "hf-bf16": "transformers"}[name]
-    return importlib.util.find_spec(mod) is not None and (not name.startswith("hf") or
-                                                         importlib.util.find_spec("torch") is not None)
+
+    mod = {
+        "pyllm": "pyllm",
+        "llama.cpp": "llama_cpp",
+        "llama.cpp-norepack": "llama_cpp",
+        "hf-f32": "transformers",
+        "hf-bf16": "transformers",
+    }[name]
+    return importlib.util.find_spec(mod) is not None and (
+        not name.startswith("hf") or importlib.util.find_spec("torch") is not None
+    )
 
 
 def check_logits(workers, vocab, n=CHECK_TOKENS, seed=7):
     ids = np.random.default_rng(seed).integers(0, vocab, n).tolist()
-    got = {w.engine: np.frombuffer(base64.b64decode(w.call(cmd="logits", ids=ids)["logits"]), "<f4")
-           for w in workers}
+    got = {
+        w.engine: np.frombuffer(base64.b64decode(w.call(cmd="logits", ids=ids)["logits"]), "<f4")
+        for w in workers
+    }
     ref = got["pyllm"]
     out = {}
     for name, lg in got.items():
         if name == "pyllm":
             continue
         top_ref, top = np.argsort(-ref)[:5], np.argsort(-lg)[:5]
-        out[name] = {"max_abs_diff": float(np.abs(lg - ref).max()), "logit_scale": float(np.abs(ref).max()),
-                     "argmax_agree": bool(top_ref[0] == top[0]), "top5_overlap": len(set(top_ref) & set(top))}
+        out[name] = {
+            "max_abs_diff": float(np.abs(lg - ref).max()),
+            "logit_scale": float(np.abs(ref).max()),
+            "argmax_agree": bool(top_ref[0] == top[0]),
+            "top5_overlap": len(set(top_ref) & set(top)),
+        }
     return {"n_tokens": n, "vs_pyllm": out}
 
 
@@ -593,21 +709,42 @@ def parse_args(argv):
     ap.add_argument("-p", "--n-prompt", default="512")
     ap.add_argument("-n", "--n-gen", default="128")
     ap.add_argument("-d", "--n-depth", default="0", help="depths for every test (default 0)")
-    ap.add_argument("--decode-depths", default="512,2048,4096",
-                    help="extra tg tests at these depths, for the decode-vs-depth plot ('' = none)")
-    ap.add_argument("-t", "--threads", default=None, help="thread counts (default: 1 and all cores)")
+    ap.add_argument(
+        "--decode-depths",
+        default="512,2048,4096",
+        help="extra tg tests at these depths, for the decode-vs-depth plot ('' = none)",
+    )
+    ap.add_argument(
+        "-t", "--threads", default=None, help="thread counts (default: 1 and all cores)"
+    )
     ap.add_argument("-r", "--repetitions", type=int, default=3)
-    ap.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma list of {', '.join(ALL_ENGINES)}")
-    ap.add_argument("--gguf", default=None, help="the F16 GGUF (default: MODEL with .gguf, made if missing)")
-    ap.add_argument("--gap", type=float, default=0.25, help="seconds of quiet between runs (default 0.25)")
-    ap.add_argument("--max-other-load", type=float, default=0.1,
-                    help="before each timed run, wait until processes outside this run use less than this "
-                         "share of the machine, and redo a run they disturbed more (default 0.1; 1 = off)")
-    ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet (default 600)")
+    ap.add_argument(
+        "--engines", default=DEFAULT_ENGINES, help=f"comma list of {', '.join(ALL_ENGINES)}"
+    )
+    ap.add_argument(
+        "--gguf", default=None, help="the F16 GGUF (default: MODEL with .gguf, made if missing)"
+    )
+    ap.add_argument(
+        "--gap", type=float, default=0.25, help="seconds of quiet between runs (default 0.25)"
+    )
+    ap.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.1,
+        help="before each timed run, wait until processes outside this run use less than this "
+        "share of the machine, and redo a run they disturbed more (default 0.1; 1 = off)",
+    )
+    ap.add_argument(
+        "--max-wait", type=float, default=600, help="seconds to wait for quiet (default 600)"
+    )
     ap.add_argument("--retries", type=int, default=3, help="redos of a disturbed run (default 3)")
     ap.add_argument("--json-out", default=DEFAULT_JSON)
-    ap.add_argument("--no-roofline", dest="roofline", action="store_false",
-                    help="skip the ceilings (pyllm's fractions of the read and FMA ceilings) after the runs")
+    ap.add_argument(
+        "--no-roofline",
+        dest="roofline",
+        action="store_false",
+        help="skip the ceilings (pyllm's fractions of the read and FMA ceilings) after the runs",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-ctx", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--max-depth", type=int, default=0, help=argparse.SUPPRESS)
@@ -635,7 +772,9 @@ def select_engines(names):
     for e in names.split(","):
         e = e.strip()
         if e not in ALL_ENGINES:
-            raise SystemExit(f"compare: unknown engine {e!r} (choose from {', '.join(ALL_ENGINES)})")
+            raise SystemExit(
+                f"compare: unknown engine {e!r} (choose from {', '.join(ALL_ENGINES)})"
+            )
         if engine_available(e):
             engines.append(e)
         else:
@@ -648,6 +787,7 @@ def select_engines(names):
 @dataclass
 class Run:
     """One comparison: the options, the machine, what to run, and the record (doc, the JSON)."""
+
     a: argparse.Namespace
     cores: int
     threads: list
@@ -687,13 +827,29 @@ def plan(a):
 def new_doc(run):
     a, info = run.a, run.info
     gguf = a.gguf if any(e.startswith("llama") for e in run.engines) else None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-            "machine": {"cpu": bench.cpu_info(), "cores": run.cores, "platform": platform.platform(),
-                        "python": platform.python_version()},
-            "model": {"file": a.model, "gguf": gguf, "type": info.desc, "size": info.size,
-                      "n_params": info.n_params, "weight_bytes_per_token": info.bytes_per_token},
-            "repetitions": a.repetitions, "engines": {}, "loads": [], "check": None, "results": []}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "machine": {
+            "cpu": bench.cpu_info(),
+            "cores": run.cores,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "model": {
+            "file": a.model,
+            "gguf": gguf,
+            "type": info.desc,
+            "size": info.size,
+            "n_params": info.n_params,
+            "weight_bytes_per_token": info.bytes_per_token,
+        },
+        "repetitions": a.repetitions,
+        "engines": {},
+        "loads": [],
+        "check": None,
+        "results": [],
+    }
 
 
 # ---------------- the runs: one thread count, one test ----------------
@@ -718,11 +874,14 @@ def run_threads(run, nt):
 
 def print_check(check):
     for name, c in check["vs_pyllm"].items():
-        print(f"same-weights check, {name} vs pyllm, last-token logits of {check['n_tokens']} "
-              f"random ids: max |diff| {c['max_abs_diff']:.3g} "
-              f"(logits up to {c['logit_scale']:.1f}), "
-              f"argmax {'agrees' if c['argmax_agree'] else 'DIFFERS'}, top-5 overlap "
-              f"{c['top5_overlap']}/5", flush=True)
+        print(
+            f"same-weights check, {name} vs pyllm, last-token logits of {check['n_tokens']} "
+            f"random ids: max |diff| {c['max_abs_diff']:.3g} "
+            f"(logits up to {c['logit_scale']:.1f}), "
+            f"argmax {'agrees' if c['argmax_agree'] else 'DIFFERS'}, top-5 overlap "
+            f"{c['top5_overlap']}/5",
+            flush=True,
+        )
 
 
 def table_header(engines, peers):
@@ -762,8 +921,12 @@ def quiet_run(w, test, a, cores):
         ns, busy = timed_run(w, test, cores)
         if busy is None or busy <= a.max_other_load:
             break
-        print(f"  ({w.engine}: other processes used {100 * busy:.0f}% during the run; "
-              f"{'again' if attempt < a.retries else 'kept'})", file=sys.stderr, flush=True)
+        print(
+            f"  ({w.engine}: other processes used {100 * busy:.0f}% during the run; "
+            f"{'again' if attempt < a.retries else 'kept'})",
+            file=sys.stderr,
+            flush=True,
+        )
     return ns, busy
 
 
@@ -775,8 +938,17 @@ def record_test(run, nt, test, samples, other):
         stats[e]["other_load"] = max(other[e]) if other[e] else None
     busiest = max((v for e in stats for v in other[e]), default=None)
     for e, s in stats.items():
-        run.doc["results"].append(dict(engine=e, n_threads=nt, test=test.name, n_prompt=test.n_prompt,
-                                       n_gen=test.n_gen, n_depth=test.depth, **s))
+        run.doc["results"].append(
+            dict(
+                engine=e,
+                n_threads=nt,
+                test=test.name,
+                n_prompt=test.n_prompt,
+                n_gen=test.n_gen,
+                n_depth=test.depth,
+                **s,
+            )
+        )
     cells = [str(nt), test.name] + [fmt_ts(stats[e]) for e in run.engines]
     cells += [f"{stats['pyllm']['avg_ts'] / stats[p]['avg_ts']:.2f}" for p in run.peers]
     cells.append("?" if busiest is None else f"{100 * busiest:.0f}%")
@@ -791,8 +963,9 @@ def close_workers(run, workers, nt):
         except Exception as ex:  # noqa: BLE001
             print(f"compare: closing {w.engine}: {ex}", file=sys.stderr)
             rss = None
-        run.doc["loads"].append({"engine": w.engine, "n_threads": nt, "load_s": w.load_s,
-                                 "peak_rss_bytes": rss})
+        run.doc["loads"].append(
+            {"engine": w.engine, "n_threads": nt, "load_s": w.load_s, "peak_rss_bytes": rss}
+        )
 
 
 # ---------------- the report ----------------
@@ -800,7 +973,9 @@ def print_loads(doc):
     print("\nload (open + first touch) and peak RSS per engine:")
     for r in doc["loads"]:
         rss = f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r["peak_rss_bytes"] else "?"
-        print(f"  {r['engine']:20} threads {r['n_threads']}: load {r['load_s']:.2f} s, peak RSS {rss}")
+        print(
+            f"  {r['engine']:20} threads {r['n_threads']}: load {r['load_s']:.2f} s, peak RSS {rss}"
+        )
     for e, i in doc["engines"].items():
         print(f"  {e}: " + ", ".join(f"{k}={v}" for k, v in i.items() if k != "system_info"))
 
@@ -813,17 +988,43 @@ def print_roofline(run):
     for r in run.doc["results"]:
         if r["engine"] != "pyllm":
             continue
-        res = bench.apply_roofline({k: r[k] for k in ("n_prompt", "n_gen", "n_depth", "n_threads", "avg_ts")},
-                                   run.info.config, run.info, ceil[r["n_threads"]])
-        rows.append({"n_threads": r["n_threads"], "test": r["test"], **{k: res[k] for k in (
-            "roofline_bound", "roofline_ts", "roofline_fraction", "roofline_warning")}})
+        res = bench.apply_roofline(
+            {k: r[k] for k in ("n_prompt", "n_gen", "n_depth", "n_threads", "avg_ts")},
+            run.info.config,
+            run.info,
+            ceil[r["n_threads"]],
+        )
+        rows.append(
+            {
+                "n_threads": r["n_threads"],
+                "test": r["test"],
+                **{
+                    k: res[k]
+                    for k in (
+                        "roofline_bound",
+                        "roofline_ts",
+                        "roofline_fraction",
+                        "roofline_warning",
+                    )
+                },
+            }
+        )
     run.doc["roofline"] = {"ceilings": {str(k): v for k, v in ceil.items()}, "pyllm": rows}
-    print("\nceilings, timed on pyllm's pool after the runs: " + "; ".join(
-        f"{nt} thread{'s' if nt > 1 else ''}: read {c['read_gbs']:.1f} GB/s ({c['read_pattern']}), "
-        f"f32 FMA {c['fma_gflops']:.0f} GFLOP/s" for nt, c in ceil.items()))
+    print(
+        "\nceilings, timed on pyllm's pool after the runs: "
+        + "; ".join(
+            f"{nt} thread{'s' if nt > 1 else ''}: read {c['read_gbs']:.1f} GB/s ({c['read_pattern']}), "
+            f"f32 FMA {c['fma_gflops']:.0f} GFLOP/s"
+            for nt, c in ceil.items()
+        )
+    )
     print("| threads | test | bound by | pyllm of its ceiling |\n| ---: | ---: | ---: | ---: |")
     for r in rows:
-        frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
+        frac = (
+            f"{100 * r['roofline_fraction']:.0f}%"
+            if r["roofline_fraction"] is not None
+            else "probe low"
+        )
         print(f"| {r['n_threads']} | {r['test']} | {r['roofline_bound']} | {frac} |")
     for r in rows:
         if r["roofline_warning"]:
@@ -843,8 +1044,11 @@ def main(argv=None):
         a.threads = int(a.threads)
         return worker_main(a)
     run = plan(a)
-    print(f"{run.info.desc}, {a.model}; {bench.cpu_info()}, {run.cores} cores; -r {a.repetitions}; "
-          f"engines: {', '.join(run.engines)}", flush=True)
+    print(
+        f"{run.info.desc}, {a.model}; {bench.cpu_info()}, {run.cores} cores; -r {a.repetitions}; "
+        f"engines: {', '.join(run.engines)}",
+        flush=True,
+    )
     for nt in run.threads:
         run_threads(run, nt)
     print_loads(run.doc)

@@ -1,11 +1,12 @@
 """Plots of benchmarks/compare.py's JSON (matplotlib, PNG).
 
-    python benchmarks/plot.py [benchmarks/out/compare.json] [-o benchmarks/out]
+  python benchmarks/plot.py [benchmarks/out/compare.json] [-o benchmarks/out]
 
-  speed.png   tok/s per test (depth 0) and thread count, one bar per engine (± stddev)
-  depth.png   decode (tg) tok/s against the depth already in the KV cache, one line per
-              engine and thread count
+speed.png   tok/s per test (depth 0) and thread count, one bar per engine (± stddev)
+depth.png   decode (tg) tok/s against the depth already in the KV cache, one line per
+            engine and thread count
 """
+
 import argparse
 import json
 import os
@@ -18,8 +19,13 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"pyllm": "#d62728", "llama.cpp": "#1f77b4", "llama.cpp-norepack": "#17becf",
-          "hf-f32": "#2ca02c", "hf-bf16": "#9467bd"}
+COLORS = {
+    "pyllm": "#d62728",
+    "llama.cpp": "#1f77b4",
+    "llama.cpp-norepack": "#17becf",
+    "hf-f32": "#2ca02c",
+    "hf-bf16": "#9467bd",
+}
 
 
 def engines_of(doc):
@@ -80,13 +86,25 @@ def plot_depth(doc, path):
     threads = sorted({r["n_threads"] for r in rows})
     for e in engines_of(doc):
         for j, t in enumerate(threads):
-            pts = sorted((r["n_depth"], r["avg_ts"], r["stddev_ts"]) for r in rows
-                         if r["engine"] == e and r["n_threads"] == t)
+            pts = sorted(
+                (r["n_depth"], r["avg_ts"], r["stddev_ts"])
+                for r in rows
+                if r["engine"] == e and r["n_threads"] == t
+            )
             if not pts:
                 continue
             d, y, s = zip(*pts)
-            ax.errorbar(d, y, yerr=s, marker="o", ms=4, capsize=2, ls=styles[j % len(styles)],
-                        color=COLORS.get(e), label=f"{e}, {t} thread{'s' if t > 1 else ''}")
+            ax.errorbar(
+                d,
+                y,
+                yerr=s,
+                marker="o",
+                ms=4,
+                capsize=2,
+                ls=styles[j % len(styles)],
+                color=COLORS.get(e),
+                label=f"{e}, {t} thread{'s' if t > 1 else ''}",
+            )
     n_gen = rows[0]["n_gen"]
     ax.set_xlabel("depth: tokens already in the KV cache")
     ax.set_ylabel(f"decode tokens/s (tg{n_gen})")
@@ -104,7 +122,9 @@ def plot_depth(doc, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="plot benchmarks/compare.py's JSON")
     ap.add_argument("json", nargs="?", default=os.path.join(HERE, "out", "compare.json"))
-    ap.add_argument("-o", "--out-dir", default=None, help="where the PNGs go (default: next to the JSON)")
+    ap.add_argument(
+        "-o", "--out-dir", default=None, help="where the PNGs go (default: next to the JSON)"
+    )
     a = ap.parse_args(argv)
     with open(a.json) as f:
         doc = json.load(f)

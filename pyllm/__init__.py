@@ -1,4 +1,5 @@
 """pyllm: a language model is two files, a flat f16 parameters file and a small C kernel."""
+
 __version__ = "0.1.0"
 
 import os as _os

@@ -1,4 +1,5 @@
 """cffi API-mode build of the C kernel (setup.py: cffi_modules)."""
+
 import os
 import platform
 import re

@@ -22,6 +22,7 @@ tg as a fraction of the read ceiling (weights and KV cache per token) and pp as 
 the compute ceiling (FLOPs per token counted from the config, attention at the test's depth).
 A fraction over 100% is not reported: a warning says the probe read low.
 """
+
 import datetime
 import json
 import mmap
@@ -72,7 +73,9 @@ def int_list(s, what, lo=0):
     try:
         vals = [int(v) for v in str(s).split(",") if v.strip() != ""]
     except ValueError:
-        raise ValueError(f"{what}: expected a comma-separated list of integers, got {s!r}") from None
+        raise ValueError(
+            f"{what}: expected a comma-separated list of integers, got {s!r}"
+        ) from None
     if not vals:
         raise ValueError(f"{what}: empty list")
     bad = [v for v in vals if v < lo]
@@ -141,6 +144,7 @@ def build_info():
     import subprocess
 
     from . import _pyllm
+
     so = _pyllm.__file__
     with open(so, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()[:16]
@@ -148,9 +152,16 @@ def build_info():
     src = os.path.dirname(os.path.dirname(os.path.abspath(so)))
     try:
         git = ["git", "-C", src]
-        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        if subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "csrc", "pyllm"], timeout=10).returncode:
+        commit = subprocess.run(
+            git + ["rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        if subprocess.run(
+            git + ["diff", "--quiet", "HEAD", "--", "csrc", "pyllm"], timeout=10
+        ).returncode:
             commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
@@ -161,7 +172,7 @@ def build_info():
 class ModelInfo:
     path: str
     config: dict
-    size: int          # bytes of all tensors (llama-bench's model_size)
+    size: int  # bytes of all tensors (llama-bench's model_size)
     n_params: int
     tied: bool
     bytes_per_token: int  # weights read per generated token
@@ -171,7 +182,9 @@ class ModelInfo:
         """llama-bench's model_type, e.g. 'llama 135M F16'."""
         arch = self.config.get("arch") or self.config.get("architecture") or "llama"
         n = self.n_params
-        label = f"{n / 1e9:.0f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+        label = (
+            f"{n / 1e9:.0f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+        )
         return f"{arch} {label} F16"
 
 
@@ -186,8 +199,14 @@ def model_info(path):
     per_token = sum(nb for name, (_, nb, nd) in sizes.items() if nd == 2 and name != "tok_embd")
     if tied:
         per_token += sizes["tok_embd"][1]
-    return ModelInfo(path, mf.config, sum(nb for _, nb, _ in sizes.values()),
-                     sum(n for n, _, _ in sizes.values()), tied, per_token)
+    return ModelInfo(
+        path,
+        mf.config,
+        sum(nb for _, nb, _ in sizes.values()),
+        sum(n for n, _, _ in sizes.values()),
+        tied,
+        per_token,
+    )
 
 
 # ---------- the timed runs ----------
@@ -198,9 +217,15 @@ class Runner:
 
     def __init__(self, path, threads, n_ctx, max_depth, seed=1234, cache_types=("f16", "f16")):
         from .model import load
+
         t0 = time.perf_counter()
-        self.model = load(path, threads=threads, n_ctx=n_ctx, cache_type_k=cache_types[0],
-                          cache_type_v=cache_types[1])
+        self.model = load(
+            path,
+            threads=threads,
+            n_ctx=n_ctx,
+            cache_type_k=cache_types[0],
+            cache_type_v=cache_types[1],
+        )
         self.vocab = self.model.vocab_size
         self.out = np.empty(self.vocab, dtype=np.float32)  # every run's logits land here
         rng = np.random.default_rng(seed)
@@ -259,9 +284,14 @@ def summarize(samples_ns, n_tokens):
     """llama-bench's statistics: mean and sample stddev of ns and of tokens/s."""
     ts = [n_tokens * 1e9 / s for s in samples_ns]
     sd = statistics.stdev if len(samples_ns) > 1 else (lambda v: 0.0)
-    return {"avg_ns": int(statistics.mean(samples_ns)), "stddev_ns": int(sd(samples_ns)),
-            "avg_ts": statistics.mean(ts), "stddev_ts": sd(ts),
-            "samples_ns": [int(s) for s in samples_ns], "samples_ts": ts}
+    return {
+        "avg_ns": int(statistics.mean(samples_ns)),
+        "stddev_ns": int(sd(samples_ns)),
+        "avg_ts": statistics.mean(ts),
+        "stddev_ts": sd(ts),
+        "samples_ns": [int(s) for s in samples_ns],
+        "samples_ts": ts,
+    }
 
 
 READ_STREAMS = (1, 2, 4, 8)  # per thread: the read ceiling is the best of these, on both page sizes
@@ -324,7 +354,12 @@ def ceilings(path, threads, nbytes=512 * MIB, tries=3, fma_seconds=0.1, progress
     finally:
         ffi.release(m)
     best = max(patterns, key=patterns.get)
-    return {"read_gbs": patterns[best], "read_pattern": best, "read_patterns": patterns, "fma_gflops": fma}
+    return {
+        "read_gbs": patterns[best],
+        "read_pattern": best,
+        "read_patterns": patterns,
+        "fma_gflops": fma,
+    }
 
 
 def matmul_flops_per_token(cfg):
@@ -348,11 +383,16 @@ def test_flops(cfg, test):
     output head for the tokens whose logits are computed (pp: the last; tg: every one)."""
     n = test.n
     head = 2 * cfg["vocab_size"] * cfg["dim"]
-    first, last = test.depth, test.depth + n - 1  # attention: the sum over the positions, closed form
+    first, last = (
+        test.depth,
+        test.depth + n - 1,
+    )  # attention: the sum over the positions, closed form
     if cfg.get("sliding_window"):
         att = sum(attention_flops(cfg, p) for p in range(first, last + 1))
     else:
-        att = 2 * 2 * cfg["n_layers"] * cfg["n_heads"] * cfg["head_dim"] * (first + last + 2) * n // 2
+        att = (
+            2 * 2 * cfg["n_layers"] * cfg["n_heads"] * cfg["head_dim"] * (first + last + 2) * n // 2
+        )
     return n * matmul_flops_per_token(cfg) + att + head * (1 if test.kind == "pp" else n)
 
 
@@ -360,7 +400,9 @@ def kv_bytes_read(cfg, test, k_bytes=2, v_bytes=2):
     """Bytes of KV cache a tg run reads, summed over its tokens (K and V of every position seen)."""
     per_pos = cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * (k_bytes + v_bytes)
     sw = cfg.get("sliding_window")
-    return sum(per_pos * (min(p + 1, sw) if sw else p + 1) for p in range(test.depth, test.depth + test.n))
+    return sum(
+        per_pos * (min(p + 1, sw) if sw else p + 1) for p in range(test.depth, test.depth + test.n)
+    )
 
 
 def apply_roofline(res, cfg, info, ceil):
@@ -370,12 +412,20 @@ def apply_roofline(res, cfg, info, ceil):
     a warning says so instead."""
     test = Test("pp" if res["n_prompt"] else "tg", res["n_prompt"] or res["n_gen"], res["n_depth"])
     flops = test_flops(cfg, test) / test.n
-    res.update({"read_bandwidth_gbs": ceil["read_gbs"], "read_pattern": ceil["read_pattern"],
-                "read_patterns": ceil.get("read_patterns"), "fma_gflops": ceil["fma_gflops"],
-                "flops_per_token": flops})
+    res.update(
+        {
+            "read_bandwidth_gbs": ceil["read_gbs"],
+            "read_pattern": ceil["read_pattern"],
+            "read_patterns": ceil.get("read_patterns"),
+            "fma_gflops": ceil["fma_gflops"],
+            "flops_per_token": flops,
+        }
+    )
     if test.kind == "tg":
         elem = {"f16": 2, "f32": 4}
-        kv = kv_bytes_read(cfg, test, elem[res.get("type_k", "f16")], elem[res.get("type_v", "f16")])
+        kv = kv_bytes_read(
+            cfg, test, elem[res.get("type_k", "f16")], elem[res.get("type_v", "f16")]
+        )
         per_token = info.bytes_per_token + kv / test.n
         res["bytes_per_token"] = per_token
         res["roofline_bound"] = "read"
@@ -384,19 +434,33 @@ def apply_roofline(res, cfg, info, ceil):
     else:
         res["roofline_bound"] = "compute"
         res["roofline_ts"] = ceil["fma_gflops"] * 1e9 / flops
-        what = (f"prefill computes {flops * res['avg_ts'] / 1e9:.1f} GFLOP/s, "
-                f"the FMA ceiling {ceil['fma_gflops']:.1f} GFLOP/s")
+        what = (
+            f"prefill computes {flops * res['avg_ts'] / 1e9:.1f} GFLOP/s, "
+            f"the FMA ceiling {ceil['fma_gflops']:.1f} GFLOP/s"
+        )
     fraction = res["avg_ts"] / res["roofline_ts"]
     res["roofline_fraction"], res["roofline_warning"] = fraction, None
     if fraction > 1:
         res["roofline_fraction"] = None
-        res["roofline_warning"] = (f"{test.name} at {res['n_threads']} threads: {what}: the probe read low "
-                                   "(or the data stayed in the caches); no fraction reported")
+        res["roofline_warning"] = (
+            f"{test.name} at {res['n_threads']} threads: {what}: the probe read low "
+            "(or the data stayed in the caches); no fraction reported"
+        )
     return res
 
 
-def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_bytes=512 * MIB,
-          on_result=None, progress=None, cache_types=(("f16", "f16"),)):
+def bench(
+    path,
+    tests,
+    threads_list,
+    reps=5,
+    warmup=True,
+    roofline=False,
+    bw_bytes=512 * MIB,
+    on_result=None,
+    progress=None,
+    cache_types=(("f16", "f16"),),
+):
     """Run every test at every thread count and (keys, values) cache type pair; a list of
     llama-bench-style result dicts."""
     info = model_info(path)
@@ -405,6 +469,7 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
     if need > max_ctx:
         raise ValueError(f"the tests need a context of {need} tokens; the model's is {max_ctx}")
     from ._pyllm import ffi, lib
+
     simd = ffi.string(lib.pyllm_simd()).decode()
     build = build_info()
     results = []
@@ -417,22 +482,45 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
                 if warmup:
                     r.run(test, n=1 if test.kind == "tg" else None)
                 samples = [r.run(test) for _ in range(reps)]
-                res = {"model_filename": path, "model_type": info.desc, "model_size": info.size,
-                       "model_n_params": info.n_params, "cpu_info": cpu_info(), "simd": simd,
-                       "build_commit": build["build_commit"], "kernel_sha256": build["kernel_sha256"],
-                       "n_threads": r.threads, "type_k": types[0], "type_v": types[1],
-                       "n_prompt": test.n_prompt, "n_gen": test.n_gen,
-                       "n_batch": test.n_batch, "n_depth": test.depth,
-                       "test_time": datetime.datetime.now(datetime.timezone.utc)
-                       .strftime("%Y-%m-%dT%H:%M:%SZ")}
+                res = {
+                    "model_filename": path,
+                    "model_type": info.desc,
+                    "model_size": info.size,
+                    "model_n_params": info.n_params,
+                    "cpu_info": cpu_info(),
+                    "simd": simd,
+                    "build_commit": build["build_commit"],
+                    "kernel_sha256": build["kernel_sha256"],
+                    "n_threads": r.threads,
+                    "type_k": types[0],
+                    "type_v": types[1],
+                    "n_prompt": test.n_prompt,
+                    "n_gen": test.n_gen,
+                    "n_batch": test.n_batch,
+                    "n_depth": test.depth,
+                    "test_time": datetime.datetime.now(datetime.timezone.utc).strftime(
+                        "%Y-%m-%dT%H:%M:%SZ"
+                    ),
+                }
                 res.update(summarize(samples, test.n))
-                res.update({"load_s": r.load_s, "peak_rss_bytes": peak_rss_bytes(),
-                            "weight_bytes_per_token": info.bytes_per_token if test.kind == "tg" else None,
-                            "bandwidth_gbs": info.bytes_per_token * res["avg_ts"] / 1e9
-                            if test.kind == "tg" else None,
-                            "read_bandwidth_gbs": None, "fma_gflops": None, "roofline_ts": None,
-                            "roofline_fraction": None, "roofline_warning": None,
-                            "batch_cost": None})
+                res.update(
+                    {
+                        "load_s": r.load_s,
+                        "peak_rss_bytes": peak_rss_bytes(),
+                        "weight_bytes_per_token": info.bytes_per_token
+                        if test.kind == "tg"
+                        else None,
+                        "bandwidth_gbs": info.bytes_per_token * res["avg_ts"] / 1e9
+                        if test.kind == "tg"
+                        else None,
+                        "read_bandwidth_gbs": None,
+                        "fma_gflops": None,
+                        "roofline_ts": None,
+                        "roofline_fraction": None,
+                        "roofline_warning": None,
+                        "batch_cost": None,
+                    }
+                )
                 results.append(res)
                 if on_result:
                     on_result(res)
@@ -440,8 +528,10 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
             r.close()
     batch_costs(results)
     if roofline:  # last: its buffer must not count in the models' peak RSS
-        ceil = {nt: ceilings(path, nt, bw_bytes, progress=progress)
-                for nt in sorted({res["n_threads"] for res in results})}
+        ceil = {
+            nt: ceilings(path, nt, bw_bytes, progress=progress)
+            for nt in sorted({res["n_threads"] for res in results})
+        }
         for res in results:
             if not res.get("n_batch"):  # a verify pass has no single ceiling
                 apply_roofline(res, info.config, info, ceil[res["n_threads"]])
@@ -451,8 +541,10 @@ def bench(path, tests, threads_list, reps=5, warmup=True, roofline=False, bw_byt
 def batch_costs(results):
     """cost(T)/cost(1) for the batch rows: their time over batch1's at the same threads and
     depth."""
+
     def key(r):
         return r["n_threads"], r["n_depth"], r.get("type_k"), r.get("type_v")
+
     one = {key(r): r["avg_ns"] for r in results if r.get("n_batch") == 1}
     for r in results:
         base = one.get(key(r))
@@ -476,14 +568,18 @@ def fmt_params(n):
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-MD_HEADER = ("| model | size | params | threads | type_k | type_v | test | t/s |\n"
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+MD_HEADER = (
+    "| model | size | params | threads | type_k | type_v | test | t/s |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
 
 
 def md_row(res):
-    return (f"| {printable(res['model_type'])} | {fmt_size(res['model_size'])} "
-            f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {res['type_k']} | {res['type_v']} "
-            f"| {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |")
+    return (
+        f"| {printable(res['model_type'])} | {fmt_size(res['model_size'])} "
+        f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {res['type_k']} | {res['type_v']} "
+        f"| {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |"
+    )
 
 
 def footer_name(res):
@@ -497,26 +593,39 @@ def md_footer(results):
     tg = [r for r in results if r["n_gen"]]
     if tg:
         lines.append("")
-        lines.append(f"weights read per generated token: {tg[0]['weight_bytes_per_token'] / 1e6:.1f} MB")
+        lines.append(
+            f"weights read per generated token: {tg[0]['weight_bytes_per_token'] / 1e6:.1f} MB"
+        )
         lines.append("| threads | test | weights GB/s |")
         lines.append("| ---: | ---: | ---: |")
         for r in tg:
             lines.append(f"| {r['n_threads']} | {footer_name(r)} | {r['bandwidth_gbs']:.2f} |")
     if any(r.get("roofline_bound") for r in results):
         lines.append("")
-        lines.append("roofline: decode (tg) against the read ceiling (weights and KV cache read per token), "
-                     "prefill (pp) against the f32 FMA ceiling (FLOPs per token from the config); "
-                     "ceilings timed on the model's own thread pool")
+        lines.append(
+            "roofline: decode (tg) against the read ceiling (weights and KV cache read per token), "
+            "prefill (pp) against the f32 FMA ceiling (FLOPs per token from the config); "
+            "ceilings timed on the model's own thread pool"
+        )
         lines.append("| threads | test | t/s | bound by | ceiling | roofline t/s | fraction |")
         lines.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in results:
             if not r.get("roofline_bound"):
                 continue
-            ceiling = (f"{r['read_bandwidth_gbs']:.1f} GB/s ({r['read_pattern']})" if r["roofline_bound"] == "read"
-                       else f"{r['fma_gflops']:.1f} GFLOP/s")
-            frac = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] is not None else "probe low"
-            lines.append(f"| {r['n_threads']} | {footer_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
-                         f"| {ceiling} | {r['roofline_ts']:.1f} | {frac} |")
+            ceiling = (
+                f"{r['read_bandwidth_gbs']:.1f} GB/s ({r['read_pattern']})"
+                if r["roofline_bound"] == "read"
+                else f"{r['fma_gflops']:.1f} GFLOP/s"
+            )
+            frac = (
+                f"{100 * r['roofline_fraction']:.0f}%"
+                if r["roofline_fraction"] is not None
+                else "probe low"
+            )
+            lines.append(
+                f"| {r['n_threads']} | {footer_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
+                f"| {ceiling} | {r['roofline_ts']:.1f} | {frac} |"
+            )
         for r in results:
             if r.get("roofline_warning"):
                 lines.append(f"warning: {r['roofline_warning']}")
@@ -524,51 +633,110 @@ def md_footer(results):
     if batch:
         sizes = sorted({r["n_batch"] for r in batch})
         lines.append("")
-        lines.append("small-batch cost: one forward over T new tokens with every position's logits "
-                     "(a lookup-drafting verify pass), relative to T = 1")
+        lines.append(
+            "small-batch cost: one forward over T new tokens with every position's logits "
+            "(a lookup-drafting verify pass), relative to T = 1"
+        )
         lines.append("| threads | depth | " + " | ".join(f"T={T}" for T in sizes) + " |")
         lines.append("| ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |")
-        for key in sorted({(r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) for r in batch}):
-            cost = {r["n_batch"]: r["batch_cost"] for r in batch
-                    if (r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) == key}
+        for key in sorted(
+            {(r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) for r in batch}
+        ):
+            cost = {
+                r["n_batch"]: r["batch_cost"]
+                for r in batch
+                if (r["n_threads"], r["n_depth"], r["type_k"], r["type_v"]) == key
+            }
             cache = "" if key[2:] == ("f16", "f16") else f" ({key[2]}/{key[3]} cache)"
-            lines.append(f"| {key[0]} | {key[1]}{cache} | "
-                         + " | ".join(f"{cost[T]:.2f}" if T in cost else "-" for T in sizes) + " |")
+            lines.append(
+                f"| {key[0]} | {key[1]}{cache} | "
+                + " | ".join(f"{cost[T]:.2f}" if T in cost else "-" for T in sizes)
+                + " |"
+            )
     loads = {}
     for r in results:
         loads.setdefault(r["n_threads"], r["load_s"])
     lines.append("")
-    lines.append("load (open + first touch): " + ", ".join(f"{v:.3f} s ({k} threads)" for k, v in loads.items())
-                 + f"; peak RSS {max(r['peak_rss_bytes'] for r in results) / MIB:.1f} MiB"
-                 + f"; kernel {results[0]['simd']} (build {results[0]['build_commit']}, "
-                 f"{results[0]['kernel_sha256']}); {results[0]['cpu_info']}")
+    lines.append(
+        "load (open + first touch): "
+        + ", ".join(f"{v:.3f} s ({k} threads)" for k, v in loads.items())
+        + f"; peak RSS {max(r['peak_rss_bytes'] for r in results) / MIB:.1f} MiB"
+        + f"; kernel {results[0]['simd']} (build {results[0]['build_commit']}, "
+        f"{results[0]['kernel_sha256']}); {results[0]['cpu_info']}"
+    )
     return "\n".join(lines)
 
 
 # ---------- the command ----------
 def add_arguments(p):
     p.add_argument("model", help="a pyllm parameters file")
-    p.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, comma-separated (default 512; 0 = none)")
-    p.add_argument("-n", "--n-gen", default="128", help="tokens to generate, comma-separated (default 128; 0 = none)")
-    p.add_argument("-d", "--n-depth", default="0",
-                   help="tokens already in the KV cache before each test, comma-separated (default 0)")
-    p.add_argument("-t", "--threads", default=None, help="thread counts, comma-separated (default: all cores)")
-    p.add_argument("-ctk", "--cache-type-k", default="f16",
-                   help="KV cache types for keys, comma-separated: f16 (default), f32")
-    p.add_argument("-ctv", "--cache-type-v", default="f16",
-                   help="KV cache types for values, comma-separated: f16 (default), f32")
-    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
-    p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
-    p.add_argument("--batch", default="0", metavar="T,..",
-                   help="also time small batches of T tokens as lookup-drafting verify passes "
-                        "and report cost(T)/cost(1), e.g. 1,2,4,8,16 (default 0 = none)")
-    p.add_argument("--batch-depth", type=int, default=512,
-                   help="tokens in the KV cache before each small-batch pass (default 512)")
-    p.add_argument("--roofline", action="store_true",
-                   help="measure the machine's read and f32 FMA ceilings; report tg and pp as fractions of them")
-    p.add_argument("--bw-mib", type=int, default=512, help="buffer of the read ceiling in MiB (default 512; many times the last-level cache, or it reads the cache)")
+    p.add_argument(
+        "-p",
+        "--n-prompt",
+        default="512",
+        help="prompt lengths, comma-separated (default 512; 0 = none)",
+    )
+    p.add_argument(
+        "-n",
+        "--n-gen",
+        default="128",
+        help="tokens to generate, comma-separated (default 128; 0 = none)",
+    )
+    p.add_argument(
+        "-d",
+        "--n-depth",
+        default="0",
+        help="tokens already in the KV cache before each test, comma-separated (default 0)",
+    )
+    p.add_argument(
+        "-t", "--threads", default=None, help="thread counts, comma-separated (default: all cores)"
+    )
+    p.add_argument(
+        "-ctk",
+        "--cache-type-k",
+        default="f16",
+        help="KV cache types for keys, comma-separated: f16 (default), f32",
+    )
+    p.add_argument(
+        "-ctv",
+        "--cache-type-v",
+        default="f16",
+        help="KV cache types for values, comma-separated: f16 (default), f32",
+    )
+    p.add_argument(
+        "-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)"
+    )
+    p.add_argument(
+        "-o", "--output", choices=("md", "json"), default="md", help="output format (default md)"
+    )
+    p.add_argument(
+        "--batch",
+        default="0",
+        metavar="T,..",
+        help="also time small batches of T tokens as lookup-drafting verify passes "
+        "and report cost(T)/cost(1), e.g. 1,2,4,8,16 (default 0 = none)",
+    )
+    p.add_argument(
+        "--batch-depth",
+        type=int,
+        default=512,
+        help="tokens in the KV cache before each small-batch pass (default 512)",
+    )
+    p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="measure the machine's read and f32 FMA ceilings; report tg and pp as fractions of them",
+    )
+    p.add_argument(
+        "--bw-mib",
+        type=int,
+        default=512,
+        help="buffer of the read ceiling in MiB (default 512; many times the last-level cache, or it reads the cache)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the warmup run of each test")
-    p.add_argument("--progress", action="store_true", help="print each test as it starts, to stderr")
+    p.add_argument(
+        "--progress", action="store_true", help="print each test as it starts, to stderr"
+    )
 
 
 def main(a):
@@ -580,7 +748,10 @@ def main(a):
         raise ValueError(f"-r: {a.repetitions} repetitions; at least 1")
     if not 1 <= a.bw_mib < 16384:
         raise ValueError(f"--bw-mib: {a.bw_mib}; 1 to 16383")
-    types_k, types_v = cache_type_list(a.cache_type_k, "-ctk"), cache_type_list(a.cache_type_v, "-ctv")
+    types_k, types_v = (
+        cache_type_list(a.cache_type_k, "-ctk"),
+        cache_type_list(a.cache_type_v, "-ctv"),
+    )
     batch = [T for T in int_list(a.batch, "--batch") if T > 0]
     if a.batch_depth < 0:
         raise ValueError(f"--batch-depth: {a.batch_depth} is below 0")
@@ -593,10 +764,18 @@ def main(a):
     if md:
         print(MD_HEADER, flush=True)
     progress = (lambda s: print(s, file=sys.stderr, flush=True)) if a.progress else None
-    results = bench(a.model, tests, threads, reps=a.repetitions, warmup=not a.no_warmup,
-                    roofline=a.roofline, bw_bytes=a.bw_mib * MIB,
-                    cache_types=[(k, v) for k in types_k for v in types_v],
-                    on_result=(lambda r: print(md_row(r), flush=True)) if md else None, progress=progress)
+    results = bench(
+        a.model,
+        tests,
+        threads,
+        reps=a.repetitions,
+        warmup=not a.no_warmup,
+        roofline=a.roofline,
+        bw_bytes=a.bw_mib * MIB,
+        cache_types=[(k, v) for k in types_k for v in types_v],
+        on_result=(lambda r: print(md_row(r), flush=True)) if md else None,
+        progress=progress,
+    )
     if md:
         print(md_footer(results))
     else:

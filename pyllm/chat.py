@@ -13,7 +13,15 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import outfile
-from .args import DEFAULT_MODEL, UsageError, add_model, add_sampling, model_kwargs, sampling_kwargs, text_arg
+from .args import (
+    DEFAULT_MODEL,
+    UsageError,
+    add_model,
+    add_sampling,
+    model_kwargs,
+    sampling_kwargs,
+    text_arg,
+)
 from .safeio import printable
 
 # Templates for files that carry none (--template NAME), in each family's own format.

@@ -1,4 +1,5 @@
 """pyllm's command line: argparse subcommands that call the modules, nothing more."""
+
 import argparse
 import json
 import math
@@ -13,13 +14,18 @@ from .safeio import printable, printable_json
 
 def cmd_convert(a):
     from .convert import convert
+
     s = convert(a.src, a.out, progress=not a.quiet, tokenizer=a.tokenizer)
-    print(f"wrote {a.out}: {s['tensors']} tensors, {s['parameters'] / 1e6:.1f} M parameters, "
-          f"{s['file_size'] / 2**20:.1f} MiB in {s['seconds']:.1f} s", file=sys.stderr)
+    print(
+        f"wrote {a.out}: {s['tensors']} tensors, {s['parameters'] / 1e6:.1f} M parameters, "
+        f"{s['file_size'] / 2**20:.1f} MiB in {s['seconds']:.1f} s",
+        file=sys.stderr,
+    )
 
 
 def cmd_generate(a):
     from .model import load
+
     prompt = text_arg(a.prompt if a.prompt != "-" else sys.stdin.read(), "prompt")
     m = load(a.model, **model_kwargs(a))
     for piece in m.generate(prompt, max_tokens=a.n_predict, **sampling_kwargs(a)):
@@ -33,24 +39,38 @@ def cmd_generate(a):
 def timings_line(s):
     pp = s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0
     tg = s["gen_tokens"] / s["decode_s"] if s["decode_s"] else 0.0
-    return (f"prompt {s['prefill_tokens']} tokens {pp:.1f} tok/s, "
-            f"generated {s['gen_tokens']} tokens {tg:.1f} tok/s, " + lookup.stats_text(s))
+    return (
+        f"prompt {s['prefill_tokens']} tokens {pp:.1f} tok/s, "
+        f"generated {s['gen_tokens']} tokens {tg:.1f} tok/s, " + lookup.stats_text(s)
+    )
 
 
 def cmd_info(a):
     from . import format
-    mf = format.read(a.model, map_tensors=False)  # validated: the types below are as metadata.py says
+
+    mf = format.read(
+        a.model, map_tensors=False
+    )  # validated: the types below are as metadata.py says
     tok, meta = mf.meta["tokenizer"], mf.meta
     names = tok["tokens"]
-    special = {k: (v, names[v] if v is not None else None) for k, v in tok.items() if k.endswith("_token_id")}
+    special = {
+        k: (v, names[v] if v is not None else None)
+        for k, v in tok.items()
+        if k.endswith("_token_id")
+    }
     info = {
         "file": a.model,
         "size_bytes": os.path.getsize(a.model),
         "config": mf.config,
         "parameters": sum(math.prod(t["shape"]) for t in meta["tensors"]),
-        "tokenizer": {"model": tok["model"], "pre": tok.get("pre"), "vocab": len(names),
-                      "merges": len(tok.get("merges") or []), "special_tokens": special,
-                      "add_bos_token": tok.get("add_bos_token")},
+        "tokenizer": {
+            "model": tok["model"],
+            "pre": tok.get("pre"),
+            "vocab": len(names),
+            "merges": len(tok.get("merges") or []),
+            "special_tokens": special,
+            "add_bos_token": tok.get("add_bos_token"),
+        },
         "chat_template": meta.get("chat_template"),
         "provenance": meta.get("provenance"),
     }
@@ -59,17 +79,23 @@ def cmd_info(a):
         return
     sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that cannot show a character
     p = printable  # everything below comes from the file
-    print(f"file        {p(info['file'])} ({info['size_bytes'] / 2**20:.1f} MiB, "
-          f"{info['parameters'] / 1e6:.1f} M parameters)")
+    print(
+        f"file        {p(info['file'])} ({info['size_bytes'] / 2**20:.1f} MiB, "
+        f"{info['parameters'] / 1e6:.1f} M parameters)"
+    )
     for k, v in info["config"].items():
         print(f"  {p(k):22} {p(v)}")
     t = info["tokenizer"]
-    print(f"tokenizer   {p(t['model'])} (pre {p(t['pre'])}), {t['vocab']} tokens, "
-          f"{t['merges']} merges, add_bos {t['add_bos_token']}")
+    print(
+        f"tokenizer   {p(t['model'])} (pre {p(t['pre'])}), {t['vocab']} tokens, "
+        f"{t['merges']} merges, add_bos {t['add_bos_token']}"
+    )
     for k, (i, s) in special.items():
         print(f"  {p(k):22} {i} {p(repr(s))}")
     tmpl = info["chat_template"]
-    print("template    " + ("(none)" if not tmpl else f"{len(tmpl)} chars: {p(repr(tmpl[:160]))}..."))
+    print(
+        "template    " + ("(none)" if not tmpl else f"{len(tmpl)} chars: {p(repr(tmpl[:160]))}...")
+    )
     for k, v in (info["provenance"] or {}).items():
         print(f"  {p(k):22} {p(v)}")
 
@@ -78,10 +104,17 @@ def build_parser():
     p = argparse.ArgumentParser(prog="pyllm", description="A minimal offline LLM runtime.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("convert", help="convert a GGUF file, Hugging Face directory or llama2.c checkpoint to a pyllm file")
+    c = sub.add_parser(
+        "convert",
+        help="convert a GGUF file, Hugging Face directory or llama2.c checkpoint to a pyllm file",
+    )
     c.add_argument("src")
     c.add_argument("out")
-    c.add_argument("--tokenizer", metavar="PATH", help="llama2.c checkpoints: their tokenizer.bin (default: next to SRC)")
+    c.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="llama2.c checkpoints: their tokenizer.bin (default: next to SRC)",
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=cmd_convert)
 
@@ -124,6 +157,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from .format import FormatError
     from .model import PyllmError
+
     errors = (PyllmError, FormatError, UsageError, ValueError, OSError)
     errors += (ConvertError,)
     try:

@@ -10,6 +10,7 @@ Layout (little-endian; docs/FORMAT.md is the spec):
 
 The C kernel reads only the header and the table; Python reads the JSON.
 """
+
 import json
 import math
 import os
@@ -35,8 +36,18 @@ ROW_BLOCK = 16
 # n_tensors, table_offset, meta_offset, meta_size, file_size
 _HEADER = struct.Struct("<8s12IfIQQQQQ")
 assert _HEADER.size <= HEADER_SIZE
-HEADER_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-               "vocab_size", "max_seq_len", "flags", "sliding_window")
+HEADER_INTS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "hidden_dim",
+    "vocab_size",
+    "max_seq_len",
+    "flags",
+    "sliding_window",
+)
 LIMIT = 1 << 20  # no hyper-parameter of a sane model is this large
 
 
@@ -81,14 +92,20 @@ def to_blocks(name, a):
         pad = -p.shape[0] % ROW_BLOCK
         p = np.concatenate([p, np.zeros((pad, p.shape[1]), p.dtype)]) if pad else p
         out.append(p.reshape(-1, ROW_BLOCK, p.shape[1]).transpose(0, 2, 1))
-    return np.ascontiguousarray(out[0] if len(out) == 1 else np.concatenate(out))  # one copy for one part
+    return np.ascontiguousarray(
+        out[0] if len(out) == 1 else np.concatenate(out)
+    )  # one copy for one part
 
 
 def from_blocks(name, stored, rows):
     """Stored (blocks, n, ROW_BLOCK) -> the matrix (rows, n), a copy."""
     parts = _parts(name)
-    return np.concatenate([b.transpose(0, 2, 1).reshape(-1, stored.shape[1])[:rows // parts]
-                           for b in np.split(np.asarray(stored), parts)])
+    return np.concatenate(
+        [
+            b.transpose(0, 2, 1).reshape(-1, stored.shape[1])[: rows // parts]
+            for b in np.split(np.asarray(stored), parts)
+        ]
+    )
 
 
 def tensor_layout(cfg):
@@ -111,8 +128,12 @@ def tensor_layout_lazy(cfg):
         yield from [(p + "attn_norm", (d,), "f16"), (p + "attn_qkv", (qkv, d), "f16")]
         if cfg["flags"] & FLAG_QKV_BIAS:
             yield p + "attn_qkv_bias", (qkv,), "f16"
-        yield from [(p + "attn_out", (d, cfg["n_heads"] * hd), "f16"), (p + "ffn_norm", (d,), "f16"),
-                    (p + "ffn_gate_up", (2 * hid, d), "f16"), (p + "ffn_down", (d, hid), "f16")]
+        yield from [
+            (p + "attn_out", (d, cfg["n_heads"] * hd), "f16"),
+            (p + "ffn_norm", (d,), "f16"),
+            (p + "ffn_gate_up", (2 * hid, d), "f16"),
+            (p + "ffn_down", (d, hid), "f16"),
+        ]
     yield "output_norm", (d,), "f16"
     if not cfg["flags"] & FLAG_TIED_OUTPUT:
         yield "output", (cfg["vocab_size"], d), "f16"
@@ -123,22 +144,38 @@ def check_config(cfg):
         v = cfg.get(k)
         if not isinstance(v, int) or v < 0 or (v >= LIMIT and k != "flags"):  # flags: below
             raise FormatError(f"config field {k}={v!r} is out of range")
-    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
-              "max_seq_len"):
+    for k in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "hidden_dim",
+        "vocab_size",
+        "max_seq_len",
+    ):
         if cfg[k] == 0:
             raise FormatError(f"config field {k} is 0")
     if cfg["n_heads"] % cfg["n_kv_heads"]:
-        raise FormatError(f"n_heads={cfg['n_heads']} is not a multiple of n_kv_heads={cfg['n_kv_heads']}")
+        raise FormatError(
+            f"n_heads={cfg['n_heads']} is not a multiple of n_kv_heads={cfg['n_kv_heads']}"
+        )
     if cfg["head_dim"] % 2:
         raise FormatError(f"head_dim={cfg['head_dim']} is odd")
-    padded = -(-cfg["head_dim"] // ROW_BLOCK) * ROW_BLOCK  # the KV cache stores head_dim in row blocks
+    padded = (
+        -(-cfg["head_dim"] // ROW_BLOCK) * ROW_BLOCK
+    )  # the KV cache stores head_dim in row blocks
     if cfg["n_heads"] * padded >= LIMIT:
-        raise FormatError(f"n_heads * head_dim = {cfg['n_heads'] * cfg['head_dim']} is out of range "
-                          f"(with head_dim padded to {ROW_BLOCK}: {cfg['n_heads'] * padded})")
+        raise FormatError(
+            f"n_heads * head_dim = {cfg['n_heads'] * cfg['head_dim']} is out of range "
+            f"(with head_dim padded to {ROW_BLOCK}: {cfg['n_heads'] * padded})"
+        )
     if not (0 < cfg["norm_eps"] < math.inf):  # NaN fails both
         raise FormatError(f"norm_eps={cfg['norm_eps']!r} must be positive and finite")
     if cfg["flags"] & ~KNOWN_FLAGS:
-        raise FormatError(f"flags={cfg['flags']:#x} has unknown bits (known: tied output 1, QKV bias 2)")
+        raise FormatError(
+            f"flags={cfg['flags']:#x} has unknown bits (known: tied output 1, QKV bias 2)"
+        )
 
 
 def _align(n):
@@ -174,22 +211,38 @@ def write(path, cfg, meta, tensors, progress=None, inputs=()):
     meta = dict(meta)
     data_off = -1
     while True:  # the metadata lists the offsets, which depend on the metadata's size
-        meta["tensors"] = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
-                            "offset": data_off + o} for s, o in zip(specs, offsets)]
+        meta["tensors"] = [
+            {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "offset": data_off + o}
+            for s, o in zip(specs, offsets)
+        ]
         meta_bytes = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
         if meta_off + len(meta_bytes) <= data_off:
             break
         data_off = _align(meta_off + len(meta_bytes) + 256)
     entries = meta["tensors"]
     try:  # what read would refuse is never written
-        metadata.validate(metadata.parse(meta_bytes), cfg["vocab_size"], layout,
-                          [(e["offset"], s.nbytes) for e, s in zip(entries, specs)])
+        metadata.validate(
+            metadata.parse(meta_bytes),
+            cfg["vocab_size"],
+            layout,
+            [(e["offset"], s.nbytes) for e, s in zip(entries, specs)],
+        )
     except metadata.MetadataError as e:
         raise FormatError(f"refusing to write {path}: {e}") from None
     file_size = data_off + pos
-    header = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, *(cfg[k] for k in HEADER_INTS),
-                          float(cfg["norm_eps"]), 0, len(specs), table_off, meta_off,
-                          len(meta_bytes), file_size)
+    header = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        HEADER_SIZE,
+        *(cfg[k] for k in HEADER_INTS),
+        float(cfg["norm_eps"]),
+        0,
+        len(specs),
+        table_off,
+        meta_off,
+        len(meta_bytes),
+        file_size,
+    )
     table = b"".join(struct.pack("<QQ", e["offset"], s.nbytes) for e, s in zip(entries, specs))
 
     with outfile.atomic_output(path, inputs) as f:
@@ -198,7 +251,9 @@ def write(path, cfg, meta, tensors, progress=None, inputs=()):
             f.write(b"\0" * (e["offset"] - f.tell()))
             a = np.ascontiguousarray(s.load(), dtype=np.float16 if s.dtype == "f16" else np.float32)
             if a.shape != tuple(s.shape):
-                raise FormatError(f"tensor {s.name}: loader gave shape {a.shape}, expected {s.shape}")
+                raise FormatError(
+                    f"tensor {s.name}: loader gave shape {a.shape}, expected {s.shape}"
+                )
             if a.ndim == 2:
                 a = to_blocks(s.name, a)
             if a.dtype.byteorder == ">":
@@ -213,7 +268,7 @@ def write(path, cfg, meta, tensors, progress=None, inputs=()):
 @dataclass
 class ModelFile:
     path: str
-    config: dict   # header fields plus meta["config"]
+    config: dict  # header fields plus meta["config"]
     meta: dict
     tensors: dict  # name -> read-only numpy memmap, as stored (matrices in row blocks)
 
@@ -245,8 +300,10 @@ def _walk_table(f, path, cfg, n_t, end, size):
             name, shape, dtype = next(layout)
             want = math.prod(stored_shape(name, shape)) * (2 if dtype == "f16" else 4)
             if nbytes != want or off % ALIGN or off < end or off > size or nbytes > size - off:
-                raise FormatError(f"{path}: tensor {i} ({name}): offset {off} size {nbytes} is outside the "
-                                  f"file or wrong (expected {want} bytes, 64-aligned, from {end})")
+                raise FormatError(
+                    f"{path}: tensor {i} ({name}): offset {off} size {nbytes} is outside the "
+                    f"file or wrong (expected {want} bytes, 64-aligned, from {end})"
+                )
             end = off + nbytes
             table.append((off, nbytes))
     return table
@@ -268,34 +325,47 @@ def read(path, map_tensors=True):
                 raise FormatError(f"{path}: truncated header")
             (_, version, hsize, *rest) = _HEADER.unpack_from(head)
             if version != VERSION:
-                raise FormatError(f"{path}: format version {version}, this pyllm reads version {VERSION} "
-                                  "(convert the model again with `pyllm convert`)")
+                raise FormatError(
+                    f"{path}: format version {version}, this pyllm reads version {VERSION} "
+                    "(convert the model again with `pyllm convert`)"
+                )
             ints, (eps, _r, n_t, t_off, m_off, m_size, f_size) = rest[:10], rest[10:]
             cfg = dict(zip(HEADER_INTS, ints), norm_eps=eps)
             if f_size != size:
-                raise FormatError(f"{path}: file is {size} bytes, header says {f_size} (truncated?)")
+                raise FormatError(
+                    f"{path}: file is {size} bytes, header says {f_size} (truncated?)"
+                )
             try:
                 check_config(cfg)
             except FormatError as e:
                 raise FormatError(f"{path}: header: {e}") from None
             if hsize != HEADER_SIZE:
                 raise FormatError(f"{path}: header size {hsize}, expected {HEADER_SIZE}")
-            if t_off != HEADER_SIZE or t_off + 16 * n_t > m_off or m_off > size or m_size > size - m_off:
+            if (
+                t_off != HEADER_SIZE
+                or t_off + 16 * n_t > m_off
+                or m_off > size
+                or m_size > size - m_off
+            ):
                 raise FormatError(f"{path}: tensor table or metadata out of bounds")
             if n_t != tensor_count(cfg):
-                raise FormatError(f"{path}: tensor table has {n_t} entries, "
-                                  f"the header implies {tensor_count(cfg)}")
+                raise FormatError(
+                    f"{path}: tensor table has {n_t} entries, "
+                    f"the header implies {tensor_count(cfg)}"
+                )
             table = _walk_table(f, path, cfg, n_t, m_off + m_size, size)
             if m_size > metadata.MAX_BYTES:
-                raise MetadataError(f"{path}: metadata is {m_size} bytes, more than the "
-                                             f"{metadata.MAX_BYTES >> 20} MiB pyllm reads")
+                raise MetadataError(
+                    f"{path}: metadata is {m_size} bytes, more than the "
+                    f"{metadata.MAX_BYTES >> 20} MiB pyllm reads"
+                )
             f.seek(m_off)
             data = f.read(m_size)
             tensors = {}
             if map_tensors:  # one map of the open file, views into it
                 raw = np.memmap(f, dtype=np.uint8, mode="r", shape=(size,))
                 for (name, shape, dtype), (off, nbytes) in zip(tensor_layout(cfg), table):
-                    view = raw[off:off + nbytes].view("<f2" if dtype == "f16" else "<f4")
+                    view = raw[off : off + nbytes].view("<f2" if dtype == "f16" else "<f4")
                     tensors[name] = view.reshape(stored_shape(name, shape))
     except OSError as e:
         raise FormatError(safeio.error_line(path, e)) from None

@@ -1,4 +1,5 @@
 """The binding: load a parameters file, run the C kernel, generate text. Owns the KV position."""
+
 import os
 import sys
 import threading
@@ -15,16 +16,27 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CTX = 4096
 # end-of-turn markers of the common chat families, besides the file's eos/eot ids
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
-               "<|end_of_text|>", "<|eom_id|>")
+END_OF_TURN = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+)
 
 
 class PyllmError(Exception):
     """A bad file or bad input, with a one-line message for the user."""
 
 
-_FORWARD_ERRORS = {lib.PYLLM_E_ARG: "invalid argument", lib.PYLLM_E_TOKEN: "token id out of range",
-                   lib.PYLLM_E_CONTEXT: "context full: positions past the context size"}
+_FORWARD_ERRORS = {
+    lib.PYLLM_E_ARG: "invalid argument",
+    lib.PYLLM_E_TOKEN: "token id out of range",
+    lib.PYLLM_E_CONTEXT: "context full: positions past the context size",
+}
 
 
 def forward_error(rc):
@@ -63,7 +75,9 @@ class Model:
     generations (or a generation and logits) may interleave: each step re-prefills what
     the other displaced, and each gets the text it would get alone."""
 
-    def __init__(self, path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
+    def __init__(
+        self, path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None
+    ):
         # the cache's element types (keys, values): f16 as llama.cpp's default, or f32 (exact)
         self.cache_types = (cache_type_k or cache_type, cache_type_v or cache_type)
         _cache_code(self.cache_types[0], "key")
@@ -85,19 +99,28 @@ class Model:
         self.chat_template = mf.meta.get("chat_template")
         max_ctx = self.config["max_seq_len"]
         if n_ctx is not None and not 0 < n_ctx <= max_ctx:
-            raise PyllmError(f"context size {n_ctx} is outside 1..{max_ctx} (the model's context length)")
+            raise PyllmError(
+                f"context size {n_ctx} is outside 1..{max_ctx} (the model's context length)"
+            )
         if threads is not None and not 0 < threads <= 64:
             raise PyllmError(f"threads={threads} is outside 1..64")
         n_ctx = n_ctx or min(max_ctx, DEFAULT_CTX)
         try:  # before the kernel allocates: the cache of a lying header grows without bound
-            element = sum(CACHE_TYPE_BYTES[t] for t in self.cache_types) // 2  # keys' and values' mean
-            memory.check_context(self.config, n_ctx, threads, cache_bytes=element, map_bytes=os.path.getsize(path))
+            element = (
+                sum(CACHE_TYPE_BYTES[t] for t in self.cache_types) // 2
+            )  # keys' and values' mean
+            memory.check_context(
+                self.config, n_ctx, threads, cache_bytes=element, map_bytes=os.path.getsize(path)
+            )
         except ValueError as e:
             raise PyllmError(f"{path}: {e}") from None
         self._m = _native_open(path, threads or 0, n_ctx, *self.cache_types)
         for name, t in mf.tensors.items():  # a few KB: worth a look (once the file has loaded)
             if name.endswith("norm") and not np.isfinite(t).all():
-                print(f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values", file=sys.stderr)
+                print(
+                    f"pyllm: warning: {path}: tensor {name} holds NaN or Inf values",
+                    file=sys.stderr,
+                )
         self.n_ctx = lib.pyllm_n_ctx(self._m)
         self.threads = lib.pyllm_n_threads(self._m)
         self.vocab_size = self.config["vocab_size"]
@@ -109,7 +132,9 @@ class Model:
         tok = self.meta["tokenizer"]
         ids = {tok.get(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id")}
         index = {t: i for i, t in enumerate(tok["tokens"]) if t in END_OF_TURN}
-        return {i for i in ids | set(index.values()) if isinstance(i, int) and 0 <= i < self.vocab_size}
+        return {
+            i for i in ids | set(index.values()) if isinstance(i, int) and 0 <= i < self.vocab_size
+        }
 
     def close(self):
         """Free the kernel's model, once any running forward pass has finished."""
@@ -148,15 +173,23 @@ class Model:
             raise PyllmError("no tokens to evaluate")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise PyllmError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise PyllmError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         with self._lock:
             m = self._native()
             pos = len(self.tokens)
             if pos + len(ids) > self.n_ctx:
                 raise PyllmError(f"{pos + len(ids)} tokens do not fit the context of {self.n_ctx}")
             out = np.empty((len(ids) if all_positions else 1, self.vocab_size), dtype=np.float32)
-            rc = lib.pyllm_forward(m, ffi.new("int[]", ids), len(ids), pos,
-                                   ffi.cast("float *", ffi.from_buffer(out)), int(all_positions))
+            rc = lib.pyllm_forward(
+                m,
+                ffi.new("int[]", ids),
+                len(ids),
+                pos,
+                ffi.cast("float *", ffi.from_buffer(out)),
+                int(all_positions),
+            )
             if rc:
                 raise forward_error(rc)
             self.tokens += ids
@@ -189,7 +222,7 @@ class Model:
         """Make the cache hold ids, reusing the longest prefix it already holds (at least
         the last id is evaluated); the logits of the last id."""
         with self._lock:
-            return self.eval(ids[self.keep_prefix(ids):])
+            return self.eval(ids[self.keep_prefix(ids) :])
 
     def forward_at(self, ids, pos, out=None):
         """Run the kernel once over ids (a list of ints) at cache positions pos, pos + 1, ...;
@@ -201,14 +234,24 @@ class Model:
         its first pos ids, then ids (if pos is past its end, it keeps what it holds)."""
         if out is None:
             out = np.empty(self.vocab_size, dtype=np.float32)
-        elif (out.dtype != np.float32
-              or out.shape not in ((self.vocab_size,), (len(ids), self.vocab_size))
-              or not (out.flags.c_contiguous and out.flags.writeable)):
-            raise ValueError(f"out must be a writable contiguous float32 array of {self.vocab_size}"
-                             f" or ({len(ids)}, {self.vocab_size})")
+        elif (
+            out.dtype != np.float32
+            or out.shape not in ((self.vocab_size,), (len(ids), self.vocab_size))
+            or not (out.flags.c_contiguous and out.flags.writeable)
+        ):
+            raise ValueError(
+                f"out must be a writable contiguous float32 array of {self.vocab_size}"
+                f" or ({len(ids)}, {self.vocab_size})"
+            )
         with self._lock:
-            rc = lib.pyllm_forward(self._native(), ffi.new("int[]", ids), len(ids), pos,
-                                   ffi.cast("float *", ffi.from_buffer(out)), int(out.ndim == 2))
+            rc = lib.pyllm_forward(
+                self._native(),
+                ffi.new("int[]", ids),
+                len(ids),
+                pos,
+                ffi.cast("float *", ffi.from_buffer(out)),
+                int(out.ndim == 2),
+            )
             if rc:
                 raise forward_error(rc)
             if pos <= len(self.tokens):
@@ -217,9 +260,21 @@ class Model:
         return out
 
     # --- text ---
-    def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                 repeat_penalty=1.0, repeat_last_n=64, seed=None, stop_ids=None,
-                 draft_max=DRAFT_MAX, draft_min=DRAFT_MIN):
+    def generate(
+        self,
+        prompt,
+        max_tokens=128,
+        temperature=0.8,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repeat_penalty=1.0,
+        repeat_last_n=64,
+        seed=None,
+        stop_ids=None,
+        draft_max=DRAFT_MAX,
+        draft_min=DRAFT_MIN,
+    ):
         """Yield text pieces as they are produced. Stops at an end-of-turn token, after
         max_tokens, or when the context is full (self.stats["stop"] says which).
 
@@ -236,8 +291,15 @@ class Model:
             check_drafting(draft_max, draft_min)
         except ValueError as e:
             raise PyllmError(str(e)) from None
-        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+        sampler = Sampler(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            seed=seed,
+        )
         stops = self.stop_ids if stop_ids is None else set(stop_ids)
         return self._generate(ids, max_tokens, sampler, stops, draft_max, draft_min)
 
@@ -264,10 +326,17 @@ class Model:
             prefilled = len(self.tokens) - min(kept, len(ids))
             me = self._cache_owner = object()  # this generation, until another use of the cache
         t1 = time.perf_counter()
-        stats = self.stats = {"prompt_tokens": len(ids), "prefill_tokens": prefilled,
-                              "prefill_s": t1 - t0, "gen_tokens": 0, "decode_s": 0.0,
-                              "stop": "length", "draft_tokens": 0, "draft_accepted": 0,
-                              "verify_steps": 0}
+        stats = self.stats = {
+            "prompt_tokens": len(ids),
+            "prefill_tokens": prefilled,
+            "prefill_s": t1 - t0,
+            "gen_tokens": 0,
+            "decode_s": 0.0,
+            "stop": "length",
+            "draft_tokens": 0,
+            "draft_accepted": 0,
+            "verify_steps": 0,
+        }
         dec = StreamDecoder(self.tokenizer)
         history = list(ids)
         index = NgramIndex(history) if draft_max > 0 else None
@@ -322,7 +391,7 @@ class Model:
                 if index is not None:
                     room = min(draft_max, self.n_ctx - len(history), max_tokens - n - 1)
                     order, proposal = index.propose(room)
-                    draft = proposal[:policy.choose(order, len(proposal))]
+                    draft = proposal[: policy.choose(order, len(proposal))]
                     if proposal and not draft:
                         shadow = proposal[0]
                     if draft:
@@ -347,5 +416,11 @@ class Model:
 def load(path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
     """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...).
     cache_type: the KV cache's element type, "f16" or "f32"; cache_type_k/_v set keys' or values'."""
-    return Model(path, threads=threads, n_ctx=n_ctx, cache_type=cache_type, cache_type_k=cache_type_k,
-                 cache_type_v=cache_type_v)
+    return Model(
+        path,
+        threads=threads,
+        n_ctx=n_ctx,
+        cache_type=cache_type,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+    )

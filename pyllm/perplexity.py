@@ -19,6 +19,7 @@ llama.cpp's rule (tools/perplexity/perplexity.cpp, perplexity()):
 
 The log-softmax is computed in float64 from the kernel's float32 logits.
 """
+
 import math
 import sys
 import time
@@ -30,7 +31,15 @@ from .model import PyllmError
 
 DEFAULT_CTX = 512  # llama-perplexity's default context
 
-__all__ = ["DEFAULT_CTX", "read_text", "tokenize", "token_nll", "perplexity", "add_arguments", "main"]
+__all__ = [
+    "DEFAULT_CTX",
+    "read_text",
+    "tokenize",
+    "token_nll",
+    "perplexity",
+    "add_arguments",
+    "main",
+]
 
 
 def read_text(path):
@@ -45,7 +54,9 @@ def read_text(path):
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PyllmError(f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise PyllmError(
+            f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
 
 
 def tokenize(m, text):
@@ -77,8 +88,10 @@ def perplexity(m, tokens, n_ctx=DEFAULT_CTX, n_chunks=None, on_chunk=None):
         raise PyllmError(f"context size {n_ctx} exceeds the model's open context of {m.n_ctx}")
     tokens = [int(t) for t in tokens]
     if len(tokens) < 2 * n_ctx:
-        raise PyllmError(f"you need at least {2 * n_ctx} tokens to evaluate perplexity with a context of "
-                         f"{n_ctx}; the text tokenizes to only {len(tokens)} tokens")
+        raise PyllmError(
+            f"you need at least {2 * n_ctx} tokens to evaluate perplexity with a context of "
+            f"{n_ctx}; the text tokenizes to only {len(tokens)} tokens"
+        )
     n_max = len(tokens) // n_ctx
     n = n_max if n_chunks is None or n_chunks < 0 else min(int(n_chunks), n_max)
     if n == 0:
@@ -91,11 +104,11 @@ def perplexity(m, tokens, n_ctx=DEFAULT_CTX, n_chunks=None, on_chunk=None):
     count = 0
     for i in range(n):
         t0 = time.perf_counter()
-        chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
+        chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
         if bos is not None:
             chunk[0] = bos
-        logits = m.logits(chunk)[first:n_ctx - 1]
-        v = token_nll(logits, chunk[first + 1:])
+        logits = m.logits(chunk)[first : n_ctx - 1]
+        v = token_nll(logits, chunk[first + 1 :])
         del logits
         nll.append(v)
         total += float(v.sum())
@@ -108,22 +121,38 @@ def perplexity(m, tokens, n_ctx=DEFAULT_CTX, n_chunks=None, on_chunk=None):
     ppl = math.exp(mean)
     var = total2 / count - mean * mean
     err = ppl * math.sqrt(var / (count - 1)) if var > 0 and count > 1 else 0.0
-    return {"ppl": ppl, "ppl_err": err, "nll_mean": mean, "count": count, "n_chunks": n, "n_ctx": n_ctx,
-            "chunk_ppl": chunk_ppl, "nll": np.concatenate(nll)}
+    return {
+        "ppl": ppl,
+        "ppl_err": err,
+        "nll_mean": mean,
+        "count": count,
+        "n_chunks": n,
+        "n_ctx": n_ctx,
+        "chunk_ppl": chunk_ppl,
+        "nll": np.concatenate(nll),
+    }
 
 
 def add_arguments(p):
     p.add_argument("model", help="the pyllm parameters file")
     p.add_argument("textfile", help="the UTF-8 text to score (e.g. wikitext-2's wiki.test.raw)")
     # llama-perplexity's context default, not the generation one
-    add_model(p, ctx_size=DEFAULT_CTX,
-              ctx_help=f"tokens per chunk; the second half of each is scored (default {DEFAULT_CTX})")
-    p.add_argument("--chunks", type=int, default=-1,
-                   help="evaluate at most this many chunks (default -1: every whole chunk)")
+    add_model(
+        p,
+        ctx_size=DEFAULT_CTX,
+        ctx_help=f"tokens per chunk; the second half of each is scored (default {DEFAULT_CTX})",
+    )
+    p.add_argument(
+        "--chunks",
+        type=int,
+        default=-1,
+        help="evaluate at most this many chunks (default -1: every whole chunk)",
+    )
 
 
 def main(a):
     from .model import load
+
     if a.ctx_size < 4:
         raise UsageError(f"-c {a.ctx_size}: the context must be at least 4 tokens")
     if a.chunks == 0:
@@ -135,19 +164,30 @@ def main(a):
     tokens = tokenize(m, text)
     t_tok = time.perf_counter() - t0
     if len(tokens) < 2 * a.ctx_size:  # before any other output: the error is the only line
-        raise PyllmError(f"{a.textfile} tokenizes to only {len(tokens)} tokens; perplexity with a context of "
-                         f"{a.ctx_size} needs at least {2 * a.ctx_size}")
+        raise PyllmError(
+            f"{a.textfile} tokenizes to only {len(tokens)} tokens; perplexity with a context of "
+            f"{a.ctx_size} needs at least {2 * a.ctx_size}"
+        )
     n_max = len(tokens) // a.ctx_size
     n = n_max if a.chunks < 0 else min(a.chunks, n_max)
-    print(f"perplexity: tokenized {len(text)} characters into {len(tokens)} tokens "
-          f"in {1e3 * t_tok:.1f} ms", file=err)
-    print(f"perplexity: calculating perplexity over {n} chunks, n_ctx={a.ctx_size}, "
-          f"{m.threads} threads", file=err)
+    print(
+        f"perplexity: tokenized {len(text)} characters into {len(tokens)} tokens "
+        f"in {1e3 * t_tok:.1f} ms",
+        file=err,
+    )
+    print(
+        f"perplexity: calculating perplexity over {n} chunks, n_ctx={a.ctx_size}, "
+        f"{m.threads} threads",
+        file=err,
+    )
 
     def on_chunk(i, ppl, seconds):
         if i == 1:
-            print(f"perplexity: {seconds:.2f} seconds per pass - ETA {seconds * n / 60:.2f} minutes",
-                  file=err, flush=True)
+            print(
+                f"perplexity: {seconds:.2f} seconds per pass - ETA {seconds * n / 60:.2f} minutes",
+                file=err,
+                flush=True,
+            )
         sys.stdout.write(f"[{i}]{ppl:.4f},")
         sys.stdout.flush()
 

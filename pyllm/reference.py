@@ -4,6 +4,7 @@ This is the spec the C kernel is checked against (`pyllm check`, tests/test_kern
 it is checked against Hugging Face transformers itself (tests/make_fixtures.py). It is meant
 to be read: one formula per line, no tiling, no cache, every position at once.
 """
+
 import numpy as np
 
 from . import format
@@ -70,9 +71,9 @@ def reference_logits(mf, ids, cache_type="f16", cache_type_k=None, cache_type_v=
         qkv = h @ w(p + "attn_qkv").T
         if c["flags"] & format.FLAG_QKV_BIAS:
             qkv = qkv + w(p + "attn_qkv_bias")
-        q = rope(qkv[:, :nh * hd].reshape(T, nh, hd), cos, sin)
-        k = rope(qkv[:, nh * hd:(nh + nkv) * hd].reshape(T, nkv, hd), cos, sin)
-        v = qkv[:, (nh + nkv) * hd:].reshape(T, nkv, hd)
+        q = rope(qkv[:, : nh * hd].reshape(T, nh, hd), cos, sin)
+        k = rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(T, nkv, hd), cos, sin)
+        v = qkv[:, (nh + nkv) * hd :].reshape(T, nkv, hd)
         if types[0] == "f16":
             k = k.astype(np.float16).astype(np.float32)
         if types[1] == "f16":

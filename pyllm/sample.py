@@ -3,12 +3,21 @@
 temperature <= 0 is greedy (argmax after penalties). top_k <= 0 or top_p >= 1 or
 min_p <= 0 turn that filter off. The same seed gives the same tokens.
 """
+
 import numpy as np
 
 
 class Sampler:
-    def __init__(self, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
-                 repeat_last_n=64, seed=None):
+    def __init__(
+        self,
+        temperature=0.8,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repeat_penalty=1.0,
+        repeat_last_n=64,
+        seed=None,
+    ):
         for name, v, lo, hi in (("top_p", top_p, 0.0, 1.0), ("min_p", min_p, 0.0, 1.0)):
             if not lo <= v <= hi:
                 raise ValueError(f"{name}={v} is outside [{lo}, {hi}]")
@@ -27,7 +36,7 @@ class Sampler:
         position whose preceding tokens are history. Greedy: the argmax, p = [1]."""
         logits = np.asarray(logits, dtype=np.float32)
         if self.repeat_penalty != 1.0 and self.repeat_last_n != 0 and len(history):
-            recent = history if self.repeat_last_n == -1 else history[-self.repeat_last_n:]
+            recent = history if self.repeat_last_n == -1 else history[-self.repeat_last_n :]
             ids = np.unique(np.asarray(recent, dtype=np.int64))
             logits = logits.copy()
             v = logits[ids]
@@ -36,7 +45,7 @@ class Sampler:
             return np.array([int(np.argmax(logits))]), np.ones(1)
         ids = np.arange(len(logits))
         if 0 < self.top_k < len(logits):
-            ids = np.argpartition(-logits, self.top_k - 1)[:self.top_k]
+            ids = np.argpartition(-logits, self.top_k - 1)[: self.top_k]
         ids = ids[np.argsort(-logits[ids], kind="stable")]
         z = logits[ids].astype(np.float64)
         if self.top_p < 1.0:

@@ -4,6 +4,7 @@ For `pyllm check` and the tests: the weights are random but scaled so activation
 O(1) and logits O(1..10); the tokenizer is a minimal GPT-2 byte-level BPE (256 byte
 tokens, a few merges, specials).
 """
+
 import re
 from collections import Counter
 
@@ -11,18 +12,34 @@ import numpy as np
 
 from . import format
 
-BASE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=300,
-            max_seq_len=512, flags=0, sliding_window=0, norm_eps=1e-5)
+BASE = dict(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    hidden_dim=96,
+    vocab_size=300,
+    max_seq_len=512,
+    flags=0,
+    sliding_window=0,
+    norm_eps=1e-5,
+)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TRAIN_TEXT = ("the cat sat on the mat. the dog ate the bone. hello world! "
-              "def main():\n    return 1 + 2\nThe capital of France is Paris. 12345 ") * 3
+TRAIN_TEXT = (
+    "the cat sat on the mat. the dog ate the bone. hello world! "
+    "def main():\n    return 1 + 2\nThe capital of France is Paris. 12345 "
+) * 3
 
 
 def byte_chars():
     """GPT-2's bytes_to_unicode: byte value -> printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -66,9 +83,17 @@ def tiny_tokenizer(vocab_size):
     assert len(set(tokens)) == len(tokens)
     types = [1] * (vocab_size - len(SPECIALS)) + [3] * len(SPECIALS)
     eos = tokens.index("<|im_end|>")
-    return {"model": "gpt2", "pre": "gpt2", "tokens": tokens, "token_type": types, "merges": merges,
-            "bos_token_id": tokens.index("<|endoftext|>"), "eos_token_id": eos,
-            "add_bos_token": False, "add_space_prefix": False}
+    return {
+        "model": "gpt2",
+        "pre": "gpt2",
+        "tokens": tokens,
+        "token_type": types,
+        "merges": merges,
+        "bos_token_id": tokens.index("<|endoftext|>"),
+        "eos_token_id": eos,
+        "add_bos_token": False,
+        "add_space_prefix": False,
+    }
 
 
 def make_tiny_model(path, seed=0, tied=False, qkv_bias=False, rope_theta=10000.0, **overrides):
@@ -101,13 +126,17 @@ def make_tiny_model(path, seed=0, tied=False, qkv_bias=False, rope_theta=10000.0
         else:
             a = normal(shape, 1.0 / np.sqrt(shape[1]))
         arrays[name] = a
-    specs = {n: format.TensorSpec(n, s, dt, load=lambda a=arrays[n]: a)
-             for n, s, dt in format.tensor_layout(cfg)}
-    meta = {"config": {"arch": "llama", "rope_theta": rope_theta, "name": f"tiny-{seed}"},
-            "tokenizer": tiny_tokenizer(cfg["vocab_size"]),
-            "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                             "{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-            "source": {"kind": "random", "seed": seed}}
+    specs = {
+        n: format.TensorSpec(n, s, dt, load=lambda a=arrays[n]: a)
+        for n, s, dt in format.tensor_layout(cfg)
+    }
+    meta = {
+        "config": {"arch": "llama", "rope_theta": rope_theta, "name": f"tiny-{seed}"},
+        "tokenizer": tiny_tokenizer(cfg["vocab_size"]),
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "source": {"kind": "random", "seed": seed},
+    }
     format.write(path, cfg, meta, specs)
     return cfg

@@ -16,6 +16,7 @@ each step's top-1/top-2 margin. The script also checks
 pyllm/reference.py against transformers (printing max |diff|), which validates the reference.
 Never touches the network.
 """
+
 import os
 import sys
 import time
@@ -38,9 +39,11 @@ from pyllm.reference import reference_logits  # noqa: E402
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(HERE), "weights", "smollm2-135m-instruct.f16.bin")
 OUT = os.path.join(HERE, "fixtures", "smollm2_reference.npz")
-CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-        "<|im_end|>\n<|im_start|>user\nWhat is the tallest mountain in the world?<|im_end|>\n"
-        "<|im_start|>assistant\n")
+CHAT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n<|im_start|>user\nWhat is the tallest mountain in the world?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village nestled between two mountains, there lived an old "
@@ -56,15 +59,16 @@ LONG_PROMPT_CHARS = 3600  # about 730 tokens: past the kernel's first 512-positi
 def long_prompt():
     """Real text over 600 tokens: the Apache license's terms, from transformers' LICENSE."""
     import importlib.metadata
+
     dist = importlib.metadata.distribution("transformers")
     text = next(f for f in dist.files if f.name == "LICENSE").read_text()
-    text = text[text.index("TERMS AND CONDITIONS"):]
-    return text[:text.index("\n\n", LONG_PROMPT_CHARS)]
+    text = text[text.index("TERMS AND CONDITIONS") :]
+    return text[: text.index("\n\n", LONG_PROMPT_CHARS)]
 
 
 GREEDY = [PROMPTS[0], CHAT, "Here is a list of the planets of the solar system:\n1."]
 GREEDY_STEPS = 24
-ALLPOS_PROMPT = 4         # all-position logits for this prompt (the chat one) ...
+ALLPOS_PROMPT = 4  # all-position logits for this prompt (the chat one) ...
 ALLPOS_RANDOM_COLS = 512  # ... on these many random vocabulary ids plus each position's top 32
 LAST16_RANDOM_COLS = 1024  # the f16-cache last-position logits: these many random ids + the top 64
 
@@ -72,10 +76,16 @@ LAST16_RANDOM_COLS = 1024  # the f16-cache last-position logits: these many rand
 def hf_tokenizer(tok_meta):
     """SmolLM2's tokenizer.json pipeline, rebuilt from the file's vocabulary and merges."""
     tokens = tok_meta["tokens"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in tok_meta["merges"]]
+    merges = [
+        tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in tok_meta["merges"]
+    ]
     tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
     types = tok_meta.get("token_type") or []
     special = [t for t, ty in zip(tokens, types) if ty == 3]  # control tokens: <|im_start|>, ...
@@ -93,12 +103,25 @@ def hf_model(mf):
         sys.exit(f"make_fixtures: no rope_theta in the file's meta config (keys: {sorted(c)})")
     tied = bool(c["flags"] & format.FLAG_TIED_OUTPUT)
     bias = bool(c["flags"] & format.FLAG_QKV_BIAS)
-    cfg = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["dim"], intermediate_size=hid,
-                      num_hidden_layers=c["n_layers"], num_attention_heads=nh, num_key_value_heads=nkv,
-                      head_dim=hd, max_position_embeddings=c["max_seq_len"], rms_norm_eps=c["norm_eps"],
-                      rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
-                      tie_word_embeddings=tied, attention_bias=bias, mlp_bias=False, hidden_act="silu",
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["dim"],
+        intermediate_size=hid,
+        num_hidden_layers=c["n_layers"],
+        num_attention_heads=nh,
+        num_key_value_heads=nkv,
+        head_dim=hd,
+        max_position_embeddings=c["max_seq_len"],
+        rms_norm_eps=c["norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
+        tie_word_embeddings=tied,
+        attention_bias=bias,
+        mlp_bias=False,
+        hidden_act="silu",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     cfg._attn_implementation = "eager"
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -106,19 +129,30 @@ def hf_model(mf):
     def w(name):
         return torch.from_numpy(np.asarray(mf.matrix(name), dtype=np.float32))
 
-    sd = {"model.embed_tokens.weight": w("tok_embd"), "model.norm.weight": w("output_norm"),
-          "lm_head.weight": w("tok_embd") if tied else w("output")}
+    sd = {
+        "model.embed_tokens.weight": w("tok_embd"),
+        "model.norm.weight": w("output_norm"),
+        "lm_head.weight": w("tok_embd") if tied else w("output"),
+    }
     for i in range(c["n_layers"]):
         p, q = f"blk.{i}.", f"model.layers.{i}."
         qkv = w(p + "attn_qkv")
-        sd[q + "self_attn.q_proj.weight"], sd[q + "self_attn.k_proj.weight"], sd[q + "self_attn.v_proj.weight"] = \
-            qkv.split([nh * hd, nkv * hd, nkv * hd])
+        (
+            sd[q + "self_attn.q_proj.weight"],
+            sd[q + "self_attn.k_proj.weight"],
+            sd[q + "self_attn.v_proj.weight"],
+        ) = qkv.split([nh * hd, nkv * hd, nkv * hd])
         if bias:
             b = w(p + "attn_qkv_bias")
-            sd[q + "self_attn.q_proj.bias"], sd[q + "self_attn.k_proj.bias"], sd[q + "self_attn.v_proj.bias"] = \
-                b.split([nh * hd, nkv * hd, nkv * hd])
+            (
+                sd[q + "self_attn.q_proj.bias"],
+                sd[q + "self_attn.k_proj.bias"],
+                sd[q + "self_attn.v_proj.bias"],
+            ) = b.split([nh * hd, nkv * hd, nkv * hd])
         sd[q + "self_attn.o_proj.weight"] = w(p + "attn_out")
-        sd[q + "mlp.gate_proj.weight"], sd[q + "mlp.up_proj.weight"] = w(p + "ffn_gate_up").split([hid, hid])
+        sd[q + "mlp.gate_proj.weight"], sd[q + "mlp.up_proj.weight"] = w(p + "ffn_gate_up").split(
+            [hid, hid]
+        )
         sd[q + "mlp.down_proj.weight"] = w(p + "ffn_down")
         sd[q + "input_layernorm.weight"] = w(p + "attn_norm")
         sd[q + "post_attention_layernorm.weight"] = w(p + "ffn_norm")
@@ -133,7 +167,9 @@ def hf_model(mf):
     inv_freq = rot.inv_freq
     ours = np.asarray(mf.tensors["rope_freqs"], dtype=np.float32)
     err = np.abs(inv_freq.numpy() - ours).max() / ours.max()
-    print(f"rope: theta={theta}; file's rope_freqs vs transformers' inv_freq: max rel diff {err:.2e}")
+    print(
+        f"rope: theta={theta}; file's rope_freqs vs transformers' inv_freq: max rel diff {err:.2e}"
+    )
     assert err < 1e-5, "the file's rope_freqs disagree with rope_theta"
     rot.inv_freq.copy_(torch.from_numpy(ours.copy()))  # run exactly the file's frequencies
     rot.original_inv_freq.copy_(rot.inv_freq)
@@ -148,13 +184,20 @@ class F16Cache(DynamicCache):
     llama.cpp's default): attention then reads exactly the K and V values the kernel reads."""
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states.half().float(), value_states.half().float(), layer_idx, *args, **kwargs)
+        return super().update(
+            key_states.half().float(), value_states.half().float(), layer_idx, *args, **kwargs
+        )
 
 
 @torch.no_grad()
 def hf_logits(model, ids, f16_kv=False):
     if f16_kv:
-        return model(torch.tensor([ids]), past_key_values=F16Cache(), use_cache=True).logits[0].float().numpy()
+        return (
+            model(torch.tensor([ids]), past_key_values=F16Cache(), use_cache=True)
+            .logits[0]
+            .float()
+            .numpy()
+        )
     return model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
 
 
@@ -201,9 +244,11 @@ def main():
         r16 = np.abs(reference_logits(mf, ids, cache_type="f16") - lg)
         ref16_last.append(float(r16[-1].max()))
         worst_ref, worst_ref16 = max(worst_ref, d32), max(worst_ref16, float(r16.max()))
-        print(f"prompt {n}: {len(ids):2d} tokens, top-1 {tok.decode([int(lg[-1].argmax())])!r:9}  "
-              f"max |reference - transformers| {d32:.1e}; reference with the kernel's f16 K/V: "
-              f"{r16.max():.1e} (last position {r16[-1].max():.1e}, mean {r16.mean():.1e})")
+        print(
+            f"prompt {n}: {len(ids):2d} tokens, top-1 {tok.decode([int(lg[-1].argmax())])!r:9}  "
+            f"max |reference - transformers| {d32:.1e}; reference with the kernel's f16 K/V: "
+            f"{r16.max():.1e} (last position {r16[-1].max():.1e}, mean {r16.mean():.1e})"
+        )
         if n == ALLPOS_PROMPT:
             rng = np.random.default_rng(0)
             cols = set(rng.choice(lg.shape[1], ALLPOS_RANDOM_COLS, replace=False).tolist())
@@ -219,21 +264,27 @@ def main():
         ids = tok.encode(prompt).ids
         out, margins = hf_greedy(model, ids, GREEDY_STEPS)
         # the cached loop agrees with a full-sequence forward pass
-        full = hf_logits(model, ids + out[:-1])[len(ids) - 1:].argmax(1)
+        full = hf_logits(model, ids + out[:-1])[len(ids) - 1 :].argmax(1)
         agree = [a == b or m < 1e-3 for a, b, m in zip(full, out, margins)]
         assert all(agree), "KV-cached greedy decoding disagrees with the full forward pass"
         data[f"greedy_ids_{n}"] = np.array(ids, dtype=np.int32)
         data[f"greedy_out_{n}"] = np.array(out, dtype=np.int32)
         data[f"greedy_margin_{n}"] = np.array(margins, dtype=np.float32)
-        print(f"greedy {n}: ...{prompt[-24:]!r} -> {tok.decode(out, skip_special_tokens=False)!r}"
-              f"  (min margin {min(margins):.3f})")
-    print(f"max |reference - transformers| over all prompts: {worst_ref:.2e} (f32 K/V), "
-          f"{worst_ref16:.2e} (f16 K/V, as the kernel)")
+        print(
+            f"greedy {n}: ...{prompt[-24:]!r} -> {tok.decode(out, skip_special_tokens=False)!r}"
+            f"  (min margin {min(margins):.3f})"
+        )
+    print(
+        f"max |reference - transformers| over all prompts: {worst_ref:.2e} (f32 K/V), "
+        f"{worst_ref16:.2e} (f16 K/V, as the kernel)"
+    )
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     np.savez_compressed(OUT, **data)
     print(f"wrote {OUT} ({os.path.getsize(OUT) / 1e6:.2f} MB) in {time.time() - t0:.1f}s")
     if worst_ref > 1e-3:
-        sys.exit(f"make_fixtures: pyllm/reference.py disagrees with transformers by {worst_ref:.2e}")
+        sys.exit(
+            f"make_fixtures: pyllm/reference.py disagrees with transformers by {worst_ref:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The command line's structure: imports flow one way (cli -> commands -> args), nothing
 imports cli, and each command's options carry its own defaults (no argparse internals)."""
+
 import ast
 import os
 import subprocess
@@ -64,7 +65,7 @@ def test_imports_flow_one_way():
 
     def visit(mod, path):
         if state.get(mod) == "open":
-            raise AssertionError("import cycle: " + " -> ".join(path[path.index(mod):] + [mod]))
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(mod) :] + [mod]))
         if state.get(mod) == "done":
             return
         state[mod] = "open"
@@ -77,13 +78,20 @@ def test_imports_flow_one_way():
 
 
 def test_args_imports_no_command():
-    assert not import_graph()["pyllm.args"] & {"pyllm.cli", "pyllm.chat", "pyllm.bench",
-                                               "pyllm.perplexity", "pyllm.convert"}
+    assert not import_graph()["pyllm.args"] & {
+        "pyllm.cli",
+        "pyllm.chat",
+        "pyllm.bench",
+        "pyllm.perplexity",
+        "pyllm.convert",
+    }
 
 
 def test_commands_import_without_cli():
-    code = ("import sys; import pyllm.chat, pyllm.bench, pyllm.perplexity, pyllm.args; "
-            "bad = [m for m in sys.modules if m == 'pyllm.cli']; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys; import pyllm.chat, pyllm.bench, pyllm.perplexity, pyllm.args; "
+        "bad = [m for m in sys.modules if m == 'pyllm.cli']; print(bad); sys.exit(bool(bad))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -106,8 +114,11 @@ def test_each_command_its_own_defaults():
 
 
 def test_help_says_the_defaults(capsys):
-    for argv, said in ((["perplexity", "-h"], "(default 512)"), (["chat", "-h"], "default -1"),
-                       (["generate", "-h"], "tokens to generate (default 256)")):
+    for argv, said in (
+        (["perplexity", "-h"], "(default 512)"),
+        (["chat", "-h"], "default -1"),
+        (["generate", "-h"], "tokens to generate (default 256)"),
+    ):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(argv)
         assert said in " ".join(capsys.readouterr().out.split()), argv

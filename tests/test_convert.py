@@ -9,6 +9,7 @@ transformers' inv_freq (default, linear, llama3), and the kernel's logits agains
 transformers'. Then the real default model, and the errors. Last, llama2.c checkpoints written
 as llama2.c's export.py does, against numpy transcriptions of run.c's forward and encode.
 """
+
 import copy
 import errno
 import glob
@@ -23,13 +24,19 @@ import pytest
 import torch
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import pyllm
-from pyllm import format, outfile
 from pyllm import convert as convert_mod
+from pyllm import format, outfile
 from pyllm.convert import ConvertError, convert
 from pyllm.tokenizer import Tokenizer
 
@@ -38,12 +45,22 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_GGUF = os.path.join(ROOT, "weights", GGUF_NAME)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEXT = ("the cat sat on the mat. the dog ate the bone. hello world! Hello World 12345 "
-        "def main():\n    return 1 + 2\nThe capital of France is Paris. café über 日本 ") * 4
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SAMPLES = ["the cat sat on the mat", "Hello World 12345!", "def f():\n    return 2", "café über 日本 🙂",
-           "<|im_start|>user\nhi<|im_end|>", "  two  spaces <tool> x"]
+TEXT = (
+    "the cat sat on the mat. the dog ate the bone. hello world! Hello World 12345 "
+    "def main():\n    return 1 + 2\nThe capital of France is Paris. café über 日本 "
+) * 4
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SAMPLES = [
+    "the cat sat on the mat",
+    "Hello World 12345!",
+    "def f():\n    return 2",
+    "café über 日本 🙂",
+    "<|im_start|>user\nhi<|im_end|>",
+    "  two  spaces <tool> x",
+]
 
 torch.set_num_threads(2)
 
@@ -52,11 +69,19 @@ torch.set_num_threads(2)
 def bytelevel_tokenizer():
     """A tiny SmolLM2-style tokenizer: Digits(individual) + ByteLevel, 3 specials, 1 added."""
     tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=330,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator([TEXT], trainer)
     tk.add_tokens([AddedToken("<tool>", special=False, normalized=False)])
     return tk
@@ -66,18 +91,35 @@ def spm_tokenizer():
     """A Llama-2-style tokenizer.json: BPE with <0xNN> byte fallback, legacy normalizer."""
     tk = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tk.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"],
-                                                       show_progress=False))
+    tk.train_from_iterator(
+        [TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False)
+    )
     trained = json.loads(tk.to_str())["model"]
     pieces = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t != "<unk>"]
     vocab = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
-    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)},
-                                merges=[tuple(m) for m in trained["merges"]],
-                                unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    hf = HFTokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(vocab)},
+            merges=[tuple(m) for m in trained["merges"]],
+            unk_token="<unk>",
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
+    hf.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    hf.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    hf.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")]
+    )
     return hf
 
 
@@ -104,7 +146,10 @@ def save_hf(d, model, tk, bos="<|im_start|>", eos="<|im_end|>", dtype=None, shar
     model.save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
     tk.save(os.path.join(d, "tokenizer.json"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": bos, "eos_token": eos, "add_bos_token": False, "chat_template": TEMPLATE}, f)
+        json.dump(
+            {"bos_token": bos, "eos_token": eos, "add_bos_token": False, "chat_template": TEMPLATE},
+            f,
+        )
     return d
 
 
@@ -114,7 +159,11 @@ def hf_weights(model):
 
 def llama_cpp_permute(w, n_head):
     """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (rotate-half -> interleaved rows)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_gguf(path, model, tk, arch="llama", qtype=None, rope_factors=None, linear=None, spm=None):
@@ -159,8 +208,12 @@ def write_gguf(path, model, tk, arch="llama", qtype=None, rope_factors=None, lin
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("smollm")
         w.add_token_list(tokens)
-        w.add_token_types([(3 if added[i]["special"] else 4) if i in added else 1 for i in range(len(tokens))])
-        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["model"]["merges"]])
+        w.add_token_types(
+            [(3 if added[i]["special"] else 4) if i in added else 1 for i in range(len(tokens))]
+        )
+        w.add_token_merges(
+            [" ".join(m) if isinstance(m, list) else m for m in vocab["model"]["merges"]]
+        )
         w.add_bos_token_id(tokens.index("<|im_start|>"))
         w.add_eos_token_id(tokens.index("<|im_end|>"))
         w.add_add_bos_token(False)
@@ -207,8 +260,11 @@ def write_gguf(path, model, tk, arch="llama", qtype=None, rope_factors=None, lin
 def expected(model):
     """Our canonical tensors, in float32, from the Hugging Face model."""
     c, sd = model.config, hf_weights(model)
-    out = {"tok_embd": sd["model.embed_tokens.weight"], "output_norm": sd["model.norm.weight"],
-           "rope_freqs": model.model.rotary_emb.inv_freq.float().numpy()}
+    out = {
+        "tok_embd": sd["model.embed_tokens.weight"],
+        "output_norm": sd["model.norm.weight"],
+        "rope_freqs": model.model.rotary_emb.inv_freq.float().numpy(),
+    }
     if not c.tie_word_embeddings:
         out["output"] = sd["lm_head.weight"]
     for i in range(c.num_hidden_layers):
@@ -216,10 +272,14 @@ def expected(model):
         out[b + "attn_norm"] = sd[p + "input_layernorm.weight"]
         out[b + "attn_qkv"] = np.concatenate([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
         if p + "self_attn.q_proj.bias" in sd:
-            out[b + "attn_qkv_bias"] = np.concatenate([sd[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+            out[b + "attn_qkv_bias"] = np.concatenate(
+                [sd[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]
+            )
         out[b + "attn_out"] = sd[p + "self_attn.o_proj.weight"]
         out[b + "ffn_norm"] = sd[p + "post_attention_layernorm.weight"]
-        out[b + "ffn_gate_up"] = np.concatenate([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        out[b + "ffn_gate_up"] = np.concatenate(
+            [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]
+        )
         out[b + "ffn_down"] = sd[p + "mlp.down_proj.weight"]
     return out
 
@@ -234,7 +294,9 @@ def check_tensors(path, model, quantized=()):
         assert got.shape == want.shape, name
         if name == "rope_freqs":
             assert got.dtype == np.float32
-            np.testing.assert_allclose(got, want, rtol=2e-6, err_msg="rope_freqs vs transformers' inv_freq")
+            np.testing.assert_allclose(
+                got, want, rtol=2e-6, err_msg="rope_freqs vs transformers' inv_freq"
+            )
         elif any(name.endswith(q) for q in quantized) and want.shape[-1] % 32 == 0:
             step = np.abs(want).reshape(want.shape[0], -1, 32).max(axis=-1, keepdims=True) / 127
             err = np.abs(got.astype(np.float32) - want).reshape(step.shape[0], -1, 32)
@@ -277,36 +339,67 @@ def tok():
     return bytelevel_tokenizer()
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 @pytest.fixture(scope="module")
 def llama_gqa(tok):
     """Untied, GQA 3:1, odd sizes (dim 72, head_dim 12, hidden 100), llama3 RoPE scaling,
     an embedding 3 rows larger than the tokenizer."""
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size() + 3, hidden_size=72, intermediate_size=100,
-                      num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=12,
-                      max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      rope_parameters=dict(LLAMA3_ROPE))
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size() + 3,
+        hidden_size=72,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters=dict(LLAMA3_ROPE),
+    )
     return randomize(LlamaForCausalLM(cfg), 1).eval()
 
 
 @pytest.fixture(scope="module")
 def llama_tied(tok):
     """Tied, GQA 4:1, rows multiple of 32 (for Q8_0), linear RoPE scaling."""
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                      max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    )
     return randomize(LlamaForCausalLM(cfg), 2).eval()
 
 
 @pytest.fixture(scope="module")
 def qwen2(tok):
-    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=80,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     return randomize(Qwen2ForCausalLM(cfg), 3).eval()
 
 
@@ -316,13 +409,21 @@ def test_llama_gqa_hf_and_gguf(tmp_path, tok, llama_gqa):
     s = convert(d, str(tmp_path / "hf.bin"), progress=False)
     mf = check_tensors(str(tmp_path / "hf.bin"), llama_gqa)
     c = mf.config
-    assert (c["dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"]) == \
-        (72, 2, 6, 2, 12, 100)
+    assert (
+        c["dim"],
+        c["n_layers"],
+        c["n_heads"],
+        c["n_kv_heads"],
+        c["head_dim"],
+        c["hidden_dim"],
+    ) == (72, 2, 6, 2, 12, 100)
     assert c["vocab_size"] == tok.get_vocab_size() + 3 and c["max_seq_len"] == 128
     assert c["flags"] == 0 and c["sliding_window"] == 0 and abs(c["norm_eps"] - 1e-5) < 1e-12
     assert c["architecture"] == "llama" and c["rope_theta"] == 500000.0
     assert c["rope_scaling"]["rope_type"] == "llama3" and c["rope_scaling"]["factor"] == 8.0
-    assert s["tensors"] == len(format.tensor_layout(c)) and s["file_size"] == os.path.getsize(tmp_path / "hf.bin")
+    assert s["tensors"] == len(format.tensor_layout(c)) and s["file_size"] == os.path.getsize(
+        tmp_path / "hf.bin"
+    )
     assert s["parameters"] == sum(p.numel() for p in llama_gqa.parameters()) + 6  # + rope_freqs
     # the tokenizer metadata, and our tokenizer agreeing with HF's on it
     t = mf.meta["tokenizer"]
@@ -350,7 +451,11 @@ def test_llama_gqa_hf_and_gguf(tmp_path, tok, llama_gqa):
     mg = check_tensors(str(tmp_path / "gguf.bin"), llama_gqa)
     assert {k: mg.config[k] for k in format.HEADER_INTS} == {k: c[k] for k in format.HEADER_INTS}
     tg = mg.meta["tokenizer"]
-    assert tg["tokens"] == t["tokens"] and tg["token_type"] == t["token_type"] and tg["merges"] == t["merges"]
+    assert (
+        tg["tokens"] == t["tokens"]
+        and tg["token_type"] == t["token_type"]
+        and tg["merges"] == t["merges"]
+    )
     assert mg.meta["provenance"]["sha256"] == hashlib.sha256(open(g, "rb").read()).hexdigest()
     check_logits(str(tmp_path / "gguf.bin"), llama_gqa, tok.encode(TEXT[:200]).ids[:48])
 
@@ -368,12 +473,17 @@ def test_llama_tied_bf16_shards_and_q8_0(tmp_path, tok, llama_tied):
     assert mf.config["flags"] == format.FLAG_TIED_OUTPUT and "output" not in mf.tensors
     assert mf.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
-    g = write_gguf(str(tmp_path / "q8.gguf"), llama_bf16, tok, qtype=gguf.GGMLQuantizationType.Q8_0, linear=2.0)
+    g = write_gguf(
+        str(tmp_path / "q8.gguf"), llama_bf16, tok, qtype=gguf.GGMLQuantizationType.Q8_0, linear=2.0
+    )
     types = {t.tensor_type.name for t in gguf.GGUFReader(g).tensors}
     assert types == {"Q8_0", "F32"}
     convert(g, str(tmp_path / "q8.bin"), progress=False)
-    mq = check_tensors(str(tmp_path / "q8.bin"), llama_bf16,
-                       quantized=("tok_embd", "attn_qkv", "attn_out", "ffn_gate_up", "ffn_down"))
+    mq = check_tensors(
+        str(tmp_path / "q8.bin"),
+        llama_bf16,
+        quantized=("tok_embd", "attn_qkv", "attn_out", "ffn_gate_up", "ffn_down"),
+    )
     assert mq.config["flags"] == format.FLAG_TIED_OUTPUT
     assert mq.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
     check_logits(str(tmp_path / "hf.bin"), llama_bf16, tok.encode(TEXT[:150]).ids[:40])
@@ -393,9 +503,18 @@ def test_qwen2_biases_hf_and_gguf(tmp_path, tok, qwen2):
 
 
 def test_mistral_sliding_window(tmp_path, tok):
-    cfg = MistralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                        sliding_window=16, tie_word_embeddings=False)
+    cfg = MistralConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=16,
+        tie_word_embeddings=False,
+    )
     model = randomize(MistralForCausalLM(cfg), 5).eval()
     convert(save_hf(str(tmp_path / "hf"), model, tok), str(tmp_path / "m.bin"), progress=False)
     mf = check_tensors(str(tmp_path / "m.bin"), model)
@@ -404,9 +523,17 @@ def test_mistral_sliding_window(tmp_path, tok):
     assert len(ids) == 48  # three windows: positions past 16 see only the last 16
     check_logits(str(tmp_path / "m.bin"), model, ids)
     # Qwen2 with sliding-window layers above max_window_layers only: mixed, refused
-    q = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
-                    max_window_layers=1)
+    q = Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=1,
+    )
     d = save_hf(str(tmp_path / "q"), Qwen2ForCausalLM(q), tok)
     with pytest.raises(ConvertError, match="mixed sliding-window"):
         convert(d, str(tmp_path / "q.bin"), progress=False)
@@ -416,10 +543,19 @@ def test_spm_tokenizer_from_hf(tmp_path):
     """Metaspace/byte-fallback BPE -> model "llama": scores = -(rank of the merge making the
     token), <0xNN> type 6, <unk> type 2; our tokenizer then encodes as HF does."""
     hf = spm_tokenizer()
-    cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    d = save_hf(str(tmp_path / "hf"), randomize(LlamaForCausalLM(cfg), 4), hf, bos="<s>", eos="</s>")
+    cfg = LlamaConfig(
+        vocab_size=hf.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    d = save_hf(
+        str(tmp_path / "hf"), randomize(LlamaForCausalLM(cfg), 4), hf, bos="<s>", eos="</s>"
+    )
     tc = json.load(open(os.path.join(d, "tokenizer_config.json")))
     del tc["add_bos_token"]  # from the post-processor (none here) -> False
     json.dump(tc, open(os.path.join(d, "tokenizer_config.json"), "w"))
@@ -434,7 +570,9 @@ def test_spm_tokenizer_from_hf(tmp_path):
     assert t["scores"][259] == -1e9  # a byte token: no merge makes it
     ours = Tokenizer(t)
     for text in SAMPLES + ["the bone ate the cat", "ünïcödé ∑"]:
-        assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, text
+        assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, (
+            text
+        )
 
 
 def test_spm_vocabulary_llama_from_gguf(tmp_path):
@@ -442,18 +580,33 @@ def test_spm_vocabulary_llama_from_gguf(tmp_path):
     add BOS) and an untied head; its tokens encode as Hugging Face's tokenizer, its logits
     match transformers."""
     hf = spm_tokenizer()
-    cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=hf.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = randomize(LlamaForCausalLM(cfg), 6).eval()
-    convert(save_hf(str(tmp_path / "hf"), model, hf, bos="<s>", eos="</s>"), str(tmp_path / "hf.bin"), progress=False)
+    convert(
+        save_hf(str(tmp_path / "hf"), model, hf, bos="<s>", eos="</s>"),
+        str(tmp_path / "hf.bin"),
+        progress=False,
+    )
     spm = format.read(str(tmp_path / "hf.bin"), map_tensors=False).meta["tokenizer"]
     g = write_gguf(str(tmp_path / "m.gguf"), model, None, spm=spm)
     convert(g, str(tmp_path / "gguf.bin"), progress=False)
     mg = check_tensors(str(tmp_path / "gguf.bin"), model)
     t = mg.meta["tokenizer"]
     assert t["model"] == "llama" and t["add_bos_token"] is True and t["bos_token_id"] == 1
-    assert (t["tokens"], t["scores"], t["token_type"]) == (spm["tokens"], spm["scores"], spm["token_type"])
+    assert (t["tokens"], t["scores"], t["token_type"]) == (
+        spm["tokens"],
+        spm["scores"],
+        spm["token_type"],
+    )
     ours = Tokenizer(t)
     for text in SAMPLES + ["the bone ate the cat", "ünïcödé ∑"]:
         assert ours.encode(text) == [1] + hf.encode(text, add_special_tokens=False).ids, text
@@ -462,11 +615,17 @@ def test_spm_vocabulary_llama_from_gguf(tmp_path):
 
 def test_rope_freqs_formula():
     """llama3 and linear scaling against transformers' own functions, at real sizes."""
-    for rope in (dict(LLAMA3_ROPE, original_max_position_embeddings=8192),
-                 {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
-                 {"rope_type": "default", "rope_theta": 100000.0}):
-        cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=dict(rope),
-                          max_position_embeddings=131072)
+    for rope in (
+        dict(LLAMA3_ROPE, original_max_position_embeddings=8192),
+        {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        {"rope_type": "default", "rope_theta": 100000.0},
+    ):
+        cfg = LlamaConfig(
+            hidden_size=4096,
+            num_attention_heads=32,
+            rope_parameters=dict(rope),
+            max_position_embeddings=131072,
+        )
         want = LlamaRotaryEmbedding(cfg).inv_freq.numpy()
         got = convert_mod.rope_freqs(rope["rope_theta"], 128, rope)
         np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=rope["rope_type"])
@@ -479,8 +638,16 @@ def test_default_model_converts(tmp_path):
     s = convert(src, out, progress=False)
     mf = format.read(out)
     c = mf.config
-    assert (c["dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden_dim"],
-            c["vocab_size"], c["max_seq_len"]) == (576, 30, 9, 3, 64, 1536, 49152, 8192)
+    assert (
+        c["dim"],
+        c["n_layers"],
+        c["n_heads"],
+        c["n_kv_heads"],
+        c["head_dim"],
+        c["hidden_dim"],
+        c["vocab_size"],
+        c["max_seq_len"],
+    ) == (576, 30, 9, 3, 64, 1536, 49152, 8192)
     assert c["flags"] == format.FLAG_TIED_OUTPUT and c["rope_theta"] == 100000.0
     assert s["tensors"] == len(mf.tensors) == 2 + 30 * 6 + 1 == 183
     assert 134e6 < s["parameters"] < 135e6
@@ -488,7 +655,10 @@ def test_default_model_converts(tmp_path):
     assert t["model"] == "gpt2" and t["pre"] == "smollm" and len(t["tokens"]) == 49152
     assert len(t["merges"]) == 48900 and t["tokens"][:3] == SPECIALS and t["eos_token_id"] == 2
     assert "<|im_start|>" in mf.meta["chat_template"]
-    assert mf.meta["provenance"]["source"] == GGUF_NAME and mf.meta["provenance"]["source_format"] == "gguf"
+    assert (
+        mf.meta["provenance"]["source"] == GGUF_NAME
+        and mf.meta["provenance"]["source_format"] == "gguf"
+    )
     # Q/K un-permuted: each rotate-half pair (i, i + 32) of a head holds what llama.cpp stored
     # in rows (2i, 2i+1)
     r = gguf.GGUFReader(src)
@@ -503,8 +673,11 @@ def test_default_model_converts(tmp_path):
 def tiny_gguf(path, arch="llama", tensor=None, raw_dtype=None):
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float16) if tensor is None else tensor,
-                 raw_dtype=raw_dtype)
+    w.add_tensor(
+        "token_embd.weight",
+        np.zeros((4, 8), np.float16) if tensor is None else tensor,
+        raw_dtype=raw_dtype,
+    )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -518,10 +691,13 @@ def test_unsupported_architectures(tmp_path, capsys):
         convert(g, str(tmp_path / "o.bin"), progress=False)
     d = tmp_path / "bert"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["BertModel"], "model_type": "bert"})
+    )
     with pytest.raises(ConvertError, match="unsupported architecture 'BertModel'"):
         convert(str(d), str(tmp_path / "o.bin"), progress=False)
     from pyllm.cli import main
+
     assert main(["convert", str(d), str(tmp_path / "o.bin")]) == 1
     err = capsys.readouterr().err
     assert "BertModel" in err and len(err.strip().splitlines()) == 1
@@ -529,7 +705,11 @@ def test_unsupported_architectures(tmp_path, capsys):
 
 
 def test_unsupported_tensor_type_and_missing_files(tmp_path, tok, llama_tied):
-    g = tiny_gguf(str(tmp_path / "i8.gguf"), tensor=np.zeros((4, 8), np.int8), raw_dtype=gguf.GGMLQuantizationType.I8)
+    g = tiny_gguf(
+        str(tmp_path / "i8.gguf"),
+        tensor=np.zeros((4, 8), np.int8),
+        raw_dtype=gguf.GGMLQuantizationType.I8,
+    )
     with pytest.raises(ConvertError, match="unsupported GGUF tensor type I8"):
         convert(g, str(tmp_path / "o.bin"), progress=False)
     with pytest.raises(ConvertError, match="no such file"):
@@ -590,14 +770,21 @@ class _FailingFile:
         self._f.close()
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()],
-                         ids=["disk-full", "ctrl-c"])
+@pytest.mark.parametrize(
+    "exc",
+    [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()],
+    ids=["disk-full", "ctrl-c"],
+)
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tok, llama_tied, exc):
     g = write_gguf(str(tmp_path / "m.gguf"), llama_tied, tok)
     out = tmp_path / "out" / "m.bin"
     out.parent.mkdir()
-    monkeypatch.setattr(outfile, "open", lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
-                        raising=False)
+    monkeypatch.setattr(
+        outfile,
+        "open",
+        lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
+        raising=False,
+    )
     if isinstance(exc, OSError):
         with pytest.raises(ConvertError, match="No space left on device"):
             convert(g, str(out), progress=False)
@@ -609,8 +796,12 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tok, llama_tied, exc
     monkeypatch.undo()
     convert(g, str(out), progress=False)
     good = out.read_bytes()
-    monkeypatch.setattr(outfile, "open", lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
-                        raising=False)
+    monkeypatch.setattr(
+        outfile,
+        "open",
+        lambda p, mode="r", *a, **k: _FailingFile(open(p, mode, *a, **k), 8, exc),
+        raising=False,
+    )
     with pytest.raises((ConvertError, KeyboardInterrupt)):
         convert(g, str(out), progress=False)
     assert os.listdir(out.parent) == ["m.bin"] and out.read_bytes() == good
@@ -658,7 +849,7 @@ def run_c_encode(vocab, scores, text, bos=True):
                 best, best_id, best_i = scores[j], j, i
         if best_i < 0:
             return ids
-        ids[best_i:best_i + 2] = [best_id]
+        ids[best_i : best_i + 2] = [best_id]
 
 
 def l2c_weights(seed, dim, hidden, n_layers, n_heads, n_kv, vocab, shared):
@@ -667,17 +858,28 @@ def l2c_weights(seed, dim, hidden, n_layers, n_heads, n_kv, vocab, shared):
     hs = dim // n_heads
 
     def mat(*shape, gain=1.0):
-        return (gain * rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16).astype(np.float32)
+        return (
+            (gain * rng.standard_normal(shape) / np.sqrt(shape[-1]))
+            .astype(np.float16)
+            .astype(np.float32)
+        )
 
     def norm(*shape):
         return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float16).astype(np.float32)
 
-    w = {"emb": (0.5 * rng.standard_normal((vocab, dim))).astype(np.float16).astype(np.float32),
-         "rms_att": norm(n_layers, dim), "wq": mat(n_layers, n_heads * hs, dim, gain=1.5),
-         "wk": mat(n_layers, n_kv * hs, dim, gain=1.5), "wv": mat(n_layers, n_kv * hs, dim),
-         "wo": mat(n_layers, dim, n_heads * hs), "rms_ffn": norm(n_layers, dim),
-         "w1": mat(n_layers, hidden, dim), "w2": mat(n_layers, dim, hidden), "w3": mat(n_layers, hidden, dim),
-         "rms_final": norm(dim)}
+    w = {
+        "emb": (0.5 * rng.standard_normal((vocab, dim))).astype(np.float16).astype(np.float32),
+        "rms_att": norm(n_layers, dim),
+        "wq": mat(n_layers, n_heads * hs, dim, gain=1.5),
+        "wk": mat(n_layers, n_kv * hs, dim, gain=1.5),
+        "wv": mat(n_layers, n_kv * hs, dim),
+        "wo": mat(n_layers, dim, n_heads * hs),
+        "rms_ffn": norm(n_layers, dim),
+        "w1": mat(n_layers, hidden, dim),
+        "w2": mat(n_layers, dim, hidden),
+        "w3": mat(n_layers, hidden, dim),
+        "rms_final": norm(dim),
+    }
     w["wcls"] = w["emb"] if shared else mat(vocab, dim, gain=3.0)
     return w
 
@@ -686,11 +888,33 @@ def write_l2c_checkpoint(path, w, n_heads, n_kv, seq_len, shared):
     """export.py legacy_export: 7 int32 (vocab negative if the classifier is not shared), then f32."""
     vocab, dim = w["emb"].shape
     hs = dim // n_heads
-    ang = np.outer(np.arange(seq_len), 1.0 / 10000.0 ** (np.arange(0, hs, 2)[:hs // 2] / hs))
+    ang = np.outer(np.arange(seq_len), 1.0 / 10000.0 ** (np.arange(0, hs, 2)[: hs // 2] / hs))
     with open(path, "wb") as f:
-        f.write(struct.pack("<7i", dim, w["w1"].shape[1], w["wq"].shape[0], n_heads, n_kv,
-                            vocab if shared else -vocab, seq_len))
-        for k in ("emb", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"):
+        f.write(
+            struct.pack(
+                "<7i",
+                dim,
+                w["w1"].shape[1],
+                w["wq"].shape[0],
+                n_heads,
+                n_kv,
+                vocab if shared else -vocab,
+                seq_len,
+            )
+        )
+        for k in (
+            "emb",
+            "rms_att",
+            "wq",
+            "wk",
+            "wv",
+            "wo",
+            "rms_ffn",
+            "w1",
+            "w2",
+            "w3",
+            "rms_final",
+        ):
             f.write(np.ascontiguousarray(w[k], dtype="<f4").tobytes())
         f.write(np.cos(ang).astype("<f4").tobytes() + np.sin(ang).astype("<f4").tobytes())
         if not shared:
@@ -719,7 +943,11 @@ def run_c_forward(w, n_heads, n_kv, ids):
     x = W["emb"][ids]
     for layer in range(W["wq"].shape[0]):
         h = rms(x, W["rms_att"][layer])
-        q, k, v = rope(h @ W["wq"][layer].T, n_heads), rope(h @ W["wk"][layer].T, n_kv), h @ W["wv"][layer].T
+        q, k, v = (
+            rope(h @ W["wq"][layer].T, n_heads),
+            rope(h @ W["wk"][layer].T, n_kv),
+            h @ W["wv"][layer].T,
+        )
         att_out = np.empty((n, n_heads * hs))
         for hh in range(n_heads):
             s = slice(hh * hs, (hh + 1) * hs)
@@ -734,7 +962,13 @@ def run_c_forward(w, n_heads, n_kv, ids):
     return rms(x, W["rms_final"]) @ W["wcls"].T
 
 
-L2C_TEXTS = SAMPLES + ["the bone ate the cat", "ünïcödé ∑", "", "  two  spaces\n\nnew line", TEXT[:300]]
+L2C_TEXTS = SAMPLES + [
+    "the bone ate the cat",
+    "ünïcödé ∑",
+    "",
+    "  two  spaces\n\nnew line",
+    TEXT[:300],
+]
 L2C_VARIANTS = {  # dim, hidden, n_layers, n_heads, n_kv_heads, seq_len, shared classifier
     "gqa-unshared": (48, 80, 2, 4, 2, 64, False),
     "mha-shared": (32, 72, 2, 4, 4, 48, True),
@@ -755,17 +989,31 @@ def test_llama2c_checkpoint(tmp_path, monkeypatch, capsys, variant):
     else:  # tokenizer.bin next to the checkpoint, found by itself; through the command line
         tok_path = write_l2c_tokenizer(str(tmp_path / "tokenizer.bin"), vocab, scores)
         from pyllm.cli import main
+
         assert main(["convert", "-q", src, out]) == 0, capsys.readouterr().err
 
     mf = format.read(out)
     c = mf.config
     hs = dim // nh
-    assert (c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"]) == \
-        (dim, hidden, n_layers, nh, nkv, hs)
-    assert c["vocab_size"] == len(vocab) and c["max_seq_len"] == seq_len and c["sliding_window"] == 0
-    assert c["flags"] == (format.FLAG_TIED_OUTPUT if shared else 0) and abs(c["norm_eps"] - 1e-5) < 1e-12
+    assert (
+        c["dim"],
+        c["hidden_dim"],
+        c["n_layers"],
+        c["n_heads"],
+        c["n_kv_heads"],
+        c["head_dim"],
+    ) == (dim, hidden, n_layers, nh, nkv, hs)
+    assert (
+        c["vocab_size"] == len(vocab) and c["max_seq_len"] == seq_len and c["sliding_window"] == 0
+    )
+    assert (
+        c["flags"] == (format.FLAG_TIED_OUTPUT if shared else 0)
+        and abs(c["norm_eps"] - 1e-5) < 1e-12
+    )
     assert c["architecture"] == "llama" and c["rope_theta"] == 10000.0 and c["rope_scaling"] is None
-    np.testing.assert_allclose(mf.tensors["rope_freqs"], 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs), rtol=1e-6)
+    np.testing.assert_allclose(
+        mf.tensors["rope_freqs"], 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs), rtol=1e-6
+    )
     # tensors: exact (the weights are f16 values); Q/K back in llama2.c's row order are the originals
     T = {k: np.asarray(mf.matrix(k), dtype=np.float32) for k in mf.tensors}
     np.testing.assert_array_equal(T["tok_embd"], w["emb"])
@@ -777,7 +1025,9 @@ def test_llama2c_checkpoint(tmp_path, monkeypatch, capsys, variant):
         np.testing.assert_array_equal(llama_cpp_permute(q, nh), w["wq"][i])
         np.testing.assert_array_equal(llama_cpp_permute(k, nkv), w["wk"][i])
         np.testing.assert_array_equal(v, w["wv"][i])
-        np.testing.assert_array_equal(T[p + "ffn_gate_up"], np.concatenate([w["w1"][i], w["w3"][i]]))
+        np.testing.assert_array_equal(
+            T[p + "ffn_gate_up"], np.concatenate([w["w1"][i], w["w3"][i]])
+        )
         np.testing.assert_array_equal(T[p + "ffn_down"], w["w2"][i])
         np.testing.assert_array_equal(T[p + "attn_out"], w["wo"][i])
         np.testing.assert_array_equal(T[p + "attn_norm"], w["rms_att"][i])
@@ -792,8 +1042,14 @@ def test_llama2c_checkpoint(tmp_path, monkeypatch, capsys, variant):
     assert t["tokens"][3:259] == [f"<0x{b:02X}>" for b in range(256)] and t["scores"] == scores
     assert not any(" " in x for x in t["tokens"]) and "\u2581" in t["tokens"]
     p = mf.meta["provenance"]
-    assert p["source_format"] == "llama2c" and p["sha256_of"] == ["model.bin", os.path.basename(tok_path)]
-    assert p["sha256"] == hashlib.sha256(open(src, "rb").read() + open(tok_path, "rb").read()).hexdigest()
+    assert p["source_format"] == "llama2c" and p["sha256_of"] == [
+        "model.bin",
+        os.path.basename(tok_path),
+    ]
+    assert (
+        p["sha256"]
+        == hashlib.sha256(open(src, "rb").read() + open(tok_path, "rb").read()).hexdigest()
+    )
     ours = Tokenizer(t)
     for text in L2C_TEXTS:
         ids = ours.encode(text)
@@ -810,7 +1066,9 @@ def test_llama2c_checkpoint(tmp_path, monkeypatch, capsys, variant):
     err = np.abs(got - ref).max()
     assert err < 1e-2 * max(1.0, np.abs(ref).max()), f"max |kernel - run.c| = {err}"
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
-    if not shared:  # without the permutation the logits are far off: the check above is sensitive to it
+    if (
+        not shared
+    ):  # without the permutation the logits are far off: the check above is sensitive to it
         monkeypatch.setattr(convert_mod, "_unpermute", lambda a, n: a)
         convert(src, str(tmp_path / "wrong.bin"), progress=False)
         m = pyllm.load(str(tmp_path / "wrong.bin"), threads=2)
@@ -826,7 +1084,10 @@ def test_llama2c_errors(tmp_path):
     with pytest.raises(ConvertError, match="tokenizer.bin does not exist.*--tokenizer"):
         convert(src, out, progress=False)
     write_l2c_tokenizer(str(tmp_path / "tokenizer.bin"), vocab[:-1], scores[:-1])
-    with pytest.raises(ConvertError, match=f"holds {len(vocab) - 1} tokens, the model's vocabulary has {len(vocab)}"):
+    with pytest.raises(
+        ConvertError,
+        match=f"holds {len(vocab) - 1} tokens, the model's vocabulary has {len(vocab)}",
+    ):
         convert(src, out, progress=False)
     write_l2c_tokenizer(str(tmp_path / "tokenizer.bin"), vocab + ["xyz"], scores + [0.0])
     with pytest.raises(ConvertError, match=f"holds more than the model's {len(vocab)} tokens"):
@@ -837,8 +1098,11 @@ def test_llama2c_errors(tmp_path):
     data = open(src, "rb").read()
     for name, blob in (("long.bin", data + b"\0" * 4), ("short.bin", data[:-4])):
         (tmp_path / name).write_bytes(blob)
-        with pytest.raises(ConvertError, match=f"neither a GGUF file, a llama2.c checkpoint nor a Hugging "
-                                               f"Face model directory \\(.*implies {len(data)} bytes"):
+        with pytest.raises(
+            ConvertError,
+            match=f"neither a GGUF file, a llama2.c checkpoint nor a Hugging "
+            f"Face model directory \\(.*implies {len(data)} bytes",
+        ):
             convert(str(tmp_path / name), out, progress=False)
     (tmp_path / "text.bin").write_bytes(b"hello, this is not a model at all\n" * 10)
     with pytest.raises(ConvertError, match="neither a GGUF file.*directory$"):

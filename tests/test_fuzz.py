@@ -10,6 +10,7 @@ accepted; metadata mutations must keep the kernel accepting and Python refusing 
 line naming the key, or accepting. Inputs that ever crashed live in tests/fuzz_cases/ and
 are replayed first.
 """
+
 import glob
 import math
 import os
@@ -58,10 +59,13 @@ def try_file(path):
     else:
         assert py_ok, f"the kernel accepts what Python refuses ({py_err})"
         from pyllm._pyllm import ffi, lib
+
         vocab = struct.unpack_from("<I", open(path, "rb").read(48), 40)[0]
         out = np.zeros(vocab, np.float32)
-        ids = [0, vocab - 1][:lib.pyllm_n_ctx(m)]
-        rc = lib.pyllm_forward(m, ffi.new("int[]", ids), len(ids), 0, ffi.cast("float *", ffi.from_buffer(out)), 0)
+        ids = [0, vocab - 1][: lib.pyllm_n_ctx(m)]
+        rc = lib.pyllm_forward(
+            m, ffi.new("int[]", ids), len(ids), 0, ffi.cast("float *", ffi.from_buffer(out)), 0
+        )
         assert rc == 0
     try:
         format.read(str(path))  # with the tensors mapped: the same verdict
@@ -76,23 +80,55 @@ def mutate(data, edits, cut):
     meta_end = struct.unpack_from("<Q", b, 80)[0] + struct.unpack_from("<Q", b, 88)[0]
     for pos, value, width in edits:
         pos %= max(1, min(len(b), meta_end) - width)
-        b[pos:pos + width] = value.to_bytes(8, "little")[:width]
+        b[pos : pos + width] = value.to_bytes(8, "little")[:width]
     return bytes(b[:cut]) if cut is not None else bytes(b)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, (1 << 64) - 1), st.sampled_from([1, 4, 8])),
-                      min_size=1, max_size=4),
-       cut=st.one_of(st.none(), st.integers(0, 4096)))
+@settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 1 << 20), st.integers(0, (1 << 64) - 1), st.sampled_from([1, 4, 8])
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    cut=st.one_of(st.none(), st.integers(0, 4096)),
+)
 def test_mutated_files_are_refused_or_safe(seed_file, tmp_path_factory, edits, cut):
     path = tmp_path_factory.mktemp("case") / "m.bin"
     path.write_bytes(mutate(seed_file.read_bytes(), edits, cut))
     try_file(path)
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(field=st.integers(0, 18), value=st.sampled_from([0, 1, 2, 3, 63, 64, 65, 4095, 1 << 19, (1 << 20) - 1, 1 << 20,
-                                                        (1 << 31) - 1, (1 << 32) - 1]))
+@settings(
+    max_examples=EXAMPLES // 3,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+@given(
+    field=st.integers(0, 18),
+    value=st.sampled_from(
+        [
+            0,
+            1,
+            2,
+            3,
+            63,
+            64,
+            65,
+            4095,
+            1 << 19,
+            (1 << 20) - 1,
+            1 << 20,
+            (1 << 31) - 1,
+            (1 << 32) - 1,
+        ]
+    ),
+)
 def test_each_header_field_at_its_edges(seed_file, tmp_path_factory, field, value):
     # header words after the magic: 12 u32, norm_eps, reserved, then 5 u64
     b = bytearray(seed_file.read_bytes())
@@ -113,7 +149,9 @@ def test_recorded_crashers(case):
     assert os.path.isdir(os.path.join(os.path.dirname(__file__), "fuzz_cases"))
 
 
-@pytest.mark.parametrize("n_heads, head_dim", [(1 << 19, 1 << 13), (1 << 12, 1 << 10), (1 << 17, 2)])
+@pytest.mark.parametrize(
+    "n_heads, head_dim", [(1 << 19, 1 << 13), (1 << 12, 1 << 10), (1 << 17, 2)]
+)
 def test_head_product_out_of_range_is_refused(seed_file, tmp_path, n_heads, head_dim):
     # each field alone is in range; the product (an int in the kernel) is not: 2^32 wrapped to 0;
     # or, head_dim padded to 16 as the KV cache stores it, the cache size would overflow
@@ -128,31 +166,67 @@ def test_head_product_out_of_range_is_refused(seed_file, tmp_path, n_heads, head
 
 
 # ---- the two loaders' verdicts, field by field ----
-HEADER_U32 = ("version", "header_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-              "vocab_size", "max_seq_len", "flags", "sliding_window")
+HEADER_U32 = (
+    "version",
+    "header_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "hidden_dim",
+    "vocab_size",
+    "max_seq_len",
+    "flags",
+    "sliding_window",
+)
 
 
-@pytest.mark.parametrize("field, value", [("norm_eps", float("inf")), ("flags", 4), ("flags", 1 << 31),
-                                          ("flags", 1 << 20), ("header_size", 64)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("norm_eps", float("inf")),
+        ("flags", 4),
+        ("flags", 1 << 31),
+        ("flags", 1 << 20),
+        ("header_size", 64),
+    ],
+)
 def test_both_loaders_refuse(tmp_path, field, value):
     # header_size 64: the kernel refused it, Python did not. norm_eps inf and unknown flag
     # bits: both accepted them; Python now refuses them, the kernel too once its branch adds
     # the same two rules (until then this test fails on those four cases, as it should)
     import hostile
+
     path = hostile.with_header(tmp_path, **{field: value})
     assert not python_verdict(path)[0]
     try_file(path)
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(field=st.sampled_from(HEADER_U32), value=st.one_of(st.integers(0, (1 << 32) - 1),
-                                                          st.sampled_from([0, 1, 2, 3, 4, 7, 16, 63, 64, 127, 128])))
+@settings(
+    max_examples=EXAMPLES // 3,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+@given(
+    field=st.sampled_from(HEADER_U32),
+    value=st.one_of(
+        st.integers(0, (1 << 32) - 1), st.sampled_from([0, 1, 2, 3, 4, 7, 16, 63, 64, 127, 128])
+    ),
+)
 def test_header_verdicts_agree(tmp_path_factory, field, value):
     import hostile
+
     try_file(hostile.with_header(tmp_path_factory.mktemp("hdr"), **{field: value}))
 
 
-@settings(max_examples=EXAMPLES // 6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(
+    max_examples=EXAMPLES // 6,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
 @given(eps=st.floats(width=32))
 @example(eps=math.inf)
 @example(eps=-math.inf)
@@ -160,12 +234,24 @@ def test_header_verdicts_agree(tmp_path_factory, field, value):
 @example(eps=1e-45)
 def test_norm_eps_verdicts_agree(tmp_path_factory, eps):
     import hostile
+
     try_file(hostile.with_header(tmp_path_factory.mktemp("eps"), norm_eps=eps))
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(i=st.integers(0, 9), j=st.integers(0, 9), op=st.sampled_from(["offset", "nbytes", "shift", "swap", "swap_offsets"]),
-       value=st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from([0, 1, 63, 64, 65, -64, -1, 4096])))
+@settings(
+    max_examples=EXAMPLES // 3,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+@given(
+    i=st.integers(0, 9),
+    j=st.integers(0, 9),
+    op=st.sampled_from(["offset", "nbytes", "shift", "swap", "swap_offsets"]),
+    value=st.one_of(
+        st.integers(0, (1 << 64) - 1), st.sampled_from([0, 1, 63, 64, 65, -64, -1, 4096])
+    ),
+)
 def test_table_verdicts_agree(tmp_path_factory, i, j, op, value):
     import hostile
 
@@ -183,18 +269,28 @@ def test_table_verdicts_agree(tmp_path_factory, i, j, op, value):
         else:
             t[i], t[j] = (t[j][0], nb), (o, t[j][1])
         return t
+
     try_file(hostile.with_table(tmp_path_factory.mktemp("tbl"), edit))
 
 
 # ---- the metadata: whatever the JSON holds, one line or a working model ----
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=8),
-                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4),
-                    max_leaves=8)
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 70), 1 << 70)
+    | st.floats()
+    | st.text(max_size=8),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4)
+    ),
+    max_leaves=8,
+)
 
 
 def _edit_at(walk, new, delete):
     """A with_meta edit: walk into the metadata (each step picks a key or an index), then
     replace what is there with new, or delete it."""
+
     def fn(meta):
         parent, key, node = None, None, meta
         for step in walk:
@@ -212,6 +308,7 @@ def _edit_at(walk, new, delete):
         else:
             parent[key] = new
         return meta
+
     return fn
 
 
@@ -219,6 +316,7 @@ def check_metadata_mutant(path, capsys):
     """The kernel accepts (the structure is intact); Python refuses with MetadataError,
     or loads it, and then the model runs and `pyllm info` prints it (no other exception)."""
     from pyllm import cli
+
     py_ok, py_err = python_verdict(path)
     assert py_ok, f"a metadata edit made a structural error: {py_err}"
     pyllm._native_open(str(path), 1, 16)
@@ -239,17 +337,35 @@ def check_metadata_mutant(path, capsys):
     assert "\x1b" not in out
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(walk=st.lists(st.integers(0, 1 << 20), min_size=1, max_size=4), new=JSON, delete=st.booleans())
+@settings(
+    max_examples=EXAMPLES // 3,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+@given(
+    walk=st.lists(st.integers(0, 1 << 20), min_size=1, max_size=4), new=JSON, delete=st.booleans()
+)
 def test_metadata_mutations(tmp_path_factory, capsys, walk, new, delete):
     import hostile
-    check_metadata_mutant(hostile.with_meta(tmp_path_factory.mktemp("meta"), _edit_at(walk, new, delete)), capsys)
+
+    check_metadata_mutant(
+        hostile.with_meta(tmp_path_factory.mktemp("meta"), _edit_at(walk, new, delete)), capsys
+    )
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=6))
+@settings(
+    max_examples=EXAMPLES // 3,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=6)
+)
 def test_metadata_byte_flips(tmp_path_factory, capsys, edits):
     import hostile
+
     data = bytearray(hostile.seed_bytes())
     h = hostile.header(data)
     for pos, byte in edits:

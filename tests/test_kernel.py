@@ -6,6 +6,7 @@ now and then an element rounds to the neighbouring f16 value. Each such flip mov
 by up to ~1e-3, hence max |diff| < 5e-3 plus a mean that only a faithful kernel meets
 (an f32 cache instead of f16 is ~1e-2 max, ~1e-3 mean away from the reference).
 """
+
 import os
 import struct
 
@@ -46,8 +47,9 @@ def test_matches_reference(tiny_paths, variant):
     want = reference_logits(format.read(path), ids)
     assert got.dtype == np.float32 and got.shape == want.shape
     diff = np.abs(got - want)
-    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, \
+    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, (
         f"{variant}: max |kernel - reference| {diff.max():.2e}, mean {diff.mean():.2e}"
+    )
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.95
 
 
@@ -94,12 +96,14 @@ def test_incremental_equals_block(tiny_paths, variant, cache):
     block = m.logits(ids)
     m.reset()
     one_by_one = np.stack([m.eval([t]) for t in ids])
-    assert np.array_equal(one_by_one, block)  # the kernel sums each score the same way at any position
+    assert np.array_equal(
+        one_by_one, block
+    )  # the kernel sums each score the same way at any position
     # uneven chunks, crossing the kernel's block boundaries
     m.reset()
     pos = 0
     for size in (5, 1, 133, 2, 29, 130):
-        last = m.eval(ids[pos:pos + size])
+        last = m.eval(ids[pos : pos + size])
         pos += size
         assert np.array_equal(last, block[pos - 1]), f"chunk ending at {pos}"
     assert pos == len(ids)
@@ -126,6 +130,7 @@ def test_bad_input(tiny_paths):
 def test_kernel_refuses_bad_forward_arguments(tiny_paths):
     """The kernel checks its own arguments (Python checks first; this is the backstop)."""
     from pyllm._pyllm import ffi, lib
+
     vocab = pyllm.load(tiny_paths["base"], n_ctx=16).config["vocab_size"]
     m = pyllm._native_open(str(tiny_paths["base"]), 1, 16)
     out = np.zeros((17, vocab), np.float32)
@@ -133,6 +138,7 @@ def test_kernel_refuses_bad_forward_arguments(tiny_paths):
 
     def fwd(ids, pos=0):
         return lib.pyllm_forward(m, ffi.new("int[]", ids or [0]), len(ids), pos, logits, 1)
+
     assert fwd([vocab]) == fwd([1, -1]) == lib.PYLLM_E_TOKEN
     assert fwd(list(range(17))) == fwd([1], pos=16) == lib.PYLLM_E_CONTEXT
     assert fwd([]) == fwd([1], pos=-1) == lib.PYLLM_E_ARG
@@ -149,13 +155,14 @@ def test_generate_greedy_and_seeded(tiny_paths):
     for _ in range(8):  # greedy continuation by the reference
         ids.append(int(reference_logits(mf, ids)[-1].argmax()))
     text = "".join(m.generate(prompt, 8, temperature=0.0, stop_ids=[]))
-    assert text == m.tokenizer.decode(ids[len(prompt):])
+    assert text == m.tokenizer.decode(ids[len(prompt) :])
     a = "".join(m.generate(prompt, 16, temperature=1.0, top_k=0, top_p=1.0, seed=7, stop_ids=[]))
     b = "".join(m.generate(prompt, 16, temperature=1.0, top_k=0, top_p=1.0, seed=7, stop_ids=[]))
     assert a == b
 
 
 # --- bad files: rejected by pyllm.load (Python checks first) and by the C side alone ---
+
 
 def _patched(src, dst, fn):
     data = bytearray(open(src, "rb").read())
@@ -178,13 +185,16 @@ def _move_last_tensor(data, new_offset):
 
 
 BAD_FILES = {  # name: (patch of the file's bytes, what the message must say)
-    "truncated": (lambda d: d[:len(d) // 2], r"truncated"),
+    "truncated": (lambda d: d[: len(d) // 2], r"truncated"),
     "shorter than a header": (lambda d: d[:60], r"truncated|too short"),
     "empty": (lambda d: d[:0], r"magic|too short"),
     "wrong magic": (lambda d: b"GGUF" + d[4:], r"magic"),
     "wrong version": (lambda d: d[:8] + struct.pack("<I", 7) + d[12:], r"version"),
     "offset past end": (lambda d: _move_last_tensor(d, lambda old, size: size + 4096), r"offset"),
-    "tensor runs past end": (lambda d: _move_last_tensor(d, lambda old, size: size - 64), r"offset"),
+    "tensor runs past end": (
+        lambda d: _move_last_tensor(d, lambda old, size: size - 64),
+        r"offset",
+    ),
     "misaligned offset": (lambda d: _move_last_tensor(d, lambda old, size: old + 2), r"offset"),
 }
 
@@ -225,7 +235,9 @@ def test_long_context_across_attention_segments(tmp_path, window):
     block = pyllm.load(path, threads=2).logits(ids)
     want = reference_logits(format.read(path), ids)
     diff = np.abs(block - want)
-    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, (
+        f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    )
     m = pyllm.load(path, threads=3)
     m.eval(ids[:680])
     tail = np.stack([m.eval([t]) for t in ids[680:]])
@@ -242,8 +254,15 @@ def test_segments_straddled_and_out_of_window(tmp_path, window):
     want = reference_logits(format.read(path), ids)
     for threads in (1, 2):
         m = pyllm.load(path, threads=threads)
-        got = np.stack([m.eval(ids[:500]), m.eval(ids[500:600]), m.eval(ids[600:601]), m.eval(ids[601:602]),
-                        m.eval(ids[602:900])])
+        got = np.stack(
+            [
+                m.eval(ids[:500]),
+                m.eval(ids[500:600]),
+                m.eval(ids[600:601]),
+                m.eval(ids[601:602]),
+                m.eval(ids[602:900]),
+            ]
+        )
         diff = np.abs(got - want[[499, 599, 600, 601, 899]])
         assert diff.max() < MAX_TOL, f"threads {threads}: max {diff.max():.2e}"
         del m
@@ -251,11 +270,14 @@ def test_segments_straddled_and_out_of_window(tmp_path, window):
 
 # --- byte identity: the logits of fixed inputs hash as the fixture says for this path ---
 
+
 def test_logits_hash_as_stored(tmp_path):
     """Every case of tests/make_logit_hashes.py, at 1 and 2 threads, hashes as stored for the
     compiled path (a path without stored hashes fails: generate them from a trusted build)."""
     import make_logit_hashes as mlh
+
     from pyllm._pyllm import ffi, lib
+
     simd = ffi.string(lib.pyllm_simd()).decode()
     stored = mlh.load_fixture().get(simd)
     assert stored, f"no stored logit hashes for the {simd} path in {mlh.FIXTURE}"
@@ -281,7 +303,9 @@ def test_f32_cache_matches_reference(tiny_paths, variant):
     m = pyllm.load(path, threads=2, cache_type="f32")
     assert m.cache_types == ("f32", "f32")
     diff = np.abs(m.logits(ids) - reference_logits(format.read(path), ids, cache_type="f32"))
-    assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, (
+        f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    )
 
 
 @pytest.mark.parametrize("k, v", [("f32", "f16"), ("f16", "f32")])
@@ -293,7 +317,9 @@ def test_mixed_cache_types(tiny_paths, k, v):
     assert m.cache_types == (k, v)
     want = reference_logits(format.read(path), ids, cache_type_k=k, cache_type_v=v)
     diff = np.abs(m.logits(ids) - want)
-    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert diff.max() < MAX_TOL and diff.mean() < MEAN_TOL, (
+        f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    )
 
 
 @pytest.mark.parametrize("window", [0, 300])
@@ -303,7 +329,9 @@ def test_f32_cache_across_segments(tmp_path, window):
     ids = random_ids(path, n=700, seed=3)
     block = pyllm.load(path, threads=2, cache_type="f32").logits(ids)
     diff = np.abs(block - reference_logits(format.read(path), ids, cache_type="f32"))
-    assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    assert diff.max() < F32_MAX_TOL and diff.mean() < F32_MEAN_TOL, (
+        f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+    )
     m = pyllm.load(path, threads=1, cache_type="f32")
     m.eval(ids[:600])
     tail = np.stack([m.eval([t]) for t in ids[600:]])
@@ -314,6 +342,7 @@ def test_cache_bytes(tmp_path):
     """The cache's one mapping: segments of 512 positions, per layer and KV head a padded
     head_dim by 512 matrix each of keys and values, 2 or 4 bytes an element."""
     from pyllm._pyllm import lib
+
     path = str(tmp_path / "long.bin")
     cfg = make_tiny_model(path, max_seq_len=1024, dim=72, head_dim=24, n_heads=3, n_kv_heads=1)
     elements = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * 32 * 512  # n_ctx 600; head_dim 24 -> 32
@@ -324,6 +353,7 @@ def test_cache_bytes(tmp_path):
 
 def test_bad_cache_type(tiny_paths):
     from pyllm._pyllm import ffi, lib
+
     for kwargs in ({"cache_type": "q8_0"}, {"cache_type_k": "F32"}, {"cache_type_v": 32}):
         with pytest.raises(pyllm.PyllmError, match="cache type") as e:
             pyllm.load(tiny_paths["base"], **kwargs)

@@ -8,6 +8,7 @@ reference is itself up to 2e-4 from it on the 735-token prompt); with the defaul
 within 1e-2 of the f16-rounding transformers and within 3e-2 of the exact answer (the rounding
 alone moves logits by up to 2.8e-2: make_fixtures.py prints the reference's own distance).
 """
+
 import os
 
 import numpy as np
@@ -31,7 +32,9 @@ def cache_type(request):
 
 
 @pytest.fixture(scope="module")
-def models(default_model):  # conftest.py: weights/smollm2-135m-instruct.f16.bin, or fail: run `make weights`
+def models(
+    default_model,
+):  # conftest.py: weights/smollm2-135m-instruct.f16.bin, or fail: run `make weights`
     return {ct: pyllm.load(default_model, n_ctx=1024, cache_type=ct) for ct in ("f16", "f32")}
 
 
@@ -50,7 +53,13 @@ def fx():
 
 def test_config(model, fx):
     c = model.config
-    assert (c["dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["vocab_size"]) == (576, 30, 9, 3, 49152)
+    assert (c["dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["vocab_size"]) == (
+        576,
+        30,
+        9,
+        3,
+        49152,
+    )
     assert (len(fx["prompts"]), len(fx["greedy_prompts"])) == (N_PROMPTS, N_GREEDY)
 
 
@@ -66,15 +75,22 @@ def test_last_logits(models, fx, n, cache_type):
     got, exact = models[cache_type].logits(ids)[-1], fx[f"logits32_{n}"]
     diff = np.abs(got - exact)
     if cache_type == "f32":
-        assert diff.max() < EXACT_MAX, f"prompt {n} ({len(ids)} tokens): max |pyllm - transformers| {diff.max():.2e}"
+        assert diff.max() < EXACT_MAX, (
+            f"prompt {n} ({len(ids)} tokens): max |pyllm - transformers| {diff.max():.2e}"
+        )
     else:
-        assert diff.max() < F16_VS_EXACT_MAX, f"prompt {n}: max |pyllm f16 - transformers f32| {diff.max():.2e}"
+        assert diff.max() < F16_VS_EXACT_MAX, (
+            f"prompt {n}: max |pyllm f16 - transformers f32| {diff.max():.2e}"
+        )
         cols, want = fx[f"cols16_{n}"], fx[f"logits16_{n}"]
         diff16 = np.abs(got[cols] - want)
-        assert diff16.max() < MAX_DIFF and diff16.mean() < MEAN_DIFF, \
+        assert diff16.max() < MAX_DIFF and diff16.mean() < MEAN_DIFF, (
             f"prompt {n}: max |pyllm - transformers f16 cache| {diff16.max():.2e}, mean {diff16.mean():.2e}"
+        )
         assert got[cols].argmax() == want.argmax()
-    assert got.argmax() == exact.argmax() or np.sort(exact)[-1] - np.sort(exact)[-2] < 2 * diff.max()
+    assert (
+        got.argmax() == exact.argmax() or np.sort(exact)[-1] - np.sort(exact)[-2] < 2 * diff.max()
+    )
 
 
 def clear_top(logits, margin):
@@ -92,11 +108,14 @@ def test_all_position_logits(models, fx):
     got16, got32 = (models[ct].logits(ids)[:, fx["allpos_cols"]] for ct in ("f16", "f32"))
     exact, rounded = fx["allpos_logits"], fx["allpos16_logits"]
     diff = np.abs(got32 - exact)
-    assert diff.max() < EXACT_MAX, f"f32 cache: max {diff.max():.2e} at position {diff.max(1).argmax()}"
+    assert diff.max() < EXACT_MAX, (
+        f"f32 cache: max {diff.max():.2e} at position {diff.max(1).argmax()}"
+    )
     for want, what in ((rounded, "transformers with an f16 cache"), (exact, "transformers")):
         diff = np.abs(got16 - want)
-        assert diff.max() < F16_VS_EXACT_MAX and diff.mean() < MEAN_DIFF, \
+        assert diff.max() < F16_VS_EXACT_MAX and diff.mean() < MEAN_DIFF, (
             f"f16 cache against {what}: max {diff.max():.2e}, mean {diff.mean():.2e}"
+        )
     for got, want, tol in ((got16, rounded, F16_VS_EXACT_MAX), (got32, exact, EXACT_MAX)):
         clear = clear_top(want, 2 * tol)
         assert clear.sum() > len(ids) // 2
@@ -107,7 +126,11 @@ def test_all_position_logits(models, fx):
 def test_greedy_matches_transformers(models, fx, n, cache_type):
     """Token for token, up to the first step where transformers' top two are nearly tied."""
     model = models[cache_type]
-    ids, want, margin = fx[f"greedy_ids_{n}"].tolist(), fx[f"greedy_out_{n}"], fx[f"greedy_margin_{n}"]
+    ids, want, margin = (
+        fx[f"greedy_ids_{n}"].tolist(),
+        fx[f"greedy_out_{n}"],
+        fx[f"greedy_margin_{n}"],
+    )
     model.reset()
     logits = model.eval(ids)
     compared = 0
@@ -115,9 +138,10 @@ def test_greedy_matches_transformers(models, fx, n, cache_type):
         if margin[step] < MIN_MARGIN:
             break
         tok = int(logits.argmax())
-        assert tok == want[step], \
-            f"step {step}: pyllm {model.tokenizer.decode([tok])!r}, transformers " \
+        assert tok == want[step], (
+            f"step {step}: pyllm {model.tokenizer.decode([tok])!r}, transformers "
             f"{model.tokenizer.decode([int(want[step])])!r} (margin {margin[step]:.3f})"
+        )
         compared += 1
         logits = model.eval([tok])
     if str(fx["greedy_prompts"][n]) == "The capital of France is":
@@ -172,8 +196,11 @@ def test_forward_at_refuses(model):
     with pytest.raises(pyllm.PyllmError, match="context full"):
         model.forward_at([1, 2], model.n_ctx - 1)
     assert model.tokens == [1, 2, 3]  # nothing ran
-    for out in (np.zeros(model.vocab_size, np.float64), np.zeros(model.vocab_size + 1, np.float32),
-                np.zeros((2, model.vocab_size), np.float32)[:, 0]):
+    for out in (
+        np.zeros(model.vocab_size, np.float64),
+        np.zeros(model.vocab_size + 1, np.float32),
+        np.zeros((2, model.vocab_size), np.float32)[:, 0],
+    ):
         with pytest.raises(ValueError, match="out must be"):
             model.forward_at([1], 3, out)
     frozen = np.zeros(model.vocab_size, np.float32)
@@ -187,6 +214,7 @@ def test_forward_at_refuses(model):
 def _threads(*fns, timeout=120):
     """Run fns in threads at once; their results (an exception re-raised here)."""
     import threading
+
     out = [None] * len(fns)
     start = threading.Barrier(len(fns))
 
@@ -196,6 +224,7 @@ def _threads(*fns, timeout=120):
             out[i] = ("ok", fn())
         except BaseException as e:  # noqa: B036 - handed to the main thread
             out[i] = ("err", e)
+
     ts = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
     for t in ts:
         t.start()
@@ -213,7 +242,10 @@ def test_two_threads_logits_as_serial(default_model, fx):
     prompts = [fx[f"ids_{n}"].tolist() for n in range(4)]
     serial = [m.logits(ids) for ids in prompts]
     for _ in range(2):
-        a, b = _threads(lambda: [m.logits(ids) for ids in prompts], lambda: [m.logits(ids) for ids in prompts[::-1]])
+        a, b = _threads(
+            lambda: [m.logits(ids) for ids in prompts],
+            lambda: [m.logits(ids) for ids in prompts[::-1]],
+        )
         for got, want in zip(a + b[::-1], serial + serial):
             assert np.array_equal(got, want)
     m.close()
@@ -254,6 +286,7 @@ def test_an_abandoned_generation_blocks_nobody(default_model):
 def test_close_waits_for_a_running_forward_then_use_raises(default_model, fx):
     import threading
     import time
+
     ids = (fx["ids_0"].tolist() * 64)[:256]
     m = pyllm.load(default_model, n_ctx=256, threads=1)
     want = m.logits(ids)
@@ -262,18 +295,25 @@ def test_close_waits_for_a_running_forward_then_use_raises(default_model, fx):
     def work():
         box["logits"] = m.logits(ids)
         box["done"] = time.perf_counter()
+
     t = threading.Thread(target=work)
     t.start()
     while m._lock.acquire(blocking=False):  # until the worker holds the model
         m._lock.release()
-        assert t.is_alive() or "logits" not in box, "the forward finished before close could race it"
+        assert t.is_alive() or "logits" not in box, (
+            "the forward finished before close could race it"
+        )
     m.close()
     closed = time.perf_counter()
     t.join(60)
     assert np.array_equal(box["logits"], want)  # the running forward completed on a live model
     assert closed >= box["done"]
-    for use in (lambda: m.logits([1]), lambda: m.eval([1]), lambda: m.prefill([1, 2]),
-                lambda: "".join(m.generate("hi", 4))):
+    for use in (
+        lambda: m.logits([1]),
+        lambda: m.eval([1]),
+        lambda: m.prefill([1, 2]),
+        lambda: "".join(m.generate("hi", 4)),
+    ):
         with pytest.raises(pyllm.PyllmError, match="closed"):
             use()
     m.close()  # twice is harmless

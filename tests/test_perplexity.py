@@ -6,6 +6,7 @@ chunked, second-half perplexity is recomputed here with torch in float32 and mus
 ours within 0.1%. A fake model pins down the chunking and BOS rule exactly; the command line's
 output format and its errors are checked on the real model.
 """
+
 import math
 import re
 
@@ -81,8 +82,10 @@ def test_chunks_second_half_and_bos(add_bos):
     assert r["n_chunks"] == n and len(m.calls) == n and r["count"] == n * 7
     want = []
     for i, (ids, out) in enumerate(zip(m.calls, m.outs)):
-        chunk = tokens[16 * i:16 * (i + 1)]
-        assert ids == ([m.tokenizer.bos_id] + chunk[1:] if add_bos else chunk)  # BOS replaces the first
+        chunk = tokens[16 * i : 16 * (i + 1)]
+        assert ids == (
+            [m.tokenizer.bos_id] + chunk[1:] if add_bos else chunk
+        )  # BOS replaces the first
         x = out[8:15].astype(np.float64)  # positions n_ctx/2 .. n_ctx-2 predict tokens 9 .. 15
         lp = x - np.log(np.exp(x).sum(1, keepdims=True))
         want.append(-lp[np.arange(7), chunk[9:16]])
@@ -90,7 +93,9 @@ def test_chunks_second_half_and_bos(add_bos):
     np.testing.assert_allclose(r["nll"], want, rtol=1e-12)
     assert r["ppl"] == pytest.approx(math.exp(want.mean()), rel=1e-12)
     # llama.cpp's uncertainty: ppl * sqrt((E[nll^2] - E[nll]^2) / (count - 1))
-    assert r["ppl_err"] == pytest.approx(r["ppl"] * math.sqrt(want.var() / (len(want) - 1)), rel=1e-9)
+    assert r["ppl_err"] == pytest.approx(
+        r["ppl"] * math.sqrt(want.var() / (len(want) - 1)), rel=1e-9
+    )
     assert [i for i, _ in seen] == list(range(1, n + 1)) and seen[-1][1] == r["ppl"]
     assert seen[0][1] == pytest.approx(math.exp(want[:7].mean()), rel=1e-12)  # running value
     assert P.perplexity(FakeModel(add_bos), tokens, n_ctx=16, n_chunks=2)["count"] == 14
@@ -103,7 +108,9 @@ def test_log_softmax_is_float64():
     x = np.array([[10000.0, 10000.001, 9999.0]], dtype=np.float32)
     got = P.token_nll(x, [1])[0]
     xd = x.astype(np.float64)
-    assert got == pytest.approx(np.log(np.exp(xd - xd.max()).sum()) - (xd[0, 1] - xd.max()), rel=1e-12)
+    assert got == pytest.approx(
+        np.log(np.exp(xd - xd.max()).sum()) - (xd[0, 1] - xd.max()), rel=1e-12
+    )
 
 
 # --- the real model against transformers -------------------------------------------------------
@@ -112,19 +119,22 @@ def torch_perplexity(model, tokens, n_ctx, bos=None):
     """The same rule, independently, in torch float32: chunks of n_ctx, scoring positions n_ctx/2 .. n_ctx-2."""
     first, nll = n_ctx // 2, []
     for i in range(len(tokens) // n_ctx):
-        chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+        chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
         if bos is not None:
             chunk[0] = bos
         logits = model(torch.tensor([chunk]), use_cache=False).logits[0].float()
-        lp = torch.log_softmax(logits[first:n_ctx - 1], dim=-1)
-        nll.append(-lp.gather(1, torch.tensor(chunk[first + 1:])[:, None])[:, 0])
+        lp = torch.log_softmax(logits[first : n_ctx - 1], dim=-1)
+        nll.append(-lp.gather(1, torch.tensor(chunk[first + 1 :])[:, None])[:, 0])
     nll = torch.cat(nll)
     ppl = float(torch.exp(nll.mean()))
     return ppl, ppl * float(torch.sqrt(nll.var(unbiased=False) / (len(nll) - 1))), nll.numpy()
 
 
 def test_matches_transformers(default_model):
-    from make_fixtures import hf_model, hf_tokenizer  # the fixtures' loader: our file -> LlamaForCausalLM
+    from make_fixtures import (
+        hf_model,
+        hf_tokenizer,
+    )  # the fixtures' loader: our file -> LlamaForCausalLM
 
     m = pyllm.load(default_model, threads=2, n_ctx=CTX)
     tokens = P.tokenize(m, TEXT)
@@ -138,9 +148,11 @@ def test_matches_transformers(default_model):
     hf = hf_model(mf)
     ppl, err, nll = torch_perplexity(hf, tokens, CTX)
     rel = abs(ours["ppl"] - ppl) / ppl
-    print(f"\nPPL (-c {CTX}, {ours['n_chunks']} chunks, {ours['count']} scored tokens): "
-          f"pyllm {ours['ppl']:.4f} +/- {ours['ppl_err']:.5f}, transformers {ppl:.4f} +/- {err:.5f}, "
-          f"relative difference {rel:.2e}; max |nll diff| {np.abs(ours['nll'] - nll).max():.2e}")
+    print(
+        f"\nPPL (-c {CTX}, {ours['n_chunks']} chunks, {ours['count']} scored tokens): "
+        f"pyllm {ours['ppl']:.4f} +/- {ours['ppl_err']:.5f}, transformers {ppl:.4f} +/- {err:.5f}, "
+        f"relative difference {rel:.2e}; max |nll diff| {np.abs(ours['nll'] - nll).max():.2e}"
+    )
     assert ours["n_chunks"] == len(tokens) // CTX == 4 and ours["count"] == 4 * (CTX // 2 - 1)
     assert rel < 1e-3
     assert ours["ppl_err"] == pytest.approx(err, rel=1e-2)
@@ -152,11 +164,20 @@ def test_matches_transformers(default_model):
 def test_cli_output(default_model, tmp_path, capsys):
     path = tmp_path / "text.txt"
     path.write_text(TEXT, encoding="utf-8")
-    assert build_parser().parse_args(["perplexity", default_model, str(path)]).ctx_size == P.DEFAULT_CTX == 512
-    assert main(["perplexity", default_model, str(path), "-c", "128", "--chunks", "3", "-t", "2"]) == 0
+    assert (
+        build_parser().parse_args(["perplexity", default_model, str(path)]).ctx_size
+        == P.DEFAULT_CTX
+        == 512
+    )
+    assert (
+        main(["perplexity", default_model, str(path), "-c", "128", "--chunks", "3", "-t", "2"]) == 0
+    )
     out, err = capsys.readouterr()
-    mt = re.fullmatch(r"\[1\](\d+\.\d{4}),\[2\](\d+\.\d{4}),\[3\](\d+\.\d{4}),\n"
-                      r"Final estimate: PPL = (\d+\.\d{4}) \+/- (\d+\.\d{5})\n", out)
+    mt = re.fullmatch(
+        r"\[1\](\d+\.\d{4}),\[2\](\d+\.\d{4}),\[3\](\d+\.\d{4}),\n"
+        r"Final estimate: PPL = (\d+\.\d{4}) \+/- (\d+\.\d{5})\n",
+        out,
+    )
     assert mt, out
     assert mt.group(3) == mt.group(4)
     assert "calculating perplexity over 3 chunks, n_ctx=128" in err
@@ -171,12 +192,17 @@ def test_cli_errors(default_model, tmp_path, capsys):
     bad.write_bytes(TEXT.encode() + "caf\xe9".encode("latin-1"))
     short = tmp_path / "short.txt"
     short.write_text(TEXT[:2000], encoding="utf-8")
-    cases = [([str(tmp_path / "nope.txt")], "No such file"),
-             ([str(bad)], "not valid UTF-8"),
-             ([str(short)], "needs at least 1024"),
-             ([str(short), "-c", "3"], "at least 4"),
-             ([str(short), "--chunks", "0"], "--chunks 0")]
+    cases = [
+        ([str(tmp_path / "nope.txt")], "No such file"),
+        ([str(bad)], "not valid UTF-8"),
+        ([str(short)], "needs at least 1024"),
+        ([str(short), "-c", "3"], "at least 4"),
+        ([str(short), "--chunks", "0"], "--chunks 0"),
+    ]
     for args, words in cases:
         assert main(["perplexity", default_model, *args]) == 1, args
         err = capsys.readouterr().err.strip()
-        assert err.startswith("pyllm: error: ") and words in err and len(err.splitlines()) == 1, (args, err)
+        assert err.startswith("pyllm: error: ") and words in err and len(err.splitlines()) == 1, (
+            args,
+            err,
+        )

@@ -1,4 +1,5 @@
 """Bad input from the command line, interruptions, and memory: a clear line, never a traceback."""
+
 import os
 import signal
 import subprocess
@@ -13,8 +14,12 @@ PY = sys.executable
 
 
 def run(*args, input=None, timeout=120):
-    return subprocess.run([PY, "-m", "pyllm", *args], capture_output=True, timeout=timeout,
-                          input=input if input is not None else b"")
+    return subprocess.run(
+        [PY, "-m", "pyllm", *args],
+        capture_output=True,
+        timeout=timeout,
+        input=input if input is not None else b"",
+    )
 
 
 def one_error_line(r, *words):
@@ -43,8 +48,14 @@ def test_missing_foreign_and_truncated_files(tiny, tmp_path, default_gguf):
     one_error_line(run("info", str(tmp_path / "empty.bin")))
     one_error_line(run("convert", str(tmp_path / "empty.bin"), str(tmp_path / "out.bin")))
     assert not (tmp_path / "out.bin").exists()
-    (tmp_path / "v1.bin").write_bytes(data[:8] + (1).to_bytes(4, "little") + data[12:])  # row-major matrices
-    one_error_line(run("generate", str(tmp_path / "v1.bin"), "hi"), "format version 1", "convert the model again")
+    (tmp_path / "v1.bin").write_bytes(
+        data[:8] + (1).to_bytes(4, "little") + data[12:]
+    )  # row-major matrices
+    one_error_line(
+        run("generate", str(tmp_path / "v1.bin"), "hi"),
+        "format version 1",
+        "convert the model again",
+    )
 
 
 def test_prompt_and_limits(tiny):
@@ -63,8 +74,24 @@ def test_prompt_and_limits(tiny):
 
 
 def test_ctrl_c_during_generation_exits_quietly(default_model):
-    p = subprocess.Popen([PY, "-m", "pyllm", "generate", default_model, "Once upon a time", "-n", "100000",
-                          "--temp", "0.8", "-c", "8192"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "pyllm",
+            "generate",
+            default_model,
+            "Once upon a time",
+            "-n",
+            "100000",
+            "--temp",
+            "0.8",
+            "-c",
+            "8192",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert p.stdout.read(20)  # it is streaming
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
@@ -79,10 +106,16 @@ def rss_kib(pid):
 
 def test_weights_are_mapped_not_copied_and_shared(default_model):
     """Resident memory ~ the file's pages plus the KV cache; two processes share the pages."""
-    code = ("import sys, pyllm; m = pyllm.load(sys.argv[1], threads=1, n_ctx=4096); m.logits(list(range(64)));"
-            "print('ready', flush=True); sys.stdin.read()")
-    procs = [subprocess.Popen([PY, "-c", code, default_model], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-             for _ in range(2)]
+    code = (
+        "import sys, pyllm; m = pyllm.load(sys.argv[1], threads=1, n_ctx=4096); m.logits(list(range(64)));"
+        "print('ready', flush=True); sys.stdin.read()"
+    )
+    procs = [
+        subprocess.Popen(
+            [PY, "-c", code, default_model], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
     try:
         for p in procs:
             assert p.stdout.readline().strip() == b"ready"
@@ -98,7 +131,10 @@ def test_weights_are_mapped_not_copied_and_shared(default_model):
                         shared += int(line.split()[1])
                     elif in_model and line.startswith(("Private_Dirty", "Private_Clean")):
                         private += int(line.split()[1])
-            assert shared > 0.9 * size_kib, (shared, size_kib)  # the other process maps the same pages
+            assert shared > 0.9 * size_kib, (
+                shared,
+                size_kib,
+            )  # the other process maps the same pages
             assert private < 0.05 * size_kib
             # python + numpy + the touched file pages + a KV cache of 64 positions; never a second copy
             assert rss_kib(p.pid) < size_kib + 150 * 1024

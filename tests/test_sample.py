@@ -18,7 +18,10 @@ def test_greedy_is_argmax_and_ignores_seed():
 
 def test_same_seed_same_tokens_and_different_seeds_differ():
     z = np.zeros(500, np.float32)
-    runs = [[Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=s)(z) for _ in range(50)] for s in (7, 7, 8)]
+    runs = [
+        [Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=s)(z) for _ in range(50)]
+        for s in (7, 7, 8)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -47,16 +50,26 @@ def test_filters_keep_only_what_they_should():
 def test_repeat_penalty_llama_cpp_rule():
     z = np.array([2.0, 1.9, -1.0, -1.1], np.float32)
     s = Sampler(temperature=0, repeat_penalty=1.5, repeat_last_n=64)
-    assert s(z, [0]) == 1          # 2.0 / 1.5 < 1.9
+    assert s(z, [0]) == 1  # 2.0 / 1.5 < 1.9
     assert s(z, []) == 0
     z = np.array([-1.0, -1.1], np.float32)
-    assert s(z, [0]) == 1          # negative logits are multiplied: -1.5 < -1.1
+    assert s(z, [0]) == 1  # negative logits are multiplied: -1.5 < -1.1
     s = Sampler(temperature=0, repeat_penalty=1.5, repeat_last_n=1)
     assert s(np.array([2.0, 1.9, 0.0], np.float32), [0, 2]) == 0  # only the last token counts
 
 
-@pytest.mark.parametrize("kw", [dict(top_p=1.5), dict(top_p=0), dict(min_p=-0.1), dict(min_p=2),
-                                dict(repeat_penalty=0), dict(repeat_penalty=-1), dict(repeat_last_n=-2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_p=1.5),
+        dict(top_p=0),
+        dict(min_p=-0.1),
+        dict(min_p=2),
+        dict(repeat_penalty=0),
+        dict(repeat_penalty=-1),
+        dict(repeat_last_n=-2),
+    ],
+)
 def test_bad_parameters_are_refused(kw):
     with pytest.raises(ValueError):
         Sampler(**kw)
