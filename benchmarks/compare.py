@@ -1013,7 +1013,8 @@ def print_roofline(run):
     print(
         "\nceilings, timed on pyllm's pool after the runs: "
         + "; ".join(
-            f"{nt} thread{'s' if nt > 1 else ''}: read {c['read_gbs']:.1f} GB/s ({c['read_pattern']}), "
+            f"{nt} thread{'s' if nt > 1 else ''}: read {c['read_gbs']:.1f} GB/s "
+            f"({c['read_pattern']}), "
             f"f32 FMA {c['fma_gflops']:.0f} GFLOP/s"
             for nt, c in ceil.items()
         )

@@ -38,7 +38,8 @@ from pyllm.bench import Test  # noqa: E402
 
 WEIGHTS = os.path.join(ROOT, "weights")
 SMOLLM = os.path.join(WEIGHTS, "smollm2-135m-instruct.f16.bin")
-# Llama-3.2's shapes (config.json of meta-llama/Llama-3.2-1B and -3B): tied embeddings, GQA 8 KV heads
+# Llama-3.2's shapes (config.json of meta-llama/Llama-3.2-1B and -3B): tied embeddings, GQA 8 KV
+# heads
 SHAPES = {
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192),
     "3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, hidden_dim=8192),
@@ -107,7 +108,8 @@ def convert_round_trip(src, gguf_path):
     tensor of the result equals the source's. The round trip's file is removed after."""
     out = os.path.splitext(src)[0] + ".roundtrip.bin"
     code = (
-        "import sys; from pyllm import cli, bench; rc = cli.main(['convert', sys.argv[1], sys.argv[2]]); "
+        "import sys; from pyllm import cli, bench; "
+        "rc = cli.main(['convert', sys.argv[1], sys.argv[2]]); "
         "print(bench.peak_rss_bytes()); sys.exit(rc)"
     )
     t0 = time.perf_counter()
@@ -153,7 +155,8 @@ def run_model(name, a, ceil):
     if a.convert:
         print(
             f"{name}: pyllm convert of the {conv['gguf_bytes'] / 1e9:.2f} GB GGUF: peak RSS "
-            f"{conv['convert_peak_rss_bytes'] / 2**20:.0f} MiB, {conv['convert_s']:.1f} s, round trip "
+            f"{conv['convert_peak_rss_bytes'] / 2**20:.0f} MiB, {conv['convert_s']:.1f} s, "
+            "round trip "
             f"{'identical' if conv['round_trip_identical'] else 'DIFFERS'}",
             flush=True,
         )
@@ -233,7 +236,8 @@ def run_model(name, a, ceil):
 def table(doc):
     """One row per model, thread count and test: both engines' t/s, the ratio, pyllm's fraction."""
     lines = [
-        "| model | params | threads | test | pyllm t/s | llama.cpp t/s | pyllm/llama.cpp | pyllm of ceiling |",
+        "| model | params | threads | test | pyllm t/s | llama.cpp t/s | pyllm/llama.cpp "
+        "| pyllm of ceiling |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in doc["models"]:
@@ -278,7 +282,8 @@ def table(doc):
         ]
     for m in converted:
         lines.append(
-            f"| {m['model']} | {m['gguf_bytes'] / 1e9:.2f} | {m['convert_peak_rss_bytes'] / 2**20:.0f} "
+            f"| {m['model']} | {m['gguf_bytes'] / 1e9:.2f} "
+            f"| {m['convert_peak_rss_bytes'] / 2**20:.0f} "
             f"| {m['convert_s']:.1f} | {'identical' if m['round_trip_identical'] else 'DIFFERS'} |"
         )
     c = doc["ceilings"]
@@ -286,7 +291,8 @@ def table(doc):
         "",
         "ceilings (on the model's pool): "
         + "; ".join(
-            f"{nt} threads: read {v['read_gbs']:.1f} GB/s ({v['read_pattern']}), FMA {v['fma_gflops']:.0f} GFLOP/s"
+            f"{nt} threads: read {v['read_gbs']:.1f} GB/s ({v['read_pattern']}), "
+            f"FMA {v['fma_gflops']:.0f} GFLOP/s"
             for nt, v in c.items()
         ),
     ]

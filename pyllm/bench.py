@@ -430,7 +430,10 @@ def apply_roofline(res, cfg, info, ceil):
         res["bytes_per_token"] = per_token
         res["roofline_bound"] = "read"
         res["roofline_ts"] = ceil["read_gbs"] * 1e9 / per_token
-        what = f"decode reads {per_token * res['avg_ts'] / 1e9:.1f} GB/s, the read ceiling {ceil['read_gbs']:.1f} GB/s"
+        what = (
+            f"decode reads {per_token * res['avg_ts'] / 1e9:.1f} GB/s, "
+            f"the read ceiling {ceil['read_gbs']:.1f} GB/s"
+        )
     else:
         res["roofline_bound"] = "compute"
         res["roofline_ts"] = ceil["fma_gflops"] * 1e9 / flops
@@ -577,7 +580,8 @@ MD_HEADER = (
 def md_row(res):
     return (
         f"| {printable(res['model_type'])} | {fmt_size(res['model_size'])} "
-        f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {res['type_k']} | {res['type_v']} "
+        f"| {fmt_params(res['model_n_params'])} | {res['n_threads']} | {res['type_k']} "
+        f"| {res['type_v']} "
         f"| {test_name(res)} | {res['avg_ts']:.2f} ± {res['stddev_ts']:.2f} |"
     )
 
@@ -623,7 +627,8 @@ def md_footer(results):
                 else "probe low"
             )
             lines.append(
-                f"| {r['n_threads']} | {footer_name(r)} | {r['avg_ts']:.2f} | {r['roofline_bound']} "
+                f"| {r['n_threads']} | {footer_name(r)} | {r['avg_ts']:.2f} "
+                f"| {r['roofline_bound']} "
                 f"| {ceiling} | {r['roofline_ts']:.1f} | {frac} |"
             )
         for r in results:
@@ -725,13 +730,15 @@ def add_arguments(p):
     p.add_argument(
         "--roofline",
         action="store_true",
-        help="measure the machine's read and f32 FMA ceilings; report tg and pp as fractions of them",
+        help="measure the machine's read and f32 FMA ceilings; "
+        "report tg and pp as fractions of them",
     )
     p.add_argument(
         "--bw-mib",
         type=int,
         default=512,
-        help="buffer of the read ceiling in MiB (default 512; many times the last-level cache, or it reads the cache)",
+        help="buffer of the read ceiling in MiB "
+        "(default 512; many times the last-level cache, or it reads the cache)",
     )
     p.add_argument("--no-warmup", action="store_true", help="skip the warmup run of each test")
     p.add_argument(

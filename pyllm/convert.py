@@ -75,7 +75,8 @@ class ConvertError(Exception):
 
 # --- small helpers ---------------------------------------------------------------------------
 def _f16(name, a):
-    """a as float16 (any float array; no copy if it is float16); refuses values float16 cannot hold."""
+    """a as float16 (any float array; no copy if it is float16); refuses values float16 cannot
+    hold."""
     b = np.asarray(a, dtype=np.float16)  # a copy only if a is not float16 already
     if not np.isfinite(b).all():
         bad = np.asarray(a, dtype=np.float32)
@@ -88,7 +89,8 @@ def _f16(name, a):
 
 def _drop_mapped_pages(memmap):
     """Drop a read-only file mapping's pages from this process's resident set (they stay in the
-    page cache): a big source read tensor by tensor then costs one tensor's memory, not the file's."""
+    page cache): a big source read tensor by tensor then costs one tensor's memory, not the
+    file's."""
     mm = getattr(memmap, "_mmap", None)
     if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED)

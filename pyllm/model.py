@@ -415,7 +415,8 @@ class Model:
 
 def load(path, threads=None, n_ctx=None, cache_type="f16", cache_type_k=None, cache_type_v=None):
     """Open a pyllm parameters file: m.config, m.tokenizer, m.logits(ids), m.generate(...).
-    cache_type: the KV cache's element type, "f16" or "f32"; cache_type_k/_v set keys' or values'."""
+    cache_type: the KV cache's element type, "f16" or "f32"; cache_type_k/_v set keys' or
+    values'."""
     return Model(
         path,
         threads=threads,

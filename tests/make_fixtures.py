@@ -1,4 +1,5 @@
-"""Write tests/fixtures/smollm2_reference.npz: what Hugging Face transformers computes from OUR file.
+"""Write tests/fixtures/smollm2_reference.npz: what Hugging Face transformers computes from OUR
+file.
 
     python tests/make_fixtures.py [weights/smollm2-135m-instruct.f16.bin]   (or: make fixtures)
 
@@ -48,8 +49,14 @@ PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village nestled between two mountains, there lived an old "
     "clockmaker who had never once been late for anything in his entire life.",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "In 2023 the city had 8,045,311 residents; revenue rose 3.14% to $104.5 million (up from 97.2).",
+    (
+        "def fibonacci(n):\n    if n < 2:\n        return n\n"
+        "    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+    ),
+    (
+        "In 2023 the city had 8,045,311 residents; "
+        "revenue rose 3.14% to $104.5 million (up from 97.2)."
+    ),
     CHAT,
     "Über den Wolken muss die Freiheit wohl grenzenlos sein. 日本語のテキスト, café 🙂!",
 ]

@@ -1,4 +1,5 @@
-"""Hashes of the kernel's logits on fixed inputs, per compiled path: tests/fixtures/logit_hashes.json.
+"""Hashes of the kernel's logits on fixed inputs, per compiled path:
+tests/fixtures/logit_hashes.json.
 
 test_kernel.py (and test_cross.py for NEON) recompute them and require equality, so a change
 meant to keep the kernel's arithmetic (a refactor, a speed-up) proves it byte for byte.

@@ -195,10 +195,12 @@ def test_named_templates_render_each_family():
     from pyllm.chat import TEMPLATES
 
     want = {
-        "chatml": "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n",
+        "chatml": "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        "<|im_start|>assistant\n",
         "llama2": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST]",
-        "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user"
-        "<|end_header_id|>\n\nU<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
         "zephyr": "<|system|>\nS</s>\n<|user|>\nU</s>\n<|assistant|>\n",
         "gemma": "<s><start_of_turn>user\nS\n\nU<end_of_turn>\n<start_of_turn>model\n",
     }
@@ -235,11 +237,13 @@ def test_chat_api_trims_old_turns_to_fit(tmp_path):
         ("{{ '%2000000000s' % 'x' }}", "width"),
         ("{{ '{:>2000000000}'.format(1) }}", "rejected"),
         (
-            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
             "exceeds",
         ),
         (
-            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+            "{% set ns.s = ns.s + ns.s %}{% endfor %}",
             "exceeds",
         ),
         ("{{ 'ab' | replace('a', 'x' * 1000000) | replace('x', 'y' * 1000000) }}", "rejected"),
@@ -290,7 +294,8 @@ def test_ordinary_templates_still_render():
     t = Template(
         "{{ bos_token }}{% for m in messages %}{{ m.role | upper }}: {{ m.content | trim }}"
         "{{ '\\n' * 2 }}{% endfor %}{{ (messages | length) ** 2 }} {{ '%d-%s' % (3, 'x') }} "
-        "{{ '{}!'.format('hi') }} {{ ', '.join(['a', 'b']) }} {{ 'ab' ~ 'cd' }} {{ range(3) | list }}",
+        "{{ '{}!'.format('hi') }} {{ ', '.join(['a', 'b']) }} {{ 'ab' ~ 'cd' }} "
+        "{{ range(3) | list }}",
         "<s>",
     )
     assert (

@@ -885,7 +885,8 @@ def l2c_weights(seed, dim, hidden, n_layers, n_heads, n_kv, vocab, shared):
 
 
 def write_l2c_checkpoint(path, w, n_heads, n_kv, seq_len, shared):
-    """export.py legacy_export: 7 int32 (vocab negative if the classifier is not shared), then f32."""
+    """export.py legacy_export: 7 int32 (vocab negative if the classifier is not shared), then
+    f32."""
     vocab, dim = w["emb"].shape
     hs = dim // n_heads
     ang = np.outer(np.arange(seq_len), 1.0 / 10000.0 ** (np.arange(0, hs, 2)[: hs // 2] / hs))
@@ -924,7 +925,8 @@ def write_l2c_checkpoint(path, w, n_heads, n_kv, seq_len, shared):
 
 def run_c_forward(w, n_heads, n_kv, ids):
     """run.c's forward() for every position, in float64: RMSNorm eps 1e-5, RoPE rotating the
-    adjacent pairs (2j, 2j+1) of each head by pos / 10000^(2j/head_size), GQA head h -> h // (nh/nkv)."""
+    adjacent pairs (2j, 2j+1) of each head by pos / 10000^(2j/head_size), GQA head
+    h -> h // (nh/nkv)."""
     W = {k: v.astype(np.float64) for k, v in w.items()}
     n, dim = len(ids), W["emb"].shape[1]
     hs, kv_mul = dim // n_heads, n_heads // n_kv
@@ -1014,7 +1016,8 @@ def test_llama2c_checkpoint(tmp_path, monkeypatch, capsys, variant):
     np.testing.assert_allclose(
         mf.tensors["rope_freqs"], 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs), rtol=1e-6
     )
-    # tensors: exact (the weights are f16 values); Q/K back in llama2.c's row order are the originals
+    # tensors: exact (the weights are f16 values); Q/K back in llama2.c's row order are the
+    # originals
     T = {k: np.asarray(mf.matrix(k), dtype=np.float32) for k in mf.tensors}
     np.testing.assert_array_equal(T["tok_embd"], w["emb"])
     assert ("output" in T) != shared and (shared or np.array_equal(T["output"], w["wcls"]))

@@ -85,7 +85,8 @@ def test_last_logits(models, fx, n, cache_type):
         cols, want = fx[f"cols16_{n}"], fx[f"logits16_{n}"]
         diff16 = np.abs(got[cols] - want)
         assert diff16.max() < MAX_DIFF and diff16.mean() < MEAN_DIFF, (
-            f"prompt {n}: max |pyllm - transformers f16 cache| {diff16.max():.2e}, mean {diff16.mean():.2e}"
+            f"prompt {n}: max |pyllm - transformers f16 cache| {diff16.max():.2e}, "
+            f"mean {diff16.mean():.2e}"
         )
         assert got[cols].argmax() == want.argmax()
     assert (

@@ -116,7 +116,8 @@ def test_log_softmax_is_float64():
 # --- the real model against transformers -------------------------------------------------------
 @torch.no_grad()
 def torch_perplexity(model, tokens, n_ctx, bos=None):
-    """The same rule, independently, in torch float32: chunks of n_ctx, scoring positions n_ctx/2 .. n_ctx-2."""
+    """The same rule, independently, in torch float32: chunks of n_ctx, scoring positions
+    n_ctx/2 .. n_ctx-2."""
     first, nll = n_ctx // 2, []
     for i in range(len(tokens) // n_ctx):
         chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])

@@ -107,7 +107,8 @@ def rss_kib(pid):
 def test_weights_are_mapped_not_copied_and_shared(default_model):
     """Resident memory ~ the file's pages plus the KV cache; two processes share the pages."""
     code = (
-        "import sys, pyllm; m = pyllm.load(sys.argv[1], threads=1, n_ctx=4096); m.logits(list(range(64)));"
+        "import sys, pyllm; m = pyllm.load(sys.argv[1], threads=1, n_ctx=4096); "
+        "m.logits(list(range(64)));"
         "print('ready', flush=True); sys.stdin.read()"
     )
     procs = [
@@ -136,7 +137,8 @@ def test_weights_are_mapped_not_copied_and_shared(default_model):
                 size_kib,
             )  # the other process maps the same pages
             assert private < 0.05 * size_kib
-            # python + numpy + the touched file pages + a KV cache of 64 positions; never a second copy
+            # python + numpy + the touched file pages + a KV cache of 64 positions; never a
+            # second copy
             assert rss_kib(p.pid) < size_kib + 150 * 1024
     finally:
         for p in procs:
