@@ -90,7 +90,7 @@ struct pyllm_model {
     float *att;         /* [rows][q_dim]: attention's output */
     float *hb, *hb2;    /* [rows][hidden_dim]: silu(gate) * up; up */
     float *rope;        /* [rows][head_dim]: cos, then sin of the position's angles */
-    float *scratch;     /* [n_threads][scratch_len]: a prefill panel, or attention's scores and q */
+    float *scratch;     /* [n_threads][scratch_len]: attention's scores and q */
     size_t scratch_len; /* floats */
     float *part; /* [n_kv_heads][row tiles][segment][ATTN_ROWS][head_dim + 2]: attention partials */
     /* The pool: n_workers threads (the caller's included) run each job posted by moving gen */
@@ -274,12 +274,12 @@ static f16 f2h(float f) { /* round to nearest even */
 
 /* Vectors are GNU C vector types (gcc, clang): arithmetic and comparisons on every path. Per
    ISA: f16 conversion, FMA, rounding, and the tile sizes its registers allow: LANES floats a
-   vector; prefill tiles of PANEL_BLOCKS blocks by TILE_TOKENS tokens; attention tiles of
+   vector; batch tiles of BATCH_BLOCKS blocks by TILE_TOKENS tokens; attention tiles of
    ATTN_BLOCKS blocks by ATTN_ROWS query rows. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SIMD "avx512"
-enum { LANES = 16, PANEL_BLOCKS = 3, TILE_TOKENS = 8, ATTN_BLOCKS = 4 };
+enum { LANES = 16, BATCH_BLOCKS = 3, TILE_TOKENS = 8, ATTN_BLOCKS = 4 };
 #define vloadh(p) ((vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
 #define vstoreh(p, v)                                                                              \
     _mm256_storeu_si256((__m256i *)(p),                                                            \
@@ -289,7 +289,7 @@ enum { LANES = 16, PANEL_BLOCKS = 3, TILE_TOKENS = 8, ATTN_BLOCKS = 4 };
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD "avx2"
-enum { LANES = 8, PANEL_BLOCKS = 1, TILE_TOKENS = 6, ATTN_BLOCKS = 1 };
+enum { LANES = 8, BATCH_BLOCKS = 1, TILE_TOKENS = 6, ATTN_BLOCKS = 1 };
 #define vloadh(p) ((vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 #define vstoreh(p, v)                                                                              \
     _mm_storeu_si128((__m128i *)(p),                                                               \
@@ -299,14 +299,14 @@ enum { LANES = 8, PANEL_BLOCKS = 1, TILE_TOKENS = 6, ATTN_BLOCKS = 1 };
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #define SIMD "neon"
-enum { LANES = 4, PANEL_BLOCKS = 1, TILE_TOKENS = 6, ATTN_BLOCKS = 1 };
+enum { LANES = 4, BATCH_BLOCKS = 1, TILE_TOKENS = 6, ATTN_BLOCKS = 1 };
 #define vloadh(p) ((vec)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))))
 #define vstoreh(p, v) vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v)))
 #define vfma(a, b, c) ((vec)vfmaq_f32(c, a, b))
 #define vround(x) ((vec)vrndnq_f32(x))
 #else
 #define SIMD "scalar" /* one-lane vectors: plain scalar code */
-enum { LANES = 1, PANEL_BLOCKS = 1, TILE_TOKENS = 4, ATTN_BLOCKS = 1 };
+enum { LANES = 1, BATCH_BLOCKS = 1, TILE_TOKENS = 4, ATTN_BLOCKS = 1 };
 #define vloadh(p) ((vec){h2f(*(p))})
 #define vstoreh(p, v) (*(p) = f2h((v)[0]))
 #define vfma(a, b, c) ((a) * (b) + (c))
@@ -383,8 +383,7 @@ typedef struct {
     size_t ldy;
     int n_tokens;
     size_t lookahead; /* attention: each block's line this many elements on is prefetched */
-    float *wf; /* W as f32: an f32 KV cache, or prefill's panel (the thread's copy of the blocks
-                  its tiles read, from block b on: written by the panel's first tile) */
+    const float *wf;  /* W as f32 (an f32 KV cache), or NULL */
 } matmul_t;
 
 /* The operands of y (+)= x W^T (+ bias): the rows of x and y are n_in and n_out long. */
@@ -403,20 +402,18 @@ static inline __attribute__((always_inline)) void store_block(const matmul_t *op
     }
 }
 
-/* How a tile reads W: as f16; as f16 or f32 (wf), prefetching lookahead on; as f16, writing
-   the f32 panel; from the panel. */
-enum { W_F16, W_F16_AHEAD, W_F32_AHEAD, W_TO_PANEL, W_PANEL };
+/* How a tile reads W: as f16; as f16 or as f32 (wf), prefetching lookahead elements on. */
+enum { W_F16, W_F16_AHEAD, W_F32_AHEAD };
 
 /* The register tile: NB blocks from block b on, spacing blocks apart, by NT tokens from t0 (x
-   has rows to spare past n_tokens). prefetch: a line every 8 inputs from there. NB, NT and
-   mode are constants where it is inlined, so each call site is a kernel of its own. */
+   has rows to spare past n_tokens). NB, NT and mode are constants where it is inlined, so each
+   call site is a kernel of its own. */
 static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b, int t0,
-                                                       int spacing, const f16 *prefetch, int NB,
-                                                       int NT, int mode) {
-    const matmul_t mm = *op; /* a copy: the stores to y and the panel could alias *op */
+                                                       int spacing, int NB, int NT, int mode) {
+    const matmul_t mm = *op; /* a copy: the stores to y could alias *op */
     size_t base = blocked((size_t)b * BLOCK_ROWS, 0, mm.stride); /* block b's first element */
     const f16 *w = mode == W_F32_AHEAD ? NULL : mm.w + base;
-    float *wf = mode == W_F32_AHEAD ? mm.wf + base : mm.wf; /* the f32 cache's, or the panel */
+    const float *wf = mode == W_F32_AHEAD ? mm.wf + base : NULL;
     const float *x = mm.x + (size_t)t0 * mm.ldx;
     vec acc[MAX_TILE_BLOCKS * VECS][TILE_TOKENS];
     for (int v = 0; v < NB * VECS; v++) {
@@ -424,8 +421,6 @@ static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b
             acc[v][t] = vzero();
     }
     for (int k = 0; k < mm.n_in; k++) {
-        if (prefetch && k % 8 == 0)
-            __builtin_prefetch(prefetch + k / 8 * 32, 0, 2);
         vec wv[MAX_TILE_BLOCKS * VECS];
         for (int v = 0; v < NB * VECS; v++) {
             size_t o =
@@ -434,9 +429,7 @@ static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b
                 __builtin_prefetch(w + mm.lookahead + o); /* a line of each block per 2 inputs */
             if (mode == W_F32_AHEAD && v % VECS == 0)
                 __builtin_prefetch(wf + mm.lookahead + o); /* per input */
-            wv[v] = mode == W_PANEL || mode == W_F32_AHEAD ? vload(wf + o) : vloadh(w + o);
-            if (mode == W_TO_PANEL)
-                vstore(wf + o, wv[v]);
+            wv[v] = mode == W_F32_AHEAD ? vload(wf + o) : vloadh(w + o);
         }
         for (int t = 0; t < NT; t++) {
             vec xt = vset1(x[(size_t)t * mm.ldx + k]);
@@ -455,44 +448,37 @@ static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b
     }
 }
 
-/* A prefill tile: a panel's first converts its blocks to f32, the others read that copy. */
-static inline __attribute__((always_inline)) void panel_tile(const matmul_t *op, int b, int t0,
-                                                             const f16 *prefetch, int NB) {
-    if (t0 == 0)
-        tile(op, b, 0, 1, prefetch, NB, TILE_TOKENS, W_TO_PANEL);
-    else
-        tile(op, b, t0, 1, prefetch, NB, TILE_TOKENS, W_PANEL);
+/* NB blocks from b on, spacing apart, by all tokens: tiles of TILE_TOKENS, then of 4, 2, 1. */
+static inline __attribute__((always_inline)) void token_tiles(const matmul_t *op, int b,
+                                                              int spacing, int NB) {
+    int t = 0;
+    for (; t + TILE_TOKENS <= op->n_tokens; t += TILE_TOKENS)
+        tile(op, b, t, spacing, NB, TILE_TOKENS, W_F16);
+    for (int nt = 4; nt; nt /= 2) { /* unrolled: nt is a constant in each copy */
+        if (nt < TILE_TOKENS && t + nt <= op->n_tokens) {
+            tile(op, b, t, spacing, NB, nt, W_F16);
+            t += nt;
+        }
+    }
 }
 
-/* Blocks [b0, b1) of a matmul. Decode: blocks a quarter of the range apart, 4 long sequential
-   streams (one reached ~70% of the bandwidth). Prefill: panels of PANEL_BLOCKS blocks by all
-   tokens; the last panel prefetches `after` (the thread's next one, or NULL). */
-static void matmul_rows(const matmul_t *op, int b0, int b1, const f16 *after) {
+/* Blocks [b0, b1) of a matmul, each read from memory once, as f16. One token: blocks a quarter
+   of the range apart, 4 long sequential streams (one reached ~70% of the bandwidth). More:
+   BATCH_BLOCKS adjacent blocks by all the tokens, the blocks staying in cache across tiles. */
+static void matmul_rows(const matmul_t *op, int b0, int b1) {
     if (op->n_tokens == 1) {
         int q = (b1 - b0) / DECODE_STREAMS;
         for (int b = b0; b < b0 + q; b++)
-            tile(op, b, 0, q, NULL, DECODE_STREAMS, 1, W_F16);
+            tile(op, b, 0, q, DECODE_STREAMS, 1, W_F16);
         for (int b = b0 + DECODE_STREAMS * q; b < b1; b++)
-            tile(op, b, 0, 1, NULL, 1, 1, W_F16);
+            tile(op, b, 0, 1, 1, 1, W_F16);
         return;
     }
     int b = b0;
-    size_t panel_lines = (size_t)PANEL_BLOCKS * BLOCK_ROWS * op->n_in / 32; /* of 64 bytes */
-    for (; b + PANEL_BLOCKS <= b1; b += PANEL_BLOCKS) {
-        const f16 *next =
-            b + 2 * PANEL_BLOCKS <= b1
-                ? op->w + blocked((size_t)(b + PANEL_BLOCKS) * BLOCK_ROWS, 0, op->n_in)
-                : after;
-        for (int t = 0; t < op->n_tokens; t += TILE_TOKENS) {
-            size_t line = (size_t)t / TILE_TOKENS * (op->n_in / 8); /* n_in / 8 lines a tile */
-            panel_tile(op, b, t, next && line < panel_lines ? next + line * 32 : NULL,
-                       PANEL_BLOCKS);
-        }
-    }
-    for (; b < b1; b++) {
-        for (int t = 0; t < op->n_tokens; t += TILE_TOKENS)
-            panel_tile(op, b, t, NULL, 1);
-    }
+    for (; b + BATCH_BLOCKS <= b1; b += BATCH_BLOCKS)
+        token_tiles(op, b, 1, BATCH_BLOCKS);
+    for (; b < b1; b++)
+        token_tiles(op, b, 1, 1);
 }
 
 /* Blocks [b0, b1) of an attention product of NT query rows: ATTN_BLOCKS blocks a tile, then one. */
@@ -500,9 +486,9 @@ static inline __attribute__((always_inline)) void attention_blocks(const matmul_
                                                                    int b1, int NT, int mode) {
     int b = b0;
     for (; b + ATTN_BLOCKS <= b1; b += ATTN_BLOCKS)
-        tile(op, b, 0, 1, NULL, ATTN_BLOCKS, NT, mode);
+        tile(op, b, 0, 1, ATTN_BLOCKS, NT, mode);
     for (; b < b1; b++)
-        tile(op, b, 0, 1, NULL, 1, NT, mode);
+        tile(op, b, 0, 1, 1, NT, mode);
 }
 
 /* The same, from an f16 or an f32 cache (wf set). */
@@ -753,7 +739,7 @@ int pyllm_run_on_pool(pyllm_model *m, void (*fn)(void *arg, int thread, int n_th
 }
 
 /* The next blocks of a matmul for a thread: guided, a 2 * threads'th of what is left in
-   multiples of unit, so chunks are long early (long streams, prefetched panels) and short
+   multiples of unit, so chunks are long early (long streams) and short
    at the end (the threads finish together; a slow thread delays only a short chunk). */
 static int grab(atomic_int *next, int total, int unit, int n_threads, int *start) {
     int b = atomic_load_explicit(next, memory_order_relaxed), n;
@@ -767,29 +753,22 @@ static int grab(atomic_int *next, int total, int unit, int n_threads, int *start
     return n;
 }
 
-/* A matmul's blocks in guided chunks: groups of DECODE_STREAMS in decode, of PANEL_BLOCKS in
-   prefill. The next chunk is taken a chunk early, so its first panel is prefetched by this
-   one's last. With gate_up, j->mm is {gate, up}, and a chunk's gate rows become silu(gate) * up. */
+/* A matmul's blocks in guided chunks: groups of DECODE_STREAMS in decode, of BATCH_BLOCKS
+   for more tokens. With gate_up, j->mm is {gate, up}, and a chunk's gate rows become
+   silu(gate) * up. */
 static void matmul_job(pyllm_model *m, job_t *j, int thread) {
-    matmul_t op = j->mm[0], up = j->mm[j->gate_up];       /* up: op again, unless gate_up */
-    op.wf = up.wf = m->scratch + thread * m->scratch_len; /* the thread's panel */
-    int n_blocks = (int)(padded(op.n_out) / BLOCK_ROWS);
-    int unit = op.n_tokens == 1 ? DECODE_STREAMS : PANEL_BLOCKS, b0, next;
-    int n = grab(&j->next, n_blocks, unit, m->n_threads, &b0);
-    while (n) {
-        int b1 = b0 + n;
-        n = grab(&j->next, n_blocks, unit, m->n_threads, &next);
-        const f16 *after = n ? op.w + blocked((size_t)next * BLOCK_ROWS, 0, op.n_in) : NULL;
-        if (j->gate_up) {
-            matmul_rows(&op, b0, b1, up.w + blocked((size_t)b0 * BLOCK_ROWS, 0, up.n_in));
-            matmul_rows(&up, b0, b1, after);
-            int r0 = b0 * BLOCK_ROWS, r1 = imin(b1 * BLOCK_ROWS, op.n_out);
-            for (int t = 0; t < op.n_tokens; t++)
-                swiglu(op.y + t * op.ldy + r0, up.y + t * up.ldy + r0, r1 - r0);
-        } else {
-            matmul_rows(&op, b0, b1, after);
-        }
-        b0 = next;
+    (void)thread;
+    const matmul_t *op = &j->mm[0], *up = &j->mm[j->gate_up]; /* up: op again, unless gate_up */
+    int n_blocks = (int)(padded(op->n_out) / BLOCK_ROWS);
+    int unit = op->n_tokens == 1 ? DECODE_STREAMS : BATCH_BLOCKS, b0, n;
+    while ((n = grab(&j->next, n_blocks, unit, m->n_threads, &b0))) {
+        matmul_rows(op, b0, b0 + n);
+        if (!j->gate_up)
+            continue;
+        matmul_rows(up, b0, b0 + n);
+        int r0 = b0 * BLOCK_ROWS, r1 = imin((b0 + n) * BLOCK_ROWS, op->n_out);
+        for (int t = 0; t < op->n_tokens; t++)
+            swiglu(op->y + t * op->ldy + r0, up->y + t * up->ldy + r0, r1 - r0);
     }
 }
 
@@ -939,10 +918,7 @@ static int start(pyllm_model *m, int n_threads, char *err, int err_len) {
 #endif
     m->k_cache = kv;
     m->v_cache = (char *)kv + k_bytes;
-    size_t longest_input = (size_t)imax(imax((int)d, (int)hidden), m->q_dim);
-    size_t panel = PANEL_BLOCKS * BLOCK_ROWS * longest_input,
-           scores = ATTN_ROWS * (SEGMENT + 16 + hd);
-    m->scratch_len = panel > scores ? panel : scores; /* a prefill panel, or scores and q */
+    m->scratch_len = ATTN_ROWS * (SEGMENT + 16 + hd); /* scores and q */
     size_t tiles = (PASS_TOKENS * (h->n_heads / h->n_kv_heads) + ATTN_ROWS - 1) / ATTN_ROWS;
     if (alloc_floats(&m->x, rows * d) || alloc_floats(&m->xb, rows * d) ||
         alloc_floats(&m->qkv, rows * m->qkv_dim) || alloc_floats(&m->att, rows * m->q_dim) ||
