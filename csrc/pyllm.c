@@ -454,12 +454,16 @@ static inline __attribute__((always_inline)) void token_tiles(const matmul_t *op
     int t = 0;
     for (; t + TILE_TOKENS <= op->n_tokens; t += TILE_TOKENS)
         tile(op, b, t, spacing, NB, TILE_TOKENS, W_F16);
-    for (int nt = 4; nt; nt /= 2) { /* unrolled: nt is a constant in each copy */
-        if (nt < TILE_TOKENS && t + nt <= op->n_tokens) {
-            tile(op, b, t, spacing, NB, nt, W_F16);
-            t += nt;
-        }
+    if (TILE_TOKENS > 4 && t + 4 <= op->n_tokens) { /* written out: each count a constant */
+        tile(op, b, t, spacing, NB, 4, W_F16);
+        t += 4;
     }
+    if (t + 2 <= op->n_tokens) {
+        tile(op, b, t, spacing, NB, 2, W_F16);
+        t += 2;
+    }
+    if (t < op->n_tokens)
+        tile(op, b, t, spacing, NB, 1, W_F16);
 }
 
 /* Blocks [b0, b1) of a matmul, each read from memory once, as f16. One token: blocks a quarter
@@ -475,6 +479,12 @@ static void matmul_rows(const matmul_t *op, int b0, int b1) {
         return;
     }
     int b = b0;
+    if (op->n_tokens * DECODE_STREAMS * VECS <= 16) { /* a few tokens: streams, as decode */
+        int q = (b1 - b0) / DECODE_STREAMS;
+        for (; b < b0 + q; b++)
+            token_tiles(op, b, q, DECODE_STREAMS);
+        b = b0 + DECODE_STREAMS * q;
+    }
     for (; b + BATCH_BLOCKS <= b1; b += BATCH_BLOCKS)
         token_tiles(op, b, 1, BATCH_BLOCKS);
     for (; b < b1; b++)
