@@ -448,27 +448,35 @@ static inline __attribute__((always_inline)) void tile(const matmul_t *op, int b
     }
 }
 
-/* NB blocks from b on, spacing apart, by all tokens: tiles of TILE_TOKENS, then of 4, 2, 1. */
+/* NB blocks from b on, spacing apart, by all tokens: tiles of TILE_TOKENS, then one tile of the
+   rest, so the blocks are read once per TILE_TOKENS tokens. Written out, each count is a
+   constant: a kernel of its own (a loop over the counts is not reliably unrolled). */
 static inline __attribute__((always_inline)) void token_tiles(const matmul_t *op, int b,
                                                               int spacing, int NB) {
     int t = 0;
     for (; t + TILE_TOKENS <= op->n_tokens; t += TILE_TOKENS)
         tile(op, b, t, spacing, NB, TILE_TOKENS, W_F16);
-    if (TILE_TOKENS > 4 && t + 4 <= op->n_tokens) { /* written out: each count a constant */
-        tile(op, b, t, spacing, NB, 4, W_F16);
-        t += 4;
-    }
-    if (t + 2 <= op->n_tokens) {
-        tile(op, b, t, spacing, NB, 2, W_F16);
-        t += 2;
-    }
-    if (t < op->n_tokens)
+    int rest = op->n_tokens - t;
+    if (rest == 1)
         tile(op, b, t, spacing, NB, 1, W_F16);
+    else if (rest == 2)
+        tile(op, b, t, spacing, NB, 2, W_F16);
+    else if (rest == 3)
+        tile(op, b, t, spacing, NB, 3, W_F16);
+    else if (rest == 4 && TILE_TOKENS > 4)
+        tile(op, b, t, spacing, NB, 4, W_F16);
+    else if (rest == 5 && TILE_TOKENS > 5)
+        tile(op, b, t, spacing, NB, 5, W_F16);
+    else if (rest == 6 && TILE_TOKENS > 6)
+        tile(op, b, t, spacing, NB, 6, W_F16);
+    else if (rest == 7 && TILE_TOKENS > 7)
+        tile(op, b, t, spacing, NB, 7, W_F16);
 }
 
-/* Blocks [b0, b1) of a matmul, each read from memory once, as f16. One token: blocks a quarter
-   of the range apart, 4 long sequential streams (one reached ~70% of the bandwidth). More:
-   BATCH_BLOCKS adjacent blocks by all the tokens, the blocks staying in cache across tiles. */
+/* Blocks [b0, b1) of a matmul, each read from memory once, as f16. Up to a few tokens: blocks a
+   quarter of the range apart, 4 long sequential streams (one reached ~70% of the bandwidth),
+   as many as a batch tile's registers hold. More: BATCH_BLOCKS adjacent blocks by all the
+   tokens, the blocks staying in cache across tiles. */
 static void matmul_rows(const matmul_t *op, int b0, int b1) {
     if (op->n_tokens == 1) {
         int q = (b1 - b0) / DECODE_STREAMS;
@@ -479,7 +487,7 @@ static void matmul_rows(const matmul_t *op, int b0, int b1) {
         return;
     }
     int b = b0;
-    if (op->n_tokens * DECODE_STREAMS * VECS <= 16) { /* a few tokens: streams, as decode */
+    if (op->n_tokens * DECODE_STREAMS <= BATCH_BLOCKS * TILE_TOKENS) {
         int q = (b1 - b0) / DECODE_STREAMS;
         for (; b < b0 + q; b++)
             token_tiles(op, b, q, DECODE_STREAMS);
