@@ -19,10 +19,11 @@ holds the three pieces it needs, none of which touch the kernel:
 
 MAX_N = 3  # longest n-gram matched
 DRAFT_MAX, DRAFT_MIN = 16, 0  # llama.cpp's --draft-max / --draft-min defaults
-# cost(T)/cost(1) of a verify pass (every position's logits) on the kernel of a3eaadc, SmolLM2-135M
-# at depth 512, 1 thread (`pyllm bench --batch`): the prior, until the model's own forward times
-# say otherwise. Linear between these points, beyond 16 by the last slope.
-PRIOR_COST = {1: 1.0, 2: 2.7, 4: 2.95, 8: 3.2, 16: 5.3}
+# cost(T)/cost(1) of a verify pass (every position's logits) on the kernel of a8bef65, SmolLM2-135M
+# at depth 512, 1 thread (`pyllm bench --batch`; 2 threads: 1.15, 1.19, 1.63, 2.89): the prior,
+# until the model's own forward times say otherwise. Linear between these points, beyond 16 by
+# the last slope.
+PRIOR_COST = {1: 1.0, 2: 1.1, 4: 1.55, 8: 2.3, 16: 4.4}
 # a pass is drafted only when it is expected to beat plain decode by this factor: the acceptance
 # and cost estimates are noisy, and a wasted pass costs more than a skipped one loses
 GAIN_MARGIN = 1.2
