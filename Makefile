@@ -133,6 +133,7 @@ $(VENV)/.peers: $(VENV)/.dev
 compare: dev weights $(VENV)/.peers
 	$(PY) benchmarks/compare.py $(MODEL)
 	$(PY) benchmarks/plot.py
+	$(PY) benchmarks/lookup_llamacpp.py $(MODEL) -t 1,2 -n 200 -r 3
 
 # how cost grows with the model: 135M, and random-weight files of Llama-3.2-1B's and -3B's shapes
 # (built under weights/ when missing: 2.5 and 6.4 GB), pyllm and llama.cpp side by side; a table,
