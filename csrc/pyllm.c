@@ -130,7 +130,7 @@ static int say(char *err, int err_len, const char *fmt, ...) {
 }
 
 /* The header's rules (pyllm/format.py checks the same):
-   - the file is at least 128 bytes, the magic "PYLLM\0\0\0", the version 2;
+   - a regular file of at least 128 bytes, the magic "PYLLM\0\0\0", the version 2;
    - file_size is the file's size;
    - dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, vocab, max_seq_len: 1 .. 2^20-1;
    - norm_eps is finite and > 0;
@@ -145,6 +145,8 @@ static int check_header(header_t *h, int fd, const char *path, char *err, int er
     struct stat st;
     if (fstat(fd, &st) != 0)
         return say(err, err_len, "%s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return say(err, err_len, "%s: not a regular file", path);
     size_t size = (size_t)st.st_size;
     if (size < sizeof *h || pread(fd, h, sizeof *h, 0) != (ssize_t)sizeof *h)
         return say(err, err_len, "%s: too short for a pyllm file", path);
@@ -986,7 +988,7 @@ pyllm_model *pyllm_open(const char *path, int n_threads, int n_ctx, int cache_ty
     }
     m->k_type = cache_type_k;
     m->v_type = cache_type_v;
-    int fd = open(path, O_RDONLY);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     int failed = fd < 0 ? say(err, err_len, "%s: %s", path, strerror(errno))
                         : load(m, fd, path, err, err_len);
     if (fd >= 0)

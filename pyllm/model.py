@@ -57,7 +57,7 @@ def _cache_code(cache_type, what):
 
 def _native_open(path, threads=1, n_ctx=0, cache_type_k="f16", cache_type_v="f16"):
     codes = _cache_code(cache_type_k, "key"), _cache_code(cache_type_v, "value")
-    try:  # the kernel's open() would block on a FIFO
+    try:  # the OS's own words for a missing or unreadable file (the kernel refuses a FIFO too)
         safeio.open_regular(path).close()
     except OSError as e:
         raise PyllmError(safeio.error_line(path, e)) from None

@@ -361,3 +361,16 @@ def test_bad_cache_type(tiny_paths):
     err = ffi.new("char[]", 512)
     assert lib.pyllm_open(tiny_paths["base"].encode(), 1, 0, 0, 7, err, 512) == ffi.NULL
     assert "cache type" in ffi.string(err).decode()
+
+
+def test_kernel_refuses_what_is_not_a_regular_file(tmp_path):
+    """The C API on its own (no Python pre-check): a FIFO or a directory is refused at once,
+    with a one-line message, never opened blocking."""
+    from pyllm._pyllm import ffi, lib
+
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "fifo", tmp_path):
+        err = ffi.new("char[]", 512)
+        m = lib.pyllm_open(os.fsencode(str(path)), 1, 16, 0, 0, err, 512)
+        assert m == ffi.NULL
+        assert ffi.string(err).decode().endswith("not a regular file"), ffi.string(err)
