@@ -53,12 +53,7 @@ def decode_rate(stamps):
 
 
 def leading_equal(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
 class LlamaCpp:
@@ -73,9 +68,15 @@ class LlamaCpp:
         self.low = LlamaCppEngine(ns)
         self.draft = LlamaPromptLookupDecoding(num_pred_tokens=10)
         self.hl = llama_cpp.Llama(
-            model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-            n_batch=512, logits_all=True, draft_model=self.draft, verbose=False,
-        )  # fmt: skip
+            model_path=gguf,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_batch=512,
+            logits_all=True,
+            draft_model=self.draft,
+            verbose=False,
+        )
         self.eos = self.hl.token_eos()
         self.prefilled = None
 
@@ -200,24 +201,36 @@ def parse_args(argv):
 
 def main(argv=None):
     a = parse_args(argv)
+    tasks = [t for t in load_tasks(a.tasks) if not a.only or t["name"] in a.only]
+    if not tasks:
+        print(f"lookup_llamacpp: no task named {', '.join(a.only)}", file=sys.stderr)
+        return 1
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        print("lookup_llamacpp: llama-cpp-python is not installed (make compare installs it)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "lookup_llamacpp: llama-cpp-python is not installed (make compare installs it)",
+            file=sys.stderr,
+        )
         return 1
     ensure_gguf(a.model, a.gguf)
-    tasks = [t for t in load_tasks(a.tasks) if not a.only or t["name"] in a.only]
-    print(f"{os.path.basename(a.model)}; {bench.cpu_info()}; greedy, -n {a.n_predict}, "
-          f"-r {a.repetitions}; build {bench.build_info()['build_commit']}\n")  # fmt: skip
-    print("| threads | task | kind | " + " | ".join(f"{m} t/s" for m in MODES)
-          + " | pyllm lookup / plain | pyllm lookup / llama.cpp plain "
-          "| llama.cpp lookup / hl plain | llama.cpp plain = pyllm (leading chars) |")  # fmt: skip
+    print(
+        f"{os.path.basename(a.model)}; {bench.cpu_info()}; greedy, -n {a.n_predict}, "
+        f"-r {a.repetitions}; build {bench.build_info()['build_commit']}\n"
+    )
+    print(
+        "| threads | task | kind | "
+        + " | ".join(f"{m} t/s" for m in MODES)
+        + " | pyllm lookup / plain | pyllm lookup / llama.cpp plain "
+        "| llama.cpp lookup / hl plain | llama.cpp plain = pyllm (leading chars) |"
+    )
     print("| ---: | --- | --- |" + " ---: |" * (len(MODES) + 4))
     results = []
     for nt in a.threads:
         m = load(a.model, threads=nt)
-        lc = LlamaCpp(a.gguf, nt, m.n_ctx)
+        # the longest prompt and its reply: llama-cpp-python's logits_all keeps n_ctx rows
+        n_ctx = min(m.n_ctx, max(len(prompt_ids(m, t)) for t in tasks) + a.n_predict + 16)
+        lc = LlamaCpp(a.gguf, nt, n_ctx)
         try:
             rows = [bench_task(m, lc, t, a.n_predict, a.repetitions) for t in tasks]
         finally:
@@ -227,8 +240,11 @@ def main(argv=None):
             print_row(nt, r)
         for kind, g in summary(rows).items():
             cells = " | ".join(f"**{g[k]:.2f}x**" for k in RATIOS)
-            print(f"| {nt} | {kind} tasks, geometric mean |" + " |" * (len(MODES) + 1)
-                  + f" {cells} | |")  # fmt: skip
+            print(
+                f"| {nt} | {kind} tasks, geometric mean |"
+                + " |" * (len(MODES) + 1)
+                + f" {cells} | |"
+            )
         results.append({"n_threads": nt, "rows": rows, "summary": summary(rows)})
     if a.json_out:
         with open(a.json_out, "w") as f:

@@ -63,3 +63,9 @@ def test_arguments():
     assert a.gguf == "m.gguf" and a.threads == [1, 2] and a.n_predict == 5
     with pytest.raises(SystemExit):
         llc.parse_args(["m.bin", "-r", "0"])
+
+
+def test_an_unknown_task_is_one_line_and_exit_1(capsys):
+    assert llc.main(["m.bin", "--only", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err == "lookup_llamacpp: no task named nope\n"
