@@ -855,8 +855,10 @@ def test_a_bad_template_is_a_400_and_the_server_goes_on(tmp_path, template, says
     try:
         e, _ = err(s, {"messages": user("hi")})
         assert says in e["message"]
-        r = s.client().completions.create(model="x", prompt="hello", max_tokens=3)
-        assert r.usage.completion_tokens == 3
+        r = s.client().completions.create(
+            model="x", prompt="hello", max_tokens=3, temperature=0
+        )  # greedy: a sampled end of turn would stop it short
+        assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
         if template is None:
             assert "no chat template" in s.log()
     finally:
